@@ -1,0 +1,269 @@
+"""The ``meddiff-fm`` command line: every task on NIfTI/NRRD/MHA files or DICOM folders.
+
+Outputs are checked before any work starts (supported extension, no overwrite without
+``--overwrite``) and written atomically at the end, so an interrupted or failed run writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .device import DEVICE_CHOICES
+from .diffusion.samplers import SAMPLERS
+from .diffusion.sliding_window import BLEND_MODES
+from .errors import CancelledError, InputError, MedDiffFMError
+from .model import weights as model_weights
+from .preprocessing import REGIONS
+from .progress import CancelToken, TqdmProgress
+from .tasks import Engine, denoise, detect_anomalies, synthesize
+from .tasks.anomaly import DEFAULT_TIMESTEP
+from .tasks.denoise import DEFAULT_LAMBDA, DEFAULT_STEPS, DEFAULT_ZETA
+from .volume import check_writable, read_volume, write_volume
+
+logger = logging.getLogger("meddiff-fm")
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Testing" / "Data" / "totalsegmentator_example"
+UNTRAINED_BANNER = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!!  UNTRAINED MODEL: the '{preset}' network has random weights. The pipeline runs
+!!  end to end, but the output is NOT a meaningful denoised/synthesised CT.
+!!  Install trained weights: meddiff-fm models install NAME (or models import FILE).
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
+
+
+def _float_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got '{text}'") from None
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and compute")
+    models = group.add_mutually_exclusive_group()
+    models.add_argument("--model", help="installed model name[@version] or .safetensors path (default: newest installed)")
+    models.add_argument("--untrained", metavar="PRESET", choices=("tiny", "demo", "paper"),
+                        help="use a randomly initialised network (pipeline check only; output is meaningless)")
+    group.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    group.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction (default 0.5)")
+    group.add_argument("--batch-size", type=int, default=4, help="windows per network call (default 4)")
+    group.add_argument("--blend", choices=BLEND_MODES, default="gaussian")
+    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    group.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--series-uid", help="DICOM series to read when the input folder holds several")
+    parser.add_argument("--region", choices=tuple(REGIONS), help="anatomical region (default: detected)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meddiff-fm", description="MedDiff-FM diffusion foundation model for CT.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("denoise", help="low-dose CT denoising (DiffPIR)")
+    p.add_argument("input", help="CT file or DICOM folder (HU)")
+    p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha)")
+    p.add_argument("--anatomy", help="anatomy label map (TotalSegmentator v2 values) for conditioning")
+    p.add_argument("--sigma", type=_float_or_auto, default="auto",
+                   help="noise std in the model's [-1, 1] scale, or 'auto' (default)")
+    p.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help=f"DiffPIR lambda (default {DEFAULT_LAMBDA:g})")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"network evaluations (default {DEFAULT_STEPS})")
+    p.add_argument("--zeta", type=float, default=DEFAULT_ZETA, help=f"fresh-noise share (default {DEFAULT_ZETA:g})")
+    _add_input_options(p)
+    _add_engine_options(p)
+
+    p = commands.add_parser("synthesize", help="generate a CT from an anatomy label map")
+    p.add_argument("anatomy", help="anatomy label map; its grid fixes the output's size and spacing")
+    p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha)")
+    p.add_argument("--region", choices=tuple(REGIONS), required=True)
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50; DDPM always uses all)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity (0 deterministic, default 1)")
+    _add_engine_options(p)
+
+    p = commands.add_parser("detect-anomalies", help="anomaly map and mask inside an organ")
+    p.add_argument("input", help="CT file or DICOM folder (HU)")
+    p.add_argument("output", help="anomaly map file (HU difference)")
+    p.add_argument("--anatomy", required=True, help="anatomy label map containing the organ")
+    p.add_argument("--organ", action="append", required=True, help="organ name, e.g. liver (repeatable)")
+    p.add_argument("--mask-output", help="anomaly mask file (default: OUTPUT with '_mask' before the extension)")
+    p.add_argument("--t", type=int, default=DEFAULT_TIMESTEP, help=f"noise timestep (default {DEFAULT_TIMESTEP})")
+    p.add_argument("--threshold", type=float, help="HU threshold on |map| (default: from the map's statistics)")
+    p.add_argument("--draws", type=int, default=1, help="noise draws to average (default 1)")
+    _add_input_options(p)
+    _add_engine_options(p)
+
+    p = commands.add_parser("demo", help="denoise the bundled sample CT with simulated noise; writes a PNG figure")
+    p.add_argument("output_dir", help="folder for the results (created if missing)")
+    p.add_argument("--noise-hu", type=float, default=40.0, help="simulated noise std in HU (default 40)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    _add_engine_options(p)
+
+    p = commands.add_parser("models", help="list, install and import model weights")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="catalogue and installed models")
+    install = actions.add_parser("install", help="download a catalogued model (SHA-256 verified)")
+    install.add_argument("name")
+    imported = actions.add_parser("import", help="install a local .safetensors file with its .json card (offline)")
+    imported.add_argument("file")
+    imported.add_argument("--sha256", help="expected SHA-256 of the file")
+    return parser
+
+
+def _engine(args: argparse.Namespace) -> Engine:
+    if args.untrained:
+        print(UNTRAINED_BANNER.format(preset=args.untrained), file=sys.stderr)
+        model = model_weights.untrained_model(args.untrained, seed=args.seed)
+        name = f"untrained {args.untrained} network"
+    else:
+        model = model_weights.load_model(model_weights.resolve_weights(args.model))
+        name = model.card.identifier
+    return Engine(model, args.device, args.overlap, args.batch_size, args.blend, name=name)
+
+
+def _progress(args: argparse.Namespace, description: str) -> TqdmProgress:
+    return TqdmProgress(description, disable=args.quiet)
+
+
+def _mask_path(output: str) -> Path:
+    path = Path(output)
+    for extension in (".nii.gz", ".nii", ".nrrd", ".mha"):
+        if path.name.lower().endswith(extension):
+            return path.with_name(path.name[: -len(extension)] + "_mask" + extension)
+    return path.with_name(path.name + "_mask")
+
+
+def run_denoise(args: argparse.Namespace, cancel: CancelToken) -> None:
+    check_writable(args.output, args.overwrite)
+    ct = read_volume(args.input, args.series_uid)
+    anatomy = read_volume(args.anatomy) if args.anatomy else None
+    engine = _engine(args)
+    result = denoise(ct, engine, args.region, anatomy, args.sigma, args.lam, args.steps, args.zeta, args.seed,
+                     _progress(args, "denoise"), cancel)
+    write_volume(result.volume, args.output, args.overwrite)
+    print(f"region {result.region} ({result.region_source}), sigma_n {result.sigma_n:.4f}, t_start {result.t_start}, "
+          f"{result.network_evaluations} window evaluations; {result.volume.metadata['MedDiffFM_note']}")
+    print(f"wrote {args.output}")
+
+
+def run_synthesize(args: argparse.Namespace, cancel: CancelToken) -> None:
+    check_writable(args.output, args.overwrite)
+    anatomy = read_volume(args.anatomy)
+    engine = _engine(args)
+    volume = synthesize(anatomy, args.region, engine, args.sampler, args.steps, args.eta, args.seed,
+                        _progress(args, "synthesize"), cancel)
+    write_volume(volume, args.output, args.overwrite)
+    print(f"wrote {args.output}")
+
+
+def run_detect(args: argparse.Namespace, cancel: CancelToken) -> None:
+    mask_output = Path(args.mask_output) if args.mask_output else _mask_path(args.output)
+    check_writable(args.output, args.overwrite)
+    check_writable(mask_output, args.overwrite)
+    ct = read_volume(args.input, args.series_uid)
+    anatomy = read_volume(args.anatomy)
+    engine = _engine(args)
+    result = detect_anomalies(ct, anatomy, args.organ, engine, args.region, args.t, args.threshold, args.draws,
+                              args.seed, _progress(args, "anomalies"), cancel)
+    write_volume(result.anomaly_map, args.output, args.overwrite)
+    write_volume(result.anomaly_mask, mask_output, args.overwrite)
+    print(f"threshold {result.threshold:.1f} HU, {int(result.anomaly_mask.array.sum())} anomalous voxels")
+    print(f"wrote {args.output} and {mask_output}")
+
+
+def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
+    from .figures import comparison_png
+    from .metrics import psnr
+    from .preprocessing import Window
+
+    if not args.model and not args.untrained and not model_weights.list_installed():
+        args.untrained = "demo"
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / f"{name}.nii.gz" for name in ("reference", "low_dose", "denoised")}
+    figure = out / "comparison.png"
+    for path in [*paths.values(), figure]:
+        if path.exists() and not args.overwrite:
+            raise InputError(f"'{path}' already exists; use --overwrite or another folder.")
+    reference = read_volume(SAMPLE_DIR / "example_ct_sm.nii.gz")
+    anatomy = read_volume(SAMPLE_DIR / "example_seg.nii.gz")
+    rng = np.random.default_rng(args.seed)
+    clean = reference.array.astype(np.float32)
+    low_dose = reference.with_array((clean + rng.normal(0.0, args.noise_hu, clean.shape)).astype(np.float32))
+    engine = _engine(args)
+    result = denoise(low_dose, engine, "abdomen", anatomy, steps=args.steps, seed=args.seed,
+                     progress=_progress(args, "denoise"), cancel=cancel)
+    window = Window(40.0, 400.0)
+    write_volume(reference.with_array(clean), paths["reference"], args.overwrite)
+    write_volume(low_dose, paths["low_dose"], args.overwrite)
+    write_volume(result.volume, paths["denoised"], args.overwrite)
+    before, after = psnr(clean, low_dose.array, window), psnr(clean, result.volume.array, window)
+    comparison_png(
+        [reference, low_dose, result.volume],
+        ["reference", f"low dose {before:.2f} dB", f"denoised {after:.2f} dB"],
+        window, figure,
+    )
+    print(f"PSNR in [-160, 240] HU: low dose {before:.2f} dB, denoised {after:.2f} dB ({after - before:+.2f} dB); "
+          f"model: {engine.name}")
+    if args.untrained:
+        print(UNTRAINED_BANNER.format(preset=args.untrained), file=sys.stderr)
+    print(f"wrote {', '.join(str(p) for p in paths.values())} and {figure}")
+
+
+def run_models(args: argparse.Namespace, cancel: CancelToken) -> None:
+    if args.action == "list":
+        print(f"cache folder: {model_weights.cache_dir()}")
+        print("catalogue:")
+        for entry in model_weights.read_catalogue() or []:
+            print(f"  {entry.name}@{entry.version} ({entry.task}) {entry.description}")
+        print("installed:")
+        for card in model_weights.list_installed():
+            print(f"  {card.identifier} ({card.task}) {card.intended_use}")
+    elif args.action == "install":
+        entry = model_weights.find_entry(args.name)
+        path = model_weights.install(entry, TqdmProgress(f"download {entry.name}"))
+        print(f"installed {entry.name}@{entry.version} at {path}")
+    else:
+        path = model_weights.import_checkpoint(args.file, args.sha256)
+        print(f"imported into {path}")
+
+
+COMMANDS = {
+    "denoise": run_denoise,
+    "synthesize": run_synthesize,
+    "detect-anomalies": run_detect,
+    "demo": run_demo,
+    "models": run_models,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``meddiff-fm``; returns the process exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    cancel = CancelToken()
+    try:
+        COMMANDS[args.command](args, cancel)
+    except KeyboardInterrupt:
+        print("meddiff-fm: cancelled; nothing was written.", file=sys.stderr)
+        return 130
+    except (MedDiffFMError, CancelledError) as error:
+        print(f"meddiff-fm: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

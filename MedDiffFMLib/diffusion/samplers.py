@@ -1,0 +1,93 @@
+"""Reverse-diffusion updates and the sampling loop for synthesis.
+
+All functions work on whole tensors of any shape; the noise prediction comes from a callable
+``predict(x_t, t) -> eps`` (usually a :class:`~.sliding_window.WindowedNoisePredictor`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..device import randn
+from ..errors import InputError
+from ..progress import CancelToken, ProgressCallback, no_progress
+from .schedule import NoiseSchedule
+
+NoisePredictor = Callable[[torch.Tensor, int], torch.Tensor]
+SAMPLERS = ("ddpm", "ddim")
+
+
+def ddpm_step(
+    schedule: NoiseSchedule, x_t: torch.Tensor, t: int, eps: torch.Tensor, noise: torch.Tensor | None
+) -> torch.Tensor:
+    """Ancestral DDPM step ``x_t -> x_{t-1}``: posterior mean from the clipped x0 plus
+    ``sqrt(beta_tilde_t) * noise`` (no noise at ``t = 0``)."""
+    abar_t, abar_prev = schedule.abar(t), schedule.abar(t - 1)
+    alpha_t = abar_t / abar_prev
+    x0 = schedule.predict_x0(x_t, t, eps)
+    mean = (abar_prev**0.5 * (1.0 - alpha_t) * x0 + alpha_t**0.5 * (1.0 - abar_prev) * x_t) / (1.0 - abar_t)
+    if t == 0 or noise is None:
+        return mean
+    variance = max((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - alpha_t), 1e-20)
+    return mean + variance**0.5 * noise
+
+
+def ddim_step(
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    t: int,
+    t_prev: int,
+    x0: torch.Tensor,
+    eta: float,
+    noise: torch.Tensor | None,
+) -> torch.Tensor:
+    """Generalised DDIM step from ``t`` to ``t_prev < t`` given the (clipped) clean estimate ``x0``.
+
+    The noise direction is re-derived from ``x0`` so that ``eta = 1`` over consecutive timesteps is
+    exactly the DDPM posterior; ``eta = 0`` is deterministic DDIM.
+    """
+    abar_t, abar_prev = schedule.abar(t), schedule.abar(t_prev)
+    sigma = eta * ((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)) ** 0.5
+    eps = schedule.predict_eps(x_t, t, x0)
+    x_prev = abar_prev**0.5 * x0 + max(1.0 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
+    if sigma > 0 and noise is not None:
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+def sample(
+    predict: NoisePredictor,
+    schedule: NoiseSchedule,
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    device: torch.device,
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    eta: float = 1.0,
+    progress: ProgressCallback = no_progress,
+    cancel: CancelToken | None = None,
+) -> torch.Tensor:
+    """Generate a sample of ``shape`` from pure noise; returns x_0 in [-1, 1].
+
+    ``ddpm`` runs all T steps; ``ddim`` runs ``steps`` strided steps (default 50) with ``eta``
+    (0 deterministic, 1 stochastic).
+    """
+    if sampler not in SAMPLERS:
+        raise InputError(f"Unknown sampler '{sampler}'. Choose one of: {', '.join(SAMPLERS)}.")
+    last = schedule.num_timesteps - 1
+    timesteps = schedule.strided_timesteps(last, schedule.num_timesteps if sampler == "ddpm" else steps or 50)
+    x = randn(shape, generator, device)
+    for index, t in enumerate(timesteps):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        eps = predict(x, t)
+        t_prev = timesteps[index + 1] if index + 1 < len(timesteps) else -1
+        noise = randn(shape, generator, device) if t_prev >= 0 else None
+        if sampler == "ddpm":
+            x = ddpm_step(schedule, x, t, eps, noise)
+        else:
+            x = ddim_step(schedule, x, t, t_prev, schedule.predict_x0(x, t, eps), eta, noise)
+        progress(index + 1, len(timesteps), f"t={t}")
+    return x.clamp(-1.0, 1.0)

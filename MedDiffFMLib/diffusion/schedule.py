@@ -1,0 +1,64 @@
+"""Noise schedule and the closed-form quantities of DDPM (DESIGN.md 1.1).
+
+``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with ``abar`` from MONAI's scheduler (cosine by
+default, T = 1000). Timesteps are integers ``0..T-1``; ``t = -1`` stands for the clean image
+(``abar_{-1} = 1``).
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.schedulers import DDPMScheduler
+
+from ..errors import InputError
+
+
+class NoiseSchedule:
+    """Cumulative signal rates ``abar_t`` and conversions between x_t, x_0 and eps."""
+
+    def __init__(self, num_timesteps: int = 1000, schedule: str = "cosine") -> None:
+        scheduler = DDPMScheduler(num_train_timesteps=num_timesteps, schedule=schedule)
+        self.num_timesteps = num_timesteps
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+
+    def abar(self, t: int) -> float:
+        """``abar_t`` (1.0 for ``t = -1``)."""
+        return 1.0 if t < 0 else float(self.alphas_cumprod[t])
+
+    def sigma_bar(self, t: int) -> float:
+        """Noise-to-signal ratio ``sqrt((1 - abar_t) / abar_t)`` of ``x_t / sqrt(abar_t)``."""
+        abar = self.abar(t)
+        return ((1.0 - abar) / abar) ** 0.5
+
+    def timestep_for_sigma(self, sigma: float) -> int:
+        """The timestep whose ``sigma_bar`` is closest to ``sigma`` (in the [-1, 1] image scale)."""
+        if not sigma > 0:
+            raise InputError(f"The noise level must be positive, got {sigma}.")
+        sigmas = ((1.0 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        return int(torch.argmin((sigmas - sigma).abs()))
+
+    def q_sample(self, x0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
+        """Noise a clean image to timestep ``t``."""
+        abar = self.abar(t)
+        return abar**0.5 * x0 + (1.0 - abar) ** 0.5 * noise
+
+    def predict_x0(self, x_t: torch.Tensor, t: int, eps: torch.Tensor, clip: bool = True) -> torch.Tensor:
+        """``x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``, clipped to [-1, 1] if ``clip``."""
+        abar = self.abar(t)
+        x0 = (x_t - (1.0 - abar) ** 0.5 * eps) / abar**0.5
+        return x0.clamp(-1.0, 1.0) if clip else x0
+
+    def predict_eps(self, x_t: torch.Tensor, t: int, x0: torch.Tensor) -> torch.Tensor:
+        """The noise that takes ``x0`` to ``x_t`` at timestep ``t``."""
+        abar = self.abar(t)
+        return (x_t - abar**0.5 * x0) / (1.0 - abar) ** 0.5
+
+    def strided_timesteps(self, start: int, steps: int) -> list[int]:
+        """``steps`` distinct timesteps from ``start`` down to 0, evenly spaced (uniform skipping)."""
+        if not 0 <= start < self.num_timesteps:
+            raise InputError(f"Timestep {start} is outside 0..{self.num_timesteps - 1}.")
+        if steps < 1:
+            raise InputError(f"The number of steps must be at least 1, got {steps}.")
+        steps = min(steps, start + 1)
+        grid = torch.linspace(start, 0, steps, dtype=torch.float64).round().long().tolist()
+        return list(dict.fromkeys(grid))

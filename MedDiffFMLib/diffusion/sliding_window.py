@@ -1,0 +1,147 @@
+"""Whole-volume noise estimation with overlapping windows (DESIGN.md 1.4).
+
+At every timestep each window gets its own noise estimate, computed with that window's global
+position coordinates and its crop of the conditions; the estimates are averaged over overlapping
+voxels (weighted by a constant or Gaussian importance map) into one noise field for the whole
+volume, so a single update is applied everywhere and no seams form. Windows are evaluated in
+batches; coordinates and condition crops are built per batch, never for the whole volume.
+
+Volumes smaller than a window along an axis get a window shrunk to the volume's size rounded up
+to the network's size multiple, and are padded (reflect for the image, "outside body" for the
+anatomy, edge values for the task condition) up to it; results are cropped back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.data.utils import compute_importance_map, dense_patch_slices
+from torch import nn
+
+from ..anatomy import UNKNOWN_LABEL
+from ..errors import InputError
+from ..model.embeddings import window_coordinates
+
+BLEND_MODES = ("gaussian", "constant")
+
+
+@dataclass
+class Conditions:
+    """Conditions for a whole volume on the model's working grid.
+
+    Attributes:
+        region: region class index (0 null, 1 head & neck, 2 chest, 3 abdomen).
+        anatomy: anatomy label map ``(D, H, W)`` (values 0..119) or None for "unknown everywhere".
+        control: ControlNet task condition ``(C, D, H, W)`` or None.
+    """
+
+    region: int
+    anatomy: torch.Tensor | None = None
+    control: torch.Tensor | None = None
+
+
+def window_size(shape: tuple[int, ...], patch_size: int, multiple: int) -> tuple[int, ...]:
+    """Per-axis window: ``patch_size``, or the axis length rounded up to ``multiple`` if smaller."""
+    return tuple(min(patch_size, -(-n // multiple) * multiple) for n in shape)
+
+
+class WindowedNoisePredictor:
+    """Callable ``(x_t (D, H, W), t) -> eps (D, H, W)`` over a whole volume.
+
+    Args:
+        model: a MedDiff-FM network (see :mod:`..model.network` for its inputs).
+        conditions: the conditions of the whole volume.
+        shape: volume shape ``(D, H, W)``.
+        patch_size: window edge in voxels (the model's training patch size).
+        multiple: spatial sizes the network accepts are multiples of this.
+        overlap: fraction of a window shared with its neighbour along each axis (0 <= overlap < 1).
+        batch_size: windows per network call.
+        blend: ``gaussian`` (weights fall off towards window borders) or ``constant``.
+        device: where the network runs; volumes stay on this device too.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        conditions: Conditions,
+        shape: tuple[int, int, int],
+        patch_size: int,
+        multiple: int,
+        overlap: float = 0.5,
+        batch_size: int = 4,
+        blend: str = "gaussian",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not 0.0 <= overlap < 1.0:
+            raise InputError(f"Window overlap must be in [0, 1), got {overlap}.")
+        if blend not in BLEND_MODES:
+            raise InputError(f"Unknown blend mode '{blend}'. Choose one of: {', '.join(BLEND_MODES)}.")
+        if batch_size < 1:
+            raise InputError(f"The window batch size must be at least 1, got {batch_size}.")
+        self.model = model
+        self.device = torch.device(device)
+        self.shape = tuple(int(n) for n in shape)
+        self.window = window_size(self.shape, patch_size, multiple)
+        self.padded_shape = tuple(max(n, w) for n, w in zip(self.shape, self.window))
+        self.batch_size = batch_size
+        self.region = int(conditions.region)
+        anatomy = conditions.anatomy
+        if anatomy is None:
+            anatomy = torch.full(self.shape, UNKNOWN_LABEL, dtype=torch.uint8)
+        if tuple(anatomy.shape) != self.shape:
+            raise InputError(f"Anatomy shape {tuple(anatomy.shape)} does not match the volume's {self.shape}.")
+        self.anatomy = self._pad(anatomy.to(self.device, torch.uint8)[None].float(), "constant").to(torch.uint8)[0]
+        self.control = None
+        if conditions.control is not None:
+            if tuple(conditions.control.shape[1:]) != self.shape:
+                raise InputError("The task condition is not on the volume's grid.")
+            self.control = self._pad(conditions.control.to(self.device, torch.float32), "replicate")
+        interval = [max(1, int(w * (1.0 - overlap))) for w in self.window]
+        self.windows: list[tuple[slice, ...]] = dense_patch_slices(self.padded_shape, self.window, interval)
+        self.importance = compute_importance_map(self.window, mode=blend, device=self.device)
+        total = torch.zeros(self.padded_shape, device=self.device)
+        for window in self.windows:
+            total[window] += self.importance
+        self.inverse_weight = 1.0 / total
+        self.evaluations = 0
+
+    def _pad(self, volume: torch.Tensor, mode: str) -> torch.Tensor:
+        """Pad a ``(C, D, H, W)`` tensor at the far end of each axis up to ``padded_shape``."""
+        pads = [p - n for n, p in zip(self.shape, self.padded_shape)]
+        if not any(pads):
+            return volume
+        if mode == "reflect" and any(p >= n for n, p in zip(self.shape, pads)):
+            mode = "replicate"
+        return F.pad(volume[None], (0, pads[2], 0, pads[1], 0, pads[0]), mode=mode)[0]
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        if tuple(x.shape) != self.shape:
+            raise InputError(f"Volume shape {tuple(x.shape)} does not match the predictor's {self.shape}.")
+        padded = self._pad(x[None].to(self.device, torch.float32), "reflect")[0]
+        accumulated = torch.zeros(self.padded_shape, device=self.device)
+        for first in range(0, len(self.windows), self.batch_size):
+            batch = self.windows[first : first + self.batch_size]
+            eps = self._evaluate(padded, batch, t)
+            for window, estimate in zip(batch, eps):
+                accumulated[window] += estimate[0] * self.importance
+        eps = accumulated.mul_(self.inverse_weight)
+        return eps[: self.shape[0], : self.shape[1], : self.shape[2]]
+
+    def _evaluate(self, padded: torch.Tensor, batch: list[tuple[slice, ...]], t: int) -> torch.Tensor:
+        """Network noise estimates ``(B, 1, d, h, w)`` for a batch of windows."""
+        size = len(batch)
+        x = torch.stack([padded[w] for w in batch])[:, None]
+        coordinates = torch.stack([window_coordinates(w, self.shape) for w in batch]).to(self.device)
+        anatomy = torch.stack([self.anatomy[w] for w in batch])
+        control = None
+        if self.control is not None:
+            control = torch.stack([self.control[(slice(None), *w)] for w in batch])
+        timesteps = torch.full((size,), int(t), dtype=torch.long, device=self.device)
+        region = torch.full((size,), self.region, dtype=torch.long, device=self.device)
+        self.evaluations += size
+        if control is None:
+            return self.model(x, timesteps, coordinates, region, anatomy)
+        return self.model(x, timesteps, coordinates, region, anatomy, control=control)

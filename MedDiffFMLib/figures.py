@@ -1,0 +1,40 @@
+"""PNG comparison figures (axial slices side by side, CT window, captions)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .preprocessing import Window
+from .volume import Volume
+
+
+def comparison_png(
+    volumes: Sequence[Volume], captions: Sequence[str], window: Window, path: str | os.PathLike, slice_index: int | None = None
+) -> None:
+    """Write the same axial slice of each volume side by side, in ``window``, with captions above.
+
+    Pixels are shown with their physical aspect ratio (row spacing / column spacing).
+    """
+    index = volumes[0].array.shape[0] // 2 if slice_index is None else slice_index
+    panels = []
+    for volume in volumes:
+        data = np.asarray(volume.array[index], dtype=np.float64)
+        grey = np.clip((data - window.low) / window.width, 0.0, 1.0) * 255.0
+        panel = Image.fromarray(grey.astype(np.uint8))
+        aspect = volume.spacing[1] / volume.spacing[0]
+        width = 256
+        panels.append(panel.resize((width, max(1, round(width * data.shape[0] / data.shape[1] * aspect)))))
+    caption_height = 20
+    height = max(p.height for p in panels) + caption_height
+    figure = Image.new("L", (sum(p.width for p in panels), height), color=0)
+    draw = ImageDraw.Draw(figure)
+    x = 0
+    for panel, caption in zip(panels, captions):
+        figure.paste(panel, (x, caption_height))
+        draw.text((x + 4, 4), caption, fill=255)
+        x += panel.width
+    figure.save(path)

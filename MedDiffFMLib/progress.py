@@ -1,0 +1,66 @@
+"""Progress reporting and cooperative cancellation for long-running jobs.
+
+A job reports progress by calling ``progress(done, total, message)`` and checks
+``cancel.raise_if_cancelled()`` between steps. The CLI wires these to tqdm and Ctrl-C, the
+Slicer module to its progress bar and Cancel button.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+from .errors import CancelledError
+
+
+class ProgressCallback(Protocol):
+    """Called with the number of finished units, the total, and a short status text."""
+
+    def __call__(self, done: int, total: int, message: str) -> None: ...
+
+
+def no_progress(done: int, total: int, message: str) -> None:
+    """A progress callback that ignores everything."""
+
+
+class CancelToken:
+    """Thread-safe flag a user interface sets to stop a running job at its next check."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        """Request cancellation."""
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        """Raise :class:`CancelledError` if cancellation was requested."""
+        if self._event.is_set():
+            raise CancelledError("Cancelled by the user; nothing was written.")
+
+
+class TqdmProgress:
+    """Progress callback that drives a tqdm bar (used by the command line)."""
+
+    def __init__(self, description: str, disable: bool = False) -> None:
+        self._description = description
+        self._disable = disable
+        self._bar = None
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        from tqdm.auto import tqdm
+
+        if self._bar is None or self._bar.total != total:
+            self.close()
+            self._bar = tqdm(total=total, desc=self._description, unit="step", disable=self._disable)
+        self._bar.set_postfix_str(message, refresh=False)
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,155 @@
+"""The pieces every task shares: the loaded model with its schedule and device, input checks, and
+the trip from the user's grid in HU to the model's working grid in [-1, 1] and back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import preprocessing as pp
+from ..anatomy import UNKNOWN_LABEL
+from ..device import select_device
+from ..diffusion.schedule import NoiseSchedule
+from ..diffusion.sliding_window import Conditions, WindowedNoisePredictor
+from ..errors import InputError
+from ..model.config import ModelConfig
+from ..volume import Geometry, Volume
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Engine:
+    """A loaded network plus how to run it.
+
+    Attributes:
+        model: :class:`~MedDiffFMLib.model.network.MedDiffFMNet` or ``ControlledNet``.
+        device: ``auto``, ``cuda``, ``mps`` or ``cpu``.
+        overlap: window overlap fraction for whole-volume sampling.
+        batch_size: windows per network call.
+        blend: ``gaussian`` or ``constant`` weighting of overlapping windows.
+        name: model identifier written into result metadata.
+    """
+
+    model: nn.Module
+    device: str | torch.device = "auto"
+    overlap: float = 0.5
+    batch_size: int = 4
+    blend: str = "gaussian"
+    name: str = ""
+    schedule: NoiseSchedule = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.device = self.device if isinstance(self.device, torch.device) else select_device(self.device)
+        self.model = self.model.to(self.device).eval()
+        self.schedule = NoiseSchedule(self.config.num_train_timesteps, self.config.schedule)
+        if not self.name:
+            card = getattr(self.model, "card", None)
+            self.name = card.identifier if card is not None else "unsaved model"
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    def predictor(self, conditions: Conditions, shape: tuple[int, int, int]) -> WindowedNoisePredictor:
+        """Whole-volume noise predictor for a volume of ``shape`` on the working grid."""
+        return WindowedNoisePredictor(
+            self.model,
+            conditions,
+            shape,
+            patch_size=self.config.patch_size,
+            multiple=self.config.downsampling_factor,
+            overlap=self.overlap,
+            batch_size=self.batch_size,
+            blend=self.blend,
+            device=self.device,
+        )
+
+    def working_geometry(self, geometry: Geometry) -> Geometry:
+        """The model's isotropic grid over the extent of ``geometry``."""
+        return pp.isotropic_geometry(geometry, self.config.spacing_mm)
+
+
+def checked_ct(volume: Volume) -> np.ndarray:
+    """The CT's voxels as float32 HU after checking they look like a usable CT.
+
+    Refuses non-3D data, NaN/Inf voxels, constant images and images without negative values
+    (not HU, e.g. 0..255 pictures or raw scanner values without the rescale offset).
+    """
+    volume.geometry  # noqa: B018 - raises for non-3D arrays
+    hu = np.asarray(volume.array, dtype=np.float32)
+    if hu.size == 0:
+        raise InputError("The image is empty.")
+    if not np.isfinite(hu).all():
+        raise InputError(
+            f"The image has {int((~np.isfinite(hu)).sum())} NaN or infinite voxels. Replace them (for example "
+            "with -1024 HU) before running MedDiffFM."
+        )
+    low, high = float(hu.min()), float(hu.max())
+    if low == high:
+        raise InputError(f"The image is constant ({low}); there is nothing to process.")
+    if low >= 0:
+        raise InputError(
+            f"The image's values span {low:g}..{high:g} with no negative value, so it does not look like a CT in "
+            "Hounsfield units (air is -1000 HU). Convert it to HU (apply the DICOM rescale slope/intercept, "
+            "e.g. subtract 1024) or use a CT image."
+        )
+    return hu
+
+
+def anatomy_on(anatomy: Volume | None, geometry: Geometry) -> np.ndarray | None:
+    """An anatomy label map brought onto ``geometry`` (nearest neighbour), or None."""
+    if anatomy is None:
+        return None
+    return np.asarray(pp.labels_on_grid(anatomy, geometry, "anatomy label map").array)
+
+
+def to_working(
+    engine: Engine, ct: Volume, region: str, anatomy: np.ndarray | None
+) -> tuple[Geometry, torch.Tensor, torch.Tensor | None]:
+    """Resample a CT (and its anatomy on the CT's grid) to the working grid.
+
+    Returns the working grid, the image ``(D, H, W)`` in [-1, 1] on the engine's device, and the
+    anatomy ``(D, H, W)`` uint8 (or None).
+    """
+    working = engine.working_geometry(ct.geometry)
+    image = pp.hu_to_model(pp.resample(ct, working).array, region)
+    labels = None
+    if anatomy is not None:
+        labels = pp.resample(Volume.on_geometry(anatomy, ct.geometry), working, labels=True).array
+        labels = torch.from_numpy(labels.astype(np.uint8))
+    return working, torch.from_numpy(image).to(engine.device), labels
+
+
+def to_input_grid(
+    values: torch.Tensor, working: Geometry, ct: Volume, input_hu: np.ndarray, region: str, **metadata: str
+) -> Volume:
+    """A model-scale result on the working grid back to HU on the CT's grid, lossless outside the window.
+
+    Voxels whose input HU lies outside the region window are carried over from the input; how many
+    is written into the metadata.
+    """
+    hu = pp.model_to_hu(values.detach().cpu().numpy(), region)
+    on_input = pp.resample(Volume.on_geometry(hu, working), ct.geometry).array
+    merged, carried = pp.restore_outside_window(on_input, input_hu, region)
+    window = pp.REGIONS[region]
+    return ct.with_array(
+        merged.astype(np.float32),
+        MedDiffFM_region=region,
+        MedDiffFM_carried_over_voxels=str(carried),
+        MedDiffFM_note=(
+            f"{carried} voxels outside the {region} window [{window.low:g}, {window.high:g}] HU were copied "
+            "from the input unchanged."
+        ),
+        **metadata,
+    )
+
+
+def unknown_anatomy(shape: tuple[int, ...]) -> torch.Tensor:
+    """An anatomy map that says "no anatomy given" everywhere."""
+    return torch.full(shape, UNKNOWN_LABEL, dtype=torch.uint8)

@@ -1,0 +1,64 @@
+"""Whole-volume CT synthesis from an anatomy label map (zero-shot, DESIGN.md 1.4-1.5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..anatomy import BODY_LABEL, NUM_ANATOMY_VALUES
+from ..device import make_generator
+from ..diffusion.samplers import sample
+from ..diffusion.sliding_window import Conditions
+from ..errors import InputError
+from ..preprocessing import REGION_CLASS, check_region, model_to_hu, resample
+from ..progress import CancelToken, ProgressCallback, no_progress
+from ..volume import Volume
+from .engine import Engine
+
+
+def synthesize(
+    anatomy: Volume,
+    region: str,
+    engine: Engine,
+    sampler: str = "ddim",
+    steps: int | None = 50,
+    eta: float = 1.0,
+    seed: int | None = 0,
+    progress: ProgressCallback = no_progress,
+    cancel: CancelToken | None = None,
+) -> Volume:
+    """Generate a CT in HU on the grid of ``anatomy``.
+
+    Args:
+        anatomy: label map in the 118-class scheme (0 outside body, 1..117 TotalSegmentator v2,
+            118 body); its grid fixes the output's size, spacing, origin and direction.
+        region: ``head_neck``, ``chest`` or ``abdomen`` (selects the HU window).
+        sampler: ``ddpm`` (all T steps) or ``ddim`` (``steps`` strided steps, stochasticity ``eta``).
+
+    Every step evaluates all overlapping windows and averages their noise estimates, so any size
+    works without seams.
+    """
+    window = check_region(region)
+    labels = np.asarray(anatomy.array)
+    if labels.min() < 0 or labels.max() >= NUM_ANATOMY_VALUES or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(
+            "The anatomy must be an integer label map with values 0..118 (TotalSegmentator v2 classes, 118 = body)."
+        )
+    if not (labels > 0).any():
+        raise InputError("The anatomy label map is empty; it must label the body to synthesise.")
+    working = engine.working_geometry(anatomy.geometry)
+    working_labels = resample(anatomy, working, labels=True).array.astype(np.uint8)
+    predictor = engine.predictor(Conditions(REGION_CLASS[region], torch.from_numpy(working_labels)), working.shape)
+    with torch.no_grad():
+        x0 = sample(
+            predictor, engine.schedule, working.shape, make_generator(seed), engine.device,
+            sampler=sampler, steps=steps, eta=eta, progress=progress, cancel=cancel,
+        )
+    hu = Volume.on_geometry(model_to_hu(x0.cpu().numpy(), region), working)
+    result = resample(hu, anatomy.geometry, fill=window.low).array.astype(np.float32)
+    note = "" if (labels == BODY_LABEL).any() else "The label map has no body class (118); quality may suffer."
+    return Volume.on_geometry(
+        result, anatomy.geometry,
+        MedDiffFM_task="synthesize", MedDiffFM_model=engine.name, MedDiffFM_region=region,
+        MedDiffFM_sampler=sampler, MedDiffFM_seed=str(seed), MedDiffFM_note=note,
+    )
