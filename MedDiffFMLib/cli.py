@@ -50,9 +50,15 @@ def _float_or_auto(text: str) -> float | str:
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and compute")
     models = group.add_mutually_exclusive_group()
-    models.add_argument("--model", help="installed model name[@version] or .safetensors path (default: newest installed)")
-    models.add_argument("--untrained", metavar="PRESET", choices=("tiny", "demo", "paper"),
-                        help="use a randomly initialised network (pipeline check only; output is meaningless)")
+    models.add_argument(
+        "--model", help="installed model name[@version] or .safetensors path (default: newest installed)"
+    )
+    models.add_argument(
+        "--untrained",
+        metavar="PRESET",
+        choices=("tiny", "demo", "paper"),
+        help="use a randomly initialised network (pipeline check only; output is meaningless)",
+    )
     group.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     group.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction (default 0.5)")
     group.add_argument("--batch-size", type=int, default=4, help="windows per network call (default 4)")
@@ -76,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="CT file or DICOM folder (HU)")
     p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha)")
     p.add_argument("--anatomy", help="anatomy label map (TotalSegmentator v2 values) for conditioning")
-    p.add_argument("--sigma", type=_float_or_auto, default="auto",
-                   help="noise std in the model's [-1, 1] scale, or 'auto' (default)")
+    p.add_argument(
+        "--sigma",
+        type=_float_or_auto,
+        default="auto",
+        help="noise std in the model's [-1, 1] scale, or 'auto' (default)",
+    )
     p.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help=f"DiffPIR lambda (default {DEFAULT_LAMBDA:g})")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"network evaluations (default {DEFAULT_STEPS})")
     p.add_argument("--zeta", type=float, default=DEFAULT_ZETA, help=f"fresh-noise share (default {DEFAULT_ZETA:g})")
@@ -150,11 +160,24 @@ def run_denoise(args: argparse.Namespace, cancel: CancelToken) -> None:
     ct = read_volume(args.input, args.series_uid)
     anatomy = read_volume(args.anatomy) if args.anatomy else None
     engine = _engine(args)
-    result = denoise(ct, engine, args.region, anatomy, args.sigma, args.lam, args.steps, args.zeta, args.seed,
-                     _progress(args, "denoise"), cancel)
+    result = denoise(
+        ct,
+        engine,
+        args.region,
+        anatomy,
+        args.sigma,
+        args.lam,
+        args.steps,
+        args.zeta,
+        args.seed,
+        _progress(args, "denoise"),
+        cancel,
+    )
     write_volume(result.volume, args.output, args.overwrite)
-    print(f"region {result.region} ({result.region_source}), sigma_n {result.sigma_n:.4f}, t_start {result.t_start}, "
-          f"{result.network_evaluations} window evaluations; {result.volume.metadata['MedDiffFM_note']}")
+    print(
+        f"region {result.region} ({result.region_source}), sigma_n {result.sigma_n:.4f}, t_start {result.t_start}, "
+        f"{result.network_evaluations} window evaluations; {result.volume.metadata['MedDiffFM_note']}"
+    )
     print(f"wrote {args.output}")
 
 
@@ -162,8 +185,17 @@ def run_synthesize(args: argparse.Namespace, cancel: CancelToken) -> None:
     check_writable(args.output, args.overwrite)
     anatomy = read_volume(args.anatomy)
     engine = _engine(args)
-    volume = synthesize(anatomy, args.region, engine, args.sampler, args.steps, args.eta, args.seed,
-                        _progress(args, "synthesize"), cancel)
+    volume = synthesize(
+        anatomy,
+        args.region,
+        engine,
+        args.sampler,
+        args.steps,
+        args.eta,
+        args.seed,
+        _progress(args, "synthesize"),
+        cancel,
+    )
     write_volume(volume, args.output, args.overwrite)
     print(f"wrote {args.output}")
 
@@ -175,8 +207,19 @@ def run_detect(args: argparse.Namespace, cancel: CancelToken) -> None:
     ct = read_volume(args.input, args.series_uid)
     anatomy = read_volume(args.anatomy)
     engine = _engine(args)
-    result = detect_anomalies(ct, anatomy, args.organ, engine, args.region, args.t, args.threshold, args.draws,
-                              args.seed, _progress(args, "anomalies"), cancel)
+    result = detect_anomalies(
+        ct,
+        anatomy,
+        args.organ,
+        engine,
+        args.region,
+        args.t,
+        args.threshold,
+        args.draws,
+        args.seed,
+        _progress(args, "anomalies"),
+        cancel,
+    )
     write_volume(result.anomaly_map, args.output, args.overwrite)
     write_volume(result.anomaly_mask, mask_output, args.overwrite)
     print(f"threshold {result.threshold:.1f} HU, {int(result.anomaly_mask.array.sum())} anomalous voxels")
@@ -203,8 +246,16 @@ def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
     clean = reference.array.astype(np.float32)
     low_dose = reference.with_array((clean + rng.normal(0.0, args.noise_hu, clean.shape)).astype(np.float32))
     engine = _engine(args)
-    result = denoise(low_dose, engine, "abdomen", anatomy, steps=args.steps, seed=args.seed,
-                     progress=_progress(args, "denoise"), cancel=cancel)
+    result = denoise(
+        low_dose,
+        engine,
+        "abdomen",
+        anatomy,
+        steps=args.steps,
+        seed=args.seed,
+        progress=_progress(args, "denoise"),
+        cancel=cancel,
+    )
     window = Window(40.0, 400.0)
     write_volume(reference.with_array(clean), paths["reference"], args.overwrite)
     write_volume(low_dose, paths["low_dose"], args.overwrite)
@@ -213,10 +264,13 @@ def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
     comparison_png(
         [reference, low_dose, result.volume],
         ["reference", f"low dose {before:.2f} dB", f"denoised {after:.2f} dB"],
-        window, figure,
+        window,
+        figure,
     )
-    print(f"PSNR in [-160, 240] HU: low dose {before:.2f} dB, denoised {after:.2f} dB ({after - before:+.2f} dB); "
-          f"model: {engine.name}")
+    print(
+        f"PSNR in [-160, 240] HU: low dose {before:.2f} dB, denoised {after:.2f} dB ({after - before:+.2f} dB); "
+        f"model: {engine.name}"
+    )
     if args.untrained:
         print(UNTRAINED_BANNER.format(preset=args.untrained), file=sys.stderr)
     print(f"wrote {', '.join(str(p) for p in paths.values())} and {figure}")

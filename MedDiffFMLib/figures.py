@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import SimpleITK as sitk
 from PIL import Image, ImageDraw
 
 from .preprocessing import Window
@@ -13,15 +14,21 @@ from .volume import Volume
 
 
 def comparison_png(
-    volumes: Sequence[Volume], captions: Sequence[str], window: Window, path: str | os.PathLike, slice_index: int | None = None
+    volumes: Sequence[Volume],
+    captions: Sequence[str],
+    window: Window,
+    path: str | os.PathLike,
+    slice_index: int | None = None,
 ) -> None:
     """Write the same axial slice of each volume side by side, in ``window``, with captions above.
 
-    Pixels are shown with their physical aspect ratio (row spacing / column spacing).
+    Volumes are first reoriented to LPS so slices show in the radiological convention (anterior up,
+    patient's right on the left); pixels keep their physical aspect ratio.
     """
-    index = volumes[0].array.shape[0] // 2 if slice_index is None else slice_index
+    oriented = [Volume.from_sitk(sitk.DICOMOrient(volume.to_sitk(), "LPS")) for volume in volumes]
+    index = oriented[0].array.shape[0] // 2 if slice_index is None else slice_index
     panels = []
-    for volume in volumes:
+    for volume in oriented:
         data = np.asarray(volume.array[index], dtype=np.float64)
         grey = np.clip((data - window.low) / window.width, 0.0, 1.0) * 255.0
         panel = Image.fromarray(grey.astype(np.uint8))

@@ -119,8 +119,12 @@ def grids_overlap(a: Geometry, b: Geometry) -> bool:
 
     def bounds(geometry: Geometry) -> tuple[np.ndarray, np.ndarray]:
         corners = np.array(
-            [[i, j, k, 1.0] for i in (-0.5, geometry.shape[2] - 0.5)
-             for j in (-0.5, geometry.shape[1] - 0.5) for k in (-0.5, geometry.shape[0] - 0.5)]
+            [
+                [i, j, k, 1.0]
+                for i in (-0.5, geometry.shape[2] - 0.5)
+                for j in (-0.5, geometry.shape[1] - 0.5)
+                for k in (-0.5, geometry.shape[0] - 0.5)
+            ]
         )
         points = (geometry.index_to_physical() @ corners.T)[:3]
         return points.min(axis=1), points.max(axis=1)

@@ -159,8 +159,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     if series_uid is None:
         if len(series) > 1:
             raise ReadError(
-                f"'{folder}' holds {len(series)} DICOM series; choose one with its series UID: "
-                + ", ".join(series)
+                f"'{folder}' holds {len(series)} DICOM series; choose one with its series UID: " + ", ".join(series)
             )
         series_uid = series[0]
     elif series_uid not in series:

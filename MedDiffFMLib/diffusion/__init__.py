@@ -6,6 +6,12 @@ from .schedule import NoiseSchedule
 from .sliding_window import Conditions, WindowedNoisePredictor
 
 __all__ = [
-    "diffpir", "identity_data_step", "ddim_step", "ddpm_step", "sample", "NoiseSchedule", "Conditions",
+    "diffpir",
+    "identity_data_step",
+    "ddim_step",
+    "ddpm_step",
+    "sample",
+    "NoiseSchedule",
+    "Conditions",
     "WindowedNoisePredictor",
 ]

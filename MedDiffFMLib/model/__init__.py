@@ -17,7 +17,20 @@ from .weights import (
 )
 
 __all__ = [
-    "PRESETS", "ModelConfig", "preset", "ControlledNet", "MedDiffFMNet", "ModelCard", "cache_dir",
-    "import_checkpoint", "install", "list_installed", "load_controlled_model", "load_model", "read_catalogue",
-    "resolve_weights", "save_checkpoint", "untrained_model",
+    "PRESETS",
+    "ModelConfig",
+    "preset",
+    "ControlledNet",
+    "MedDiffFMNet",
+    "ModelCard",
+    "cache_dir",
+    "import_checkpoint",
+    "install",
+    "list_installed",
+    "load_controlled_model",
+    "load_model",
+    "read_catalogue",
+    "resolve_weights",
+    "save_checkpoint",
+    "untrained_model",
 ]

@@ -39,9 +39,7 @@ def window_coordinates(
     ``size`` (default: the window's own size) resamples the window to another voxel count.
     """
     size = size or [s.stop - s.start for s in window]
-    z, y, x = (
-        axis_coordinates(s.start, s.stop, n, length) for s, n, length in zip(window, size, volume_shape)
-    )
+    z, y, x = (axis_coordinates(s.start, s.stop, n, length) for s, n, length in zip(window, size, volume_shape))
     grid_z, grid_y, grid_x = torch.meshgrid(z, y, x, indexing="ij")
     return torch.stack((grid_x, grid_y, grid_z))
 

@@ -70,14 +70,22 @@ class ModelCard:
         """Validate ``data`` against the card schema (plain JSON types only, known keys only)."""
         if not isinstance(data, dict):
             raise WeightsError("A model card must be a JSON object.")
-        strings = {"name", "version", "task", "sha256", "base_model", "base_sha256", "training_data",
-                   "training", "license", "intended_use"}
+        strings = {
+            "name",
+            "version",
+            "task",
+            "sha256",
+            "base_model",
+            "base_sha256",
+            "training_data",
+            "training",
+            "license",
+            "intended_use",
+        }
         unknown = set(data) - strings - {"config", "notes"}
         missing = {"name", "version", "task", "config"} - set(data)
         if unknown or missing:
-            raise WeightsError(
-                f"Invalid model card: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}."
-            )
+            raise WeightsError(f"Invalid model card: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}.")
         if any(not isinstance(data[key], str) for key in strings & set(data)):
             raise WeightsError("Invalid model card: text fields must be strings.")
         if not isinstance(data["config"], dict) or not all(
@@ -167,8 +175,7 @@ def _load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], weigh
         module.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
         raise WeightsError(
-            f"The weights in '{weights}' do not match the architecture in its model card: "
-            f"{str(error).splitlines()[0]}"
+            f"The weights in '{weights}' do not match the architecture in its model card: {str(error).splitlines()[0]}"
         ) from error
 
 
@@ -177,9 +184,7 @@ def load_model(weights: str | os.PathLike, expected_sha256: str | None = None, t
     weights = Path(weights)
     card = read_card(weights)
     if card.task != task:
-        raise WeightsError(
-            f"'{weights.name}' is a '{card.task}' checkpoint, but a '{task}' model is needed here."
-        )
+        raise WeightsError(f"'{weights.name}' is a '{card.task}' checkpoint, but a '{task}' model is needed here.")
     tensors = _verified_tensors(weights, card, expected_sha256)
     model = MedDiffFMNet(card.model_config)
     _load_state(model, tensors, weights)

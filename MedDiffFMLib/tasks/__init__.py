@@ -7,6 +7,13 @@ from .region import detect_region
 from .synthesize import synthesize
 
 __all__ = [
-    "AnomalyResult", "detect_anomalies", "stack_slices", "DenoiseResult", "denoise", "estimate_noise_sigma",
-    "Engine", "detect_region", "synthesize",
+    "AnomalyResult",
+    "detect_anomalies",
+    "stack_slices",
+    "DenoiseResult",
+    "denoise",
+    "estimate_noise_sigma",
+    "Engine",
+    "detect_region",
+    "synthesize",
 ]

@@ -104,12 +104,20 @@ def detect_anomalies(
         threshold = default_threshold(anomaly_map[organ])
     mask = ((np.abs(anomaly_map) > threshold) & organ).astype(np.uint8)
     metadata = dict(
-        MedDiffFM_task="detect-anomalies", MedDiffFM_model=engine.name, MedDiffFM_region=region,
-        MedDiffFM_organs=",".join(organs), MedDiffFM_t=str(t), MedDiffFM_threshold_hu=f"{threshold:.3f}",
-        MedDiffFM_window=f"[{window.low:g}, {window.high:g}] HU", MedDiffFM_seed=str(seed),
+        MedDiffFM_task="detect-anomalies",
+        MedDiffFM_model=engine.name,
+        MedDiffFM_region=region,
+        MedDiffFM_organs=",".join(organs),
+        MedDiffFM_t=str(t),
+        MedDiffFM_threshold_hu=f"{threshold:.3f}",
+        MedDiffFM_window=f"[{window.low:g}, {window.high:g}] HU",
+        MedDiffFM_seed=str(seed),
     )
     return AnomalyResult(
-        ct.with_array(anomaly_map, **metadata), ct.with_array(mask, **metadata), float(threshold), region,
+        ct.with_array(anomaly_map, **metadata),
+        ct.with_array(mask, **metadata),
+        float(threshold),
+        region,
         predictor.evaluations,
     )
 

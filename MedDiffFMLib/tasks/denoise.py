@@ -99,13 +99,28 @@ def denoise(
     predictor = engine.predictor(Conditions(REGION_CLASS[region], working_labels), working.shape)
     with torch.no_grad():
         x0 = diffpir(
-            predictor, engine.schedule, y0, sigma_n, lam, steps, zeta, make_generator(seed),
-            progress=progress, cancel=cancel,
+            predictor,
+            engine.schedule,
+            y0,
+            sigma_n,
+            lam,
+            steps,
+            zeta,
+            make_generator(seed),
+            progress=progress,
+            cancel=cancel,
         )
     t_start = engine.schedule.timestep_for_sigma(sigma_n)
     volume = to_input_grid(
-        x0, working, ct, hu, region,
-        MedDiffFM_task="denoise", MedDiffFM_model=engine.name, MedDiffFM_sigma_n=f"{sigma_n:.5f}",
-        MedDiffFM_t_start=str(t_start), MedDiffFM_seed=str(seed),
+        x0,
+        working,
+        ct,
+        hu,
+        region,
+        MedDiffFM_task="denoise",
+        MedDiffFM_model=engine.name,
+        MedDiffFM_sigma_n=f"{sigma_n:.5f}",
+        MedDiffFM_t_start=str(t_start),
+        MedDiffFM_seed=str(seed),
     )
     return DenoiseResult(volume, region, source, sigma_n, t_start, predictor.evaluations)

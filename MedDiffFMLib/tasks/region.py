@@ -6,7 +6,8 @@ thoracic vertebrae...; abdomen: liver, spleen, kidneys, pancreas, bowel, lumbar 
 
 From the image alone (documented heuristic): inside the thresholded body, if more than 15 % of the
 voxels are aerated lung (-950..-500 HU) it is ``chest``; otherwise if the median axial body
-cross-section is below 300 cm^2 (a head or neck; a trunk is 500-1000 cm^2) it is ``head_neck``;
+cross-section is below 300 cm^2 (a head or neck; a trunk is 500-1000 cm^2) and the body does not
+touch the in-plane border (a cropped field of view hides the true size) it is ``head_neck``;
 otherwise ``abdomen``.
 """
 
@@ -20,8 +21,21 @@ from ..volume import Volume
 _REGION_KEYS = {
     "head_neck": ("brain", "skull", "thyroid_gland", "common_carotid", "vertebrae_C"),
     "chest": ("lung_", "heart", "trachea", "esophagus", "pulmonary", "atrial", "vertebrae_T", "rib_", "sternum"),
-    "abdomen": ("liver", "spleen", "kidney", "pancreas", "stomach", "bowel", "colon", "duodenum", "gallbladder",
-                "vertebrae_L", "urinary_bladder", "hip_", "sacrum"),
+    "abdomen": (
+        "liver",
+        "spleen",
+        "kidney",
+        "pancreas",
+        "stomach",
+        "bowel",
+        "colon",
+        "duodenum",
+        "gallbladder",
+        "vertebrae_L",
+        "urinary_bladder",
+        "hip_",
+        "sacrum",
+    ),
 }
 LUNG_FRACTION = 0.15
 HEAD_AREA_CM2 = 300.0
@@ -51,7 +65,8 @@ def region_from_image(ct: Volume, hu: np.ndarray) -> str:
         return "chest"
     pixel_cm2 = ct.spacing[0] * ct.spacing[1] / 100.0
     areas = body.reshape(body.shape[0], -1).sum(axis=1) * pixel_cm2
-    if np.median(areas[areas > 0]) < HEAD_AREA_CM2:
+    border = body[:, [0, -1], :].any(axis=(1, 2)) | body[:, :, [0, -1]].any(axis=(1, 2))
+    if np.median(areas[areas > 0]) < HEAD_AREA_CM2 and not border.mean() > 0.5:
         return "head_neck"
     return "abdomen"
 

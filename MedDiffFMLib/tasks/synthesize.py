@@ -51,14 +51,27 @@ def synthesize(
     predictor = engine.predictor(Conditions(REGION_CLASS[region], torch.from_numpy(working_labels)), working.shape)
     with torch.no_grad():
         x0 = sample(
-            predictor, engine.schedule, working.shape, make_generator(seed), engine.device,
-            sampler=sampler, steps=steps, eta=eta, progress=progress, cancel=cancel,
+            predictor,
+            engine.schedule,
+            working.shape,
+            make_generator(seed),
+            engine.device,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            progress=progress,
+            cancel=cancel,
         )
     hu = Volume.on_geometry(model_to_hu(x0.cpu().numpy(), region), working)
     result = resample(hu, anatomy.geometry, fill=window.low).array.astype(np.float32)
     note = "" if (labels == BODY_LABEL).any() else "The label map has no body class (118); quality may suffer."
     return Volume.on_geometry(
-        result, anatomy.geometry,
-        MedDiffFM_task="synthesize", MedDiffFM_model=engine.name, MedDiffFM_region=region,
-        MedDiffFM_sampler=sampler, MedDiffFM_seed=str(seed), MedDiffFM_note=note,
+        result,
+        anatomy.geometry,
+        MedDiffFM_task="synthesize",
+        MedDiffFM_model=engine.name,
+        MedDiffFM_region=region,
+        MedDiffFM_sampler=sampler,
+        MedDiffFM_seed=str(seed),
+        MedDiffFM_note=note,
     )

@@ -1,0 +1,115 @@
+"""Embeddings, the network, ControlNet and samplers against their mathematics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import randomise_zero_parameters
+from monai.networks.schedulers import DDPMScheduler
+
+from MedDiffFMLib.diffusion.samplers import ddim_step, ddpm_step
+from MedDiffFMLib.diffusion.schedule import NoiseSchedule
+from MedDiffFMLib.model.config import ModelConfig, preset
+from MedDiffFMLib.model.embeddings import fourier_features, window_coordinates
+from MedDiffFMLib.model.network import ControlledNet, MedDiffFMNet
+
+
+def test_position_embedding_of_a_crop_is_the_sub_block_of_the_whole():
+    shape = (9, 14, 11)
+    whole = window_coordinates((slice(0, 9), slice(0, 14), slice(0, 11)), shape)
+    crop = (slice(2, 7), slice(5, 14), slice(0, 4))
+    torch.testing.assert_close(window_coordinates(crop, shape), whole[(slice(None), *crop)], rtol=0, atol=1e-6)
+    assert whole[0, 0, 0, 0] == -1 and whole[0, 0, 0, -1] == 1  # x runs along the last axis
+    assert whole[2, 0, 0, 0] == -1 and whole[2, -1, 0, 0] == 1  # z along the first
+    features = fourier_features(whole[None], 4)
+    assert features.shape == (1, 24, *shape)
+    torch.testing.assert_close(features[0, 3], torch.cos(torch.pi * whole[0]))
+
+
+def test_resized_crop_spans_the_crops_global_range():
+    coordinates = window_coordinates((slice(0, 8), slice(4, 12), slice(0, 16)), (16, 16, 16), size=(4, 4, 4))
+    assert coordinates[1].min().item() == pytest.approx(-1 + 4 * 2 / 15)
+    assert coordinates[1].max().item() == pytest.approx(-1 + 11 * 2 / 15)
+
+
+def test_paper_preset_matches_the_published_size():
+    model = MedDiffFMNet(preset("paper"))
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(28.8e6, rel=0.01)
+    assert model.unet.conv_in.conv.in_channels == 1 + 24 + 4
+
+
+def test_config_validation():
+    with pytest.raises(Exception, match="multiple of norm_num_groups"):
+        ModelConfig(channels=(12, 24), attention_levels=(False, True), norm_num_groups=8)
+
+
+def _inputs(size: int = 16, batch: int = 2):
+    generator = torch.Generator().manual_seed(1)
+    shape = (batch, 1, size, size, size)
+    return dict(
+        x=torch.randn(shape, generator=generator),
+        t=torch.tensor([3, 700][:batch]),
+        coordinates=torch.rand((batch, 3, size, size, size), generator=generator) * 2 - 1,
+        region=torch.tensor([1, 3][:batch]),
+        anatomy=torch.randint(0, 120, (batch, size, size, size), generator=generator),
+    )
+
+
+def test_controlnet_at_initialisation_equals_the_base_model():
+    torch.manual_seed(0)
+    base = randomise_zero_parameters(MedDiffFMNet(preset("tiny"))).eval()
+    controlled = ControlledNet(base).eval()
+    inputs = _inputs()
+    with torch.no_grad():
+        expected = base(**inputs)
+        actual = controlled(**inputs, control=torch.randn(2, 1, 16, 16, 16))
+    assert expected.abs().mean() > 1e-3
+    assert torch.equal(expected, actual)
+    assert all(not p.requires_grad for p in controlled.base.parameters())
+    assert any(p.requires_grad for p in controlled.controlnet.parameters())
+
+
+def test_controlnet_responds_to_its_condition_once_trained():
+    torch.manual_seed(0)
+    controlled = randomise_zero_parameters(ControlledNet(randomise_zero_parameters(MedDiffFMNet(preset("tiny")))))
+    controlled.eval()
+    inputs = _inputs()
+    with torch.no_grad():
+        a = controlled(**inputs, control=torch.zeros(2, 1, 16, 16, 16))
+        b = controlled(**inputs, control=torch.ones(2, 1, 16, 16, 16))
+    assert not torch.allclose(a, b)
+
+
+def test_ddpm_step_matches_monai_scheduler():
+    schedule = NoiseSchedule()
+    monai = DDPMScheduler(num_train_timesteps=1000, schedule="cosine")
+    generator = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(2, 1, 4, 4, 4, generator=generator), torch.randn(2, 1, 4, 4, 4, generator=generator)
+    for t in (999, 500, 10, 1):
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(t))
+        expected, _ = monai.step(eps, t, x, generator=torch.Generator().manual_seed(t))
+        torch.testing.assert_close(
+            ddpm_step(schedule, x.double(), t, eps.double(), noise.double()).float(), expected, rtol=1e-4, atol=1e-5
+        )
+
+
+def test_ddim_with_eta_one_over_all_steps_is_ddpm():
+    schedule = NoiseSchedule()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, generator=generator, dtype=torch.float64)
+    for t in (999, 600, 31, 1):
+        eps = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+        ddpm = ddpm_step(schedule, x, t, eps, noise)
+        ddim = ddim_step(schedule, x, t, t - 1, schedule.predict_x0(x, t, eps), eta=1.0, noise=noise)
+        torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
+
+
+def test_x0_prediction_inverts_forward_noising():
+    schedule = NoiseSchedule()
+    x0 = torch.rand(4, 4, 4, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(4, 4, 4, dtype=torch.float64)
+    for t in (0, 15, 500, 950):
+        torch.testing.assert_close(schedule.predict_x0(schedule.q_sample(x0, t, eps), t, eps), x0)
+    assert schedule.strided_timesteps(15, 100) == list(range(15, -1, -1))
+    assert schedule.strided_timesteps(999, 4) == [999, 666, 333, 0]

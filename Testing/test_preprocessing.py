@@ -1,0 +1,62 @@
+"""HU windows: exact inside the window, lossless outside (DESIGN.md 1.3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from MedDiffFMLib import anatomy
+from MedDiffFMLib import preprocessing as pp
+from MedDiffFMLib.errors import InputError, MaskError
+
+hu_arrays = hnp.arrays(np.float32, (4, 5, 6), elements=st.floats(-3000, 4000, width=32))
+
+
+@pytest.mark.parametrize("region", list(pp.REGIONS))
+def test_window_bounds_map_to_minus_one_and_one(region):
+    window = pp.REGIONS[region]
+    assert pp.hu_to_model(np.array([window.low, window.high]), region).tolist() == [-1.0, 1.0]
+
+
+@settings(max_examples=50, deadline=None)
+@given(hu=hu_arrays, region=st.sampled_from(list(pp.REGIONS)))
+def test_round_trip_inside_window_and_restoration_outside(hu, region):
+    back = pp.model_to_hu(pp.hu_to_model(hu, region), region)
+    inside = ~pp.outside_window(hu, region)
+    np.testing.assert_allclose(back[inside], hu[inside], atol=1e-3)
+    restored, carried = pp.restore_outside_window(back, hu, region)
+    assert carried == int((~inside).sum())
+    np.testing.assert_array_equal(restored[~inside], hu[~inside])
+
+
+def test_unknown_region_lists_valid_ones():
+    with pytest.raises(InputError, match="head_neck, chest, abdomen"):
+        pp.hu_to_model(np.zeros(3), "pelvis")
+
+
+def test_anatomy_scheme_has_118_classes_and_body(sample_ct, sample_seg):
+    assert len(anatomy.CLASS_NAMES) == 119 and anatomy.CLASS_NAMES[anatomy.BODY_LABEL] == "body"
+    assert anatomy.label_of("liver") == 5
+    labels = anatomy.from_totalsegmentator(sample_seg.array, sample_ct.array)
+    assert (labels == anatomy.BODY_LABEL).sum() > 0
+    np.testing.assert_array_equal(labels[sample_seg.array > 0], sample_seg.array[sample_seg.array > 0])
+    assert not (labels[sample_ct.array < -900] == anatomy.BODY_LABEL).all()
+
+
+def test_named_label_conversion_and_unknown_names():
+    labels = np.array([[[0, 1, 2]]])
+    converted = anatomy.from_named_labels(labels, {1: "liver", 2: "spleen"})
+    assert converted.tolist() == [[[0, 5, 1]]]
+    with pytest.raises(InputError, match="Valid names"):
+        anatomy.from_named_labels(labels, {1: "livr"})
+
+
+def test_organ_mask_errors():
+    labels = np.zeros((2, 2, 2), dtype=np.uint8)
+    with pytest.raises(MaskError, match="contains no voxel of liver"):
+        anatomy.organ_mask(labels, ["liver"])
+    with pytest.raises(InputError, match="Unknown organ"):
+        anatomy.organ_mask(labels, ["lever"])

@@ -1,0 +1,55 @@
+"""Whole-volume noise estimation: exact averaging, single window = direct, padding."""
+
+from __future__ import annotations
+
+import torch
+from conftest import CoordinateNet, random_tiny_model
+
+from MedDiffFMLib.diffusion.sliding_window import Conditions, WindowedNoisePredictor
+from MedDiffFMLib.model.embeddings import window_coordinates
+
+
+def test_single_window_covering_the_volume_equals_a_direct_call():
+    model = random_tiny_model()
+    anatomy = torch.randint(0, 120, (16, 16, 16), dtype=torch.uint8)
+    predictor = WindowedNoisePredictor(model, Conditions(2, anatomy), (16, 16, 16), 16, 2)
+    x = torch.randn(16, 16, 16)
+    assert len(predictor.windows) == 1
+    with torch.no_grad():
+        direct = model(
+            x[None, None],
+            torch.tensor([40]),
+            window_coordinates([slice(0, 16)] * 3, (16, 16, 16))[None],
+            torch.tensor([2]),
+            anatomy[None],
+        )[0, 0]
+    assert direct.abs().mean() > 1e-3
+    torch.testing.assert_close(predictor(x, 40), direct, rtol=1e-5, atol=1e-6)
+
+
+def test_overlap_averaging_reproduces_the_global_embedding():
+    shape = (20, 37, 29)
+    for blend in ("gaussian", "constant"):
+        predictor = WindowedNoisePredictor(
+            CoordinateNet(), Conditions(0), shape, 16, 2, overlap=0.5, blend=blend, batch_size=3
+        )
+        assert len(predictor.windows) > 8
+        expected = window_coordinates([slice(0, n) for n in shape], shape)[0]
+        torch.testing.assert_close(predictor(torch.zeros(shape), 10), expected, rtol=0, atol=1e-5)
+
+
+def test_volumes_smaller_than_a_window_are_padded_and_cropped_back():
+    shape = (5, 37, 9)
+    predictor = WindowedNoisePredictor(CoordinateNet(), Conditions(0), shape, 16, 2)
+    assert predictor.window == (6, 16, 10)
+    result = predictor(torch.zeros(shape), 10)
+    assert result.shape == shape
+    torch.testing.assert_close(result, window_coordinates([slice(0, n) for n in shape], shape)[0], rtol=0, atol=1e-5)
+
+
+def test_window_batching_does_not_change_the_result():
+    model = random_tiny_model()
+    shape = (16, 24, 20)
+    x = torch.randn(shape)
+    results = [WindowedNoisePredictor(model, Conditions(3), shape, 16, 2, batch_size=b)(x, 100) for b in (1, 5)]
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)

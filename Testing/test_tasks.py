@@ -1,0 +1,186 @@
+"""Denoising, anomaly detection and synthesis against oracles and invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import OracleNet, crop
+
+from MedDiffFMLib import preprocessing as pp
+from MedDiffFMLib.anatomy import label_of
+from MedDiffFMLib.device import make_generator
+from MedDiffFMLib.diffusion.diffpir import diffpir, identity_data_step
+from MedDiffFMLib.diffusion.schedule import NoiseSchedule
+from MedDiffFMLib.errors import CancelledError, InputError, MaskError
+from MedDiffFMLib.progress import CancelToken
+from MedDiffFMLib.tasks import Engine, denoise, detect_anomalies, estimate_noise_sigma, stack_slices, synthesize
+from MedDiffFMLib.tasks.region import detect_region
+from MedDiffFMLib.volume import Volume
+
+
+def test_data_step_is_the_closed_form_proximal_operator():
+    x0, y0 = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    rho = 0.7
+    result = identity_data_step(x0, y0, rho)
+    # argmin_z |y0 - z|^2 + rho |z - x0|^2: the gradient vanishes there.
+    torch.testing.assert_close(-(y0 - result) + rho * (result - x0), torch.zeros(50, dtype=torch.float64))
+    torch.testing.assert_close(identity_data_step(x0, y0, 1e-12), y0)  # lambda -> 0: the observation
+    torch.testing.assert_close(identity_data_step(x0, y0, 1e12), x0)  # lambda -> infinity: the prior
+
+
+def test_t_start_matches_sigma_n():
+    schedule = NoiseSchedule()
+    for sigma in (0.01, 0.03, 0.15, 1.0):
+        t = schedule.timestep_for_sigma(sigma)
+        assert schedule.sigma_bar(t) == pytest.approx(sigma, rel=0.1)
+        assert abs(schedule.sigma_bar(t) - sigma) <= abs(schedule.sigma_bar(t + 1) - sigma)
+        assert abs(schedule.sigma_bar(t) - sigma) <= abs(schedule.sigma_bar(max(t - 1, 0)) - sigma)
+
+
+def test_diffpir_with_an_oracle_recovers_the_clean_image():
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.rand(8, 8, 8, generator=generator, dtype=torch.float64) * 1.6 - 0.8
+    sigma_n = 0.1
+    y0 = clean + sigma_n * torch.randn(clean.shape, generator=generator, dtype=torch.float64)
+    schedule = NoiseSchedule()
+
+    def oracle(x, t):
+        return schedule.predict_eps(x, t, clean)
+
+    restored = diffpir(oracle, schedule, y0, sigma_n, 10.0, 20, 0.3, make_generator(0))
+    assert (restored - clean).abs().max() < 1e-3
+    assert (y0 - clean).abs().mean() > 0.05
+
+
+def test_denoise_with_an_oracle_network_recovers_the_clean_ct(small_ct):
+    region = "abdomen"
+    clean_hu = small_ct.array.astype(np.float32)
+    clean = torch.from_numpy(pp.hu_to_model(clean_hu, region))
+    noisy = small_ct.with_array(clean_hu + np.random.default_rng(0).normal(0, 30, clean_hu.shape).astype(np.float32))
+    engine = Engine(OracleNet(clean), device="cpu", batch_size=16)
+    result = denoise(noisy, engine, region=region, sigma_n=30 * 2 / 360, steps=8)
+    inside = ~pp.outside_window(noisy.array, region)
+    error = np.abs(result.volume.array - clean_hu)[inside]
+    assert error.mean() < 1.0
+    assert np.abs(noisy.array - clean_hu)[inside].mean() > 20
+    np.testing.assert_array_equal(result.volume.array[~inside], noisy.array[~inside])
+    assert result.volume.metadata["MedDiffFM_carried_over_voxels"] == str(int((~inside).sum()))
+    assert result.volume.geometry.same_grid(small_ct.geometry)
+    assert result.t_start == engine.schedule.timestep_for_sigma(30 * 2 / 360)
+
+
+def test_noise_estimate_is_close_to_the_truth():
+    rng = np.random.default_rng(0)
+    smooth = np.tile(np.linspace(-0.5, 0.5, 64, dtype=np.float32), (8, 64, 1))
+    for sigma in (0.02, 0.1):
+        assert estimate_noise_sigma(smooth + rng.normal(0, sigma, smooth.shape)) == pytest.approx(sigma, rel=0.1)
+
+
+def test_denoise_is_reproducible_and_keeps_geometry(small_ct, tiny_engine):
+    first = denoise(small_ct, tiny_engine, steps=2, seed=3)
+    second = denoise(small_ct, tiny_engine, steps=2, seed=3)
+    np.testing.assert_array_equal(first.volume.array, second.volume.array)
+    assert first.volume.geometry.same_grid(small_ct.geometry)
+    assert first.region == "abdomen" and first.region_source == "image heuristic"
+    assert first.network_evaluations > 0
+
+
+def test_region_detection(sample_ct, sample_seg):
+    assert detect_region(sample_ct, sample_ct.array, sample_seg.array) == ("abdomen", "anatomy label map")
+    assert detect_region(sample_ct, sample_ct.array)[0] == "abdomen"
+    chest = np.full((10, 100, 100), -1000.0, dtype=np.float32)
+    chest[:, 10:90, 10:90] = 40.0
+    chest[:, 20:80, 20:45] = -850.0
+    chest[:, 20:80, 55:80] = -850.0
+    assert detect_region(Volume(chest, spacing=(3.0, 3.0, 3.0)), chest)[0] == "chest"
+    head = np.full((10, 100, 100), -1000.0, dtype=np.float32)
+    head[:, 30:70, 30:70] = 40.0
+    assert detect_region(Volume(head, spacing=(3.0, 3.0, 3.0)), head)[0] == "head_neck"
+
+
+def test_cancel_stops_between_steps(small_ct, tiny_engine):
+    cancel = CancelToken()
+
+    def progress(done, total, message):
+        if done == 1:
+            cancel.cancel()
+
+    with pytest.raises(CancelledError):
+        denoise(small_ct, tiny_engine, steps=4, progress=progress, cancel=cancel)
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.zeros((4, 4)), "3D"),
+        (np.full((4, 4, 4), np.nan), "NaN"),
+        (np.full((4, 4, 4), 7.0), "constant"),
+        (np.random.default_rng(0).integers(0, 255, (4, 8, 8)).astype(np.float32), "Hounsfield"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(array, message, tiny_engine):
+    with pytest.raises(InputError, match=message):
+        denoise(Volume(array), tiny_engine)
+
+
+def _healthy_and_lesion(small_ct, small_seg):
+    liver = small_seg.array == label_of("liver")
+    z, y, x = np.argwhere(liver).mean(axis=0).round().astype(int)
+    lesion = np.zeros_like(liver)
+    lesion[z - 2 : z + 2, y - 3 : y + 3, x - 3 : x + 3] = True
+    lesion &= liver
+    image = small_ct.array.astype(np.float32).copy()
+    image[lesion] = 200.0
+    return liver, lesion, small_ct.with_array(image)
+
+
+def test_anomaly_map_peaks_at_an_inserted_blob_with_a_healthy_oracle(small_ct, small_seg):
+    liver, lesion, with_blob = _healthy_and_lesion(small_ct, small_seg)
+    region = "abdomen"
+    healthy = pp.hu_to_model(small_ct.array, region)
+    healthy_masked = torch.from_numpy(np.where(liver, healthy, -1.0).astype(np.float32))
+    engine = Engine(OracleNet(healthy_masked), device="cpu", batch_size=16)
+    result = detect_anomalies(with_blob, small_seg, ["liver"], engine, region=region)
+    anomaly = result.anomaly_map.array
+    assert np.all(anomaly[~liver] == 0)
+    assert np.abs(anomaly[lesion]).min() > np.abs(anomaly[liver & ~lesion]).max()
+    np.testing.assert_array_equal(result.anomaly_mask.array.astype(bool), lesion)
+    assert result.anomaly_map.geometry.same_grid(small_ct.geometry)
+
+
+def test_anomaly_detection_errors(small_ct, small_seg, tiny_engine):
+    with pytest.raises(MaskError):
+        detect_anomalies(small_ct, None, ["liver"], tiny_engine)
+    with pytest.raises(InputError, match="Unknown organ"):
+        detect_anomalies(small_ct, small_seg, ["livr"], tiny_engine)
+    with pytest.raises(MaskError, match="no voxel of brain"):
+        detect_anomalies(small_ct, small_seg, ["brain"], tiny_engine)
+
+
+def test_anomaly_on_stacked_2d_slices(tiny_engine):
+    rng = np.random.default_rng(0)
+    slices = [rng.normal(40, 10, (40, 40)).astype(np.float32) - 1000 * (rng.random((40, 40)) < 0.01) for _ in range(6)]
+    ct = stack_slices(slices, spacing=(3.0, 3.0, 3.0))
+    labels = ct.with_array(np.full(ct.array.shape, label_of("liver"), dtype=np.uint8))
+    result = detect_anomalies(ct, labels, ["liver"], tiny_engine, region="abdomen", draws=2)
+    assert result.anomaly_map.array.shape == (6, 40, 40) and np.isfinite(result.anomaly_map.array).all()
+    assert result.network_evaluations > 0
+
+
+def test_synthesis_returns_the_label_maps_grid_and_is_reproducible(small_seg, tiny_engine):
+    first = synthesize(small_seg, "abdomen", tiny_engine, steps=3, seed=1)
+    second = synthesize(small_seg, "abdomen", tiny_engine, steps=3, seed=1)
+    other = synthesize(small_seg, "abdomen", tiny_engine, steps=3, seed=2)
+    assert first.geometry.same_grid(small_seg.geometry)
+    np.testing.assert_array_equal(first.array, second.array)
+    assert not np.array_equal(first.array, other.array)
+    window = pp.REGIONS["abdomen"]
+    assert first.array.min() >= window.low - 1e-3 and first.array.max() <= window.high + 1e-3
+
+
+def test_synthesis_handles_any_size_by_padding(sample_seg, tiny_engine):
+    thin = crop(sample_seg, slice(10, 13), slice(20, 60), slice(20, 40))
+    assert synthesize(thin, "abdomen", tiny_engine, steps=2).array.shape == (3, 40, 20)
+    with pytest.raises(InputError, match="empty"):
+        synthesize(thin.with_array(np.zeros_like(thin.array)), "abdomen", tiny_engine)

@@ -1,0 +1,91 @@
+"""Volumes keep their geometry through every file format and every resampling path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import DATA
+
+from MedDiffFMLib import preprocessing as pp
+from MedDiffFMLib.errors import InputError, OutputExistsError, ReadError
+from MedDiffFMLib.volume import Volume, read_volume, write_volume
+
+
+def oblique_volume() -> Volume:
+    """Anisotropic, oblique, left-handed-free rotation about an arbitrary axis."""
+    angle = np.deg2rad(20.0)
+    axis = np.array([1.0, 2.0, 3.0]) / np.sqrt(14.0)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    rotation = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+    array = np.random.default_rng(0).integers(-1000, 1500, size=(5, 7, 9)).astype(np.int16)
+    return Volume(array, spacing=(0.7, 0.9, 2.5), origin=(-12.5, 30.25, 100.0), direction=rotation.ravel())
+
+
+@pytest.mark.parametrize("extension", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_geometry_round_trip_every_format(tmp_path, extension):
+    volume = oblique_volume()
+    path = write_volume(volume, tmp_path / f"ct{extension}")
+    back = read_volume(path)
+    np.testing.assert_array_equal(back.array, volume.array)
+    assert back.geometry.same_grid(volume.geometry, tolerance=1e-4)
+
+
+def test_dicom_series_matches_its_label_map():
+    ct = read_volume(DATA / "example_ct_dicom")
+    labels = read_volume(DATA / "example_seg_dicom.nii.gz")
+    assert ct.array.shape == (20, 512, 512)
+    # TotalSegmentator wrote the labels with the y axis flipped: same space, mirrored rows.
+    on_ct = pp.labels_on_grid(labels, ct.geometry).array
+    np.testing.assert_array_equal(on_ct, labels.array[:, ::-1, :])
+    assert ct.array[on_ct == 5].mean() > 0  # liver is soft tissue, not air
+
+
+def test_write_refuses_to_overwrite_and_leaves_no_temporary_files(tmp_path):
+    volume = oblique_volume()
+    path = write_volume(volume, tmp_path / "ct.nrrd")
+    with pytest.raises(OutputExistsError):
+        write_volume(volume, path)
+    write_volume(volume.with_array(volume.array * 0), path, overwrite=True)
+    assert read_volume(path).array.max() == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd"]
+
+
+def test_bad_paths_give_clear_errors(tmp_path):
+    with pytest.raises(ReadError, match="does not exist"):
+        read_volume(tmp_path / "missing.nii.gz")
+    (tmp_path / "junk.nii.gz").write_bytes(b"not an image")
+    with pytest.raises(ReadError, match="Could not read"):
+        read_volume(tmp_path / "junk.nii.gz")
+    with pytest.raises(InputError, match="extensions"):
+        write_volume(oblique_volume(), tmp_path / "out.png")
+
+
+def test_2d_image_is_refused(tmp_path):
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.Image(8, 8, sitk.sitkInt16), str(tmp_path / "slice.nrrd"))
+    with pytest.raises(InputError, match="3D"):
+        read_volume(tmp_path / "slice.nrrd")
+
+
+def test_resampling_to_model_spacing_and_back_keeps_grid(sample_ct):
+    working = pp.isotropic_geometry(sample_ct.geometry, 1.0)
+    assert working.spacing == (1.0, 1.0, 1.0)
+    assert working.shape == tuple(3 * (n - 1) + 1 for n in sample_ct.array.shape)
+    there = pp.resample(sample_ct, working)
+    back = pp.resample(there, sample_ct.geometry)
+    assert back.geometry.same_grid(sample_ct.geometry)
+    # 3 mm voxels land exactly on 1 mm voxels, so linear interpolation returns them unchanged.
+    np.testing.assert_allclose(back.array, sample_ct.array, atol=1e-3)
+
+
+def test_label_maps_use_nearest_neighbour(sample_seg):
+    working = pp.isotropic_geometry(sample_seg.geometry, 1.5)
+    labels = pp.resample(sample_seg, working, labels=True).array
+    assert set(np.unique(labels)) <= set(np.unique(sample_seg.array))
+
+
+def test_mask_on_a_distant_grid_is_refused(sample_seg, sample_ct):
+    far = Volume(sample_seg.array, sample_seg.spacing, (5000.0, 5000.0, 5000.0), sample_seg.direction)
+    with pytest.raises(InputError, match="does not overlap"):
+        pp.labels_on_grid(far, sample_ct.geometry)

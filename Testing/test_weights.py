@@ -1,0 +1,150 @@
+"""Checkpoints: safetensors + validated card, checksums, no pickle, catalogue install, offline import."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from conftest import random_tiny_model
+
+from MedDiffFMLib.errors import ChecksumError, WeightsError
+from MedDiffFMLib.model import weights as w
+from MedDiffFMLib.model.network import ControlledNet
+
+
+def _card(name="tiny-test", task="base") -> w.ModelCard:
+    return w.ModelCard(name=name, version="1.0", task=task, config={}, license="Apache-2.0", intended_use="tests")
+
+
+def _save(tmp_path, name="tiny-test", seed=0):
+    model = random_tiny_model(seed)
+    path = tmp_path / f"{name}.safetensors"
+    card = w.save_checkpoint(model, path, _card(name))
+    return model, path, card
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model, path, card = _save(tmp_path)
+    assert card.sha256 == w.sha256_of(path)
+    loaded = w.load_model(path, expected_sha256=card.sha256)
+    for (key, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), key
+    assert loaded.card.identifier == "tiny-test@1.0"
+
+
+def test_checksum_mismatch_and_corruption_are_refused(tmp_path):
+    _, path, card = _save(tmp_path)
+    with pytest.raises(ChecksumError, match="Checksum mismatch"):
+        w.load_model(path, expected_sha256="0" * 64)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError):
+        w.load_model(path)
+
+
+def test_pickle_checkpoints_are_never_loaded(tmp_path):
+    marker = tmp_path / "executed"
+    evil = tmp_path / "model.pt"
+    evil.write_bytes(pickle.dumps({"x": 1}))
+    (tmp_path / "model.json").write_text(_card().to_json())
+    with pytest.raises(WeightsError, match="never loads pickled"):
+        w.load_model(evil)
+    assert not marker.exists()
+
+
+def test_invalid_cards_are_refused(tmp_path):
+    _, path, _ = _save(tmp_path)
+    card = json.loads(w.card_path(path).read_text())
+    card["__reduce__"] = "os.system"
+    w.card_path(path).write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="unknown keys"):
+        w.load_model(path)
+    w.card_path(path).write_text("{not json")
+    with pytest.raises(WeightsError, match="not valid JSON"):
+        w.load_model(path)
+
+
+def test_wrong_task_and_wrong_base_are_refused(tmp_path):
+    base, path, card = _save(tmp_path)
+    loaded = w.load_model(path)
+    controlled = ControlledNet(loaded)
+    control_path = tmp_path / "sr.safetensors"
+    w.save_checkpoint(
+        controlled,
+        control_path,
+        w.ModelCard(
+            name="sr",
+            version="1.0",
+            task="controlnet-sr",
+            config={},
+            base_model=card.identifier,
+            base_sha256=card.sha256,
+        ),
+    )
+    with pytest.raises(WeightsError, match="'controlnet-sr' checkpoint"):
+        w.load_model(control_path)
+    attached = w.load_controlled_model(loaded, control_path, "controlnet-sr")
+    assert isinstance(attached, ControlledNet)
+    with pytest.raises(WeightsError, match="this task needs 'controlnet-lesion'"):
+        w.load_controlled_model(loaded, control_path, "controlnet-lesion")
+    _, other_path, _ = _save(tmp_path, "other", seed=1)
+    with pytest.raises(WeightsError, match="trained on base model"):
+        w.load_controlled_model(w.load_model(other_path), control_path, "controlnet-sr")
+
+
+def test_missing_weights_say_how_to_install(tmp_path):
+    with pytest.raises(WeightsError, match="models install"):
+        w.resolve_weights()
+
+
+def _catalogue(tmp_path, path, sha256):
+    catalogue = tmp_path / "catalogue.json"
+    catalogue.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "models": [
+                    dict(
+                        name="tiny-test",
+                        version="1.0",
+                        task="base",
+                        url=path.as_uri(),
+                        sha256=sha256,
+                        card_url=w.card_path(path).as_uri(),
+                    )
+                ],
+            }
+        )
+    )
+    return w.read_catalogue(catalogue)
+
+
+def test_install_from_url_verifies_and_resolves(tmp_path):
+    _, path, card = _save(tmp_path)
+    entries = _catalogue(tmp_path, path, card.sha256)
+    seen = []
+    installed = w.install(w.find_entry("tiny-test", entries), progress=lambda d, t, m: seen.append(d))
+    assert installed.parent == w.cache_dir() and seen and seen[-1] == path.stat().st_size
+    assert w.resolve_weights() == installed
+    assert w.resolve_weights("tiny-test@1.0") == installed
+    w.load_model(installed, expected_sha256=card.sha256)
+
+
+def test_install_with_wrong_checksum_leaves_nothing(tmp_path):
+    _, path, _ = _save(tmp_path)
+    entries = _catalogue(tmp_path, path, "f" * 64)
+    with pytest.raises(ChecksumError):
+        w.install(entries[0])
+    assert list(w.cache_dir().iterdir()) == []
+
+
+def test_offline_import(tmp_path):
+    _, path, card = _save(tmp_path)
+    imported = w.import_checkpoint(path)
+    assert w.sha256_of(imported) == card.sha256
+    assert [c.identifier for c in w.list_installed()] == ["tiny-test@1.0"]
+    with pytest.raises(ChecksumError):
+        w.import_checkpoint(path, expected_sha256="0" * 64)
