@@ -20,11 +20,11 @@ from .diffusion.sliding_window import BLEND_MODES
 from .errors import CancelledError, InputError, MedDiffFMError
 from .model import weights as model_weights
 from .preprocessing import REGIONS
-from .progress import CancelToken, TqdmProgress
+from .progress import CancelToken, JsonLinesProgress, TqdmProgress, emit_json
 from .tasks import Engine, denoise, detect_anomalies, synthesize
 from .tasks.anomaly import DEFAULT_TIMESTEP
 from .tasks.denoise import DEFAULT_LAMBDA, DEFAULT_STEPS, DEFAULT_ZETA
-from .volume import check_writable, read_volume, write_volume
+from .volume import Volume, check_writable, read_volume, write_volume
 
 logger = logging.getLogger("meddiff-fm")
 
@@ -66,6 +66,12 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     group.add_argument("--overwrite", action="store_true", help="replace existing output files")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
+    group.add_argument(
+        "--progress-format",
+        choices=("bar", "json"),
+        default="bar",
+        help="'json' prints one JSON object per line on stdout (progress, result, error) for programs",
+    )
 
 
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +149,9 @@ def _engine(args: argparse.Namespace) -> Engine:
     return Engine(model, args.device, args.overlap, args.batch_size, args.blend, name=name)
 
 
-def _progress(args: argparse.Namespace, description: str) -> TqdmProgress:
+def _progress(args: argparse.Namespace, description: str) -> TqdmProgress | JsonLinesProgress:
+    if getattr(args, "progress_format", "bar") == "json":
+        return JsonLinesProgress(description)
     return TqdmProgress(description, disable=args.quiet)
 
 
@@ -153,6 +161,26 @@ def _mask_path(output: str) -> Path:
         if path.name.lower().endswith(extension):
             return path.with_name(path.name[: -len(extension)] + "_mask" + extension)
     return path.with_name(path.name + "_mask")
+
+
+def _write_all(args: argparse.Namespace, outputs: list[tuple[Volume, str | Path]]) -> None:
+    """Write every output atomically; if one fails, remove those already written by this call."""
+    written: list[Path] = []
+    try:
+        for volume, path in outputs:
+            written.append(write_volume(volume, path, args.overwrite))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _finish(args: argparse.Namespace, summary: str, outputs: list[str | Path]) -> None:
+    """Report the result: text for people, a ``result`` JSON line for programs."""
+    if getattr(args, "progress_format", "bar") == "json":
+        emit_json(event="result", message=summary, outputs=[str(p) for p in outputs])
+    print(summary)
+    print(f"wrote {', '.join(str(p) for p in outputs)}")
 
 
 def run_denoise(args: argparse.Namespace, cancel: CancelToken) -> None:
@@ -173,12 +201,13 @@ def run_denoise(args: argparse.Namespace, cancel: CancelToken) -> None:
         _progress(args, "denoise"),
         cancel,
     )
-    write_volume(result.volume, args.output, args.overwrite)
-    print(
+    _write_all(args, [(result.volume, args.output)])
+    _finish(
+        args,
         f"region {result.region} ({result.region_source}), sigma_n {result.sigma_n:.4f}, t_start {result.t_start}, "
-        f"{result.network_evaluations} window evaluations; {result.volume.metadata['MedDiffFM_note']}"
+        f"{result.network_evaluations} window evaluations; {result.volume.metadata['MedDiffFM_note']}",
+        [args.output],
     )
-    print(f"wrote {args.output}")
 
 
 def run_synthesize(args: argparse.Namespace, cancel: CancelToken) -> None:
@@ -196,8 +225,8 @@ def run_synthesize(args: argparse.Namespace, cancel: CancelToken) -> None:
         _progress(args, "synthesize"),
         cancel,
     )
-    write_volume(volume, args.output, args.overwrite)
-    print(f"wrote {args.output}")
+    _write_all(args, [(volume, args.output)])
+    _finish(args, f"synthesised a {args.region} CT of shape {volume.array.shape}", [args.output])
 
 
 def run_detect(args: argparse.Namespace, cancel: CancelToken) -> None:
@@ -220,10 +249,12 @@ def run_detect(args: argparse.Namespace, cancel: CancelToken) -> None:
         _progress(args, "anomalies"),
         cancel,
     )
-    write_volume(result.anomaly_map, args.output, args.overwrite)
-    write_volume(result.anomaly_mask, mask_output, args.overwrite)
-    print(f"threshold {result.threshold:.1f} HU, {int(result.anomaly_mask.array.sum())} anomalous voxels")
-    print(f"wrote {args.output} and {mask_output}")
+    _write_all(args, [(result.anomaly_map, args.output), (result.anomaly_mask, mask_output)])
+    _finish(
+        args,
+        f"threshold {result.threshold:.1f} HU, {int(result.anomaly_mask.array.sum())} anomalous voxels",
+        [args.output, mask_output],
+    )
 
 
 def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
@@ -257,9 +288,10 @@ def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
         cancel=cancel,
     )
     window = Window(40.0, 400.0)
-    write_volume(reference.with_array(clean), paths["reference"], args.overwrite)
-    write_volume(low_dose, paths["low_dose"], args.overwrite)
-    write_volume(result.volume, paths["denoised"], args.overwrite)
+    _write_all(
+        args,
+        [(reference, paths["reference"]), (low_dose, paths["low_dose"]), (result.volume, paths["denoised"])],
+    )
     before, after = psnr(clean, low_dose.array, window), psnr(clean, result.volume.array, window)
     comparison_png(
         [reference, low_dose, result.volume],
@@ -267,13 +299,14 @@ def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
         window,
         figure,
     )
-    print(
-        f"PSNR in [-160, 240] HU: low dose {before:.2f} dB, denoised {after:.2f} dB ({after - before:+.2f} dB); "
-        f"model: {engine.name}"
-    )
     if args.untrained:
         print(UNTRAINED_BANNER.format(preset=args.untrained), file=sys.stderr)
-    print(f"wrote {', '.join(str(p) for p in paths.values())} and {figure}")
+    _finish(
+        args,
+        f"PSNR in [-160, 240] HU: low dose {before:.2f} dB, denoised {after:.2f} dB ({after - before:+.2f} dB); "
+        f"model: {engine.name}",
+        [*paths.values(), figure],
+    )
 
 
 def run_models(args: argparse.Namespace, cancel: CancelToken) -> None:
@@ -314,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         print("meddiff-fm: cancelled; nothing was written.", file=sys.stderr)
         return 130
     except (MedDiffFMError, CancelledError) as error:
+        if getattr(args, "progress_format", "bar") == "json":
+            emit_json(event="error", kind=type(error).__name__, message=str(error))
         print(f"meddiff-fm: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -7,6 +7,8 @@ Slicer module to its progress bar and Cancel button.
 
 from __future__ import annotations
 
+import json
+import sys
 import threading
 from typing import Protocol
 
@@ -64,3 +66,22 @@ class TqdmProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def emit_json(**record: object) -> None:
+    """Print one JSON object on its own line to stdout and flush (for a parent process to read)."""
+    sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+class JsonLinesProgress:
+    """Progress callback printing ``{"event": "progress", "task", "done", "total", "message"}`` lines.
+
+    Used when another program (the Slicer module) runs the command line in a child process.
+    """
+
+    def __init__(self, description: str) -> None:
+        self._description = description
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        emit_json(event="progress", task=self._description, done=done, total=total, message=message)
