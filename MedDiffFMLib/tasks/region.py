@@ -2,7 +2,7 @@
 
 From an anatomy label map: the region whose characteristic structures cover the most voxels
 (head & neck: brain, skull, cervical vertebrae, thyroid, carotids; chest: lungs, heart, trachea,
-thoracic vertebrae...; abdomen: liver, spleen, kidneys, pancreas, bowel, lumbar vertebrae...).
+pulmonary vessels; abdomen: liver, spleen, kidneys, pancreas, bowel, lumbar vertebrae, pelvis...).
 
 From the image alone (documented heuristic): inside the thresholded body, if more than 15 % of the
 voxels are aerated lung (-950..-500 HU) it is ``chest``; otherwise if the median axial body
@@ -20,7 +20,7 @@ from ..volume import Volume
 
 _REGION_KEYS = {
     "head_neck": ("brain", "skull", "thyroid_gland", "common_carotid", "vertebrae_C"),
-    "chest": ("lung_", "heart", "trachea", "esophagus", "pulmonary", "atrial", "vertebrae_T", "rib_", "sternum"),
+    "chest": ("lung_", "heart", "trachea", "pulmonary", "atrial"),
     "abdomen": (
         "liver",
         "spleen",
@@ -41,15 +41,16 @@ LUNG_FRACTION = 0.15
 HEAD_AREA_CM2 = 300.0
 
 
-def _names_with(keys: tuple[str, ...]) -> list[str]:
-    return [name for name in TOTALSEGMENTATOR_CLASSES if any(key in name for key in keys)]
+def region_structures(region: str) -> list[str]:
+    """TotalSegmentator class names characteristic of ``region``."""
+    return [name for name in TOTALSEGMENTATOR_CLASSES if any(key in name for key in _REGION_KEYS[region])]
 
 
 def region_from_anatomy(anatomy: np.ndarray) -> str | None:
     """The region whose structures dominate the label map, or None if it holds none of them."""
     counts = np.bincount(np.asarray(anatomy, dtype=np.int64).ravel(), minlength=len(TOTALSEGMENTATOR_CLASSES) + 1)
     scores = {
-        region: sum(int(counts[label_of(name)]) for name in _names_with(keys)) for region, keys in _REGION_KEYS.items()
+        region: sum(int(counts[label_of(name)]) for name in region_structures(region)) for region in _REGION_KEYS
     }
     best = max(scores, key=scores.get)
     return best if scores[best] > 0 else None

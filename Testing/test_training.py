@@ -1,0 +1,192 @@
+"""Data preparation, multi-level samples and pre-training (single process, resume, 2-process DDP)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import DATA
+from safetensors.torch import load_file
+
+from MedDiffFMLib.anatomy import BODY_LABEL, UNKNOWN_LABEL
+from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.model.embeddings import window_coordinates
+from MedDiffFMLib.model.weights import load_model
+from MedDiffFMLib.volume import read_volume
+from Training import prepare_data
+from Training.config import load_config
+from Training.dataset import MultiLevelDataset, manifest_entries
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "Training" / "configs" / "tiny.yaml"
+
+
+def _cases(tmp_path: Path, rows: list[dict]) -> Path:
+    path = tmp_path / "cases.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["case", "image", "labels", "region", "z_start", "z_stop"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("prepared")
+    csv_path = _cases(
+        tmp_path,
+        [
+            dict(case="labelled", image=DATA / "example_ct_sm.nii.gz", labels=DATA / "example_seg.nii.gz"),
+            dict(case="thresholded", image=DATA / "example_ct_sm.nii.gz", region="abdomen", z_start=5, z_stop=25),
+        ],
+    )
+    assert (
+        prepare_data.main(
+            ["--csv", str(csv_path), "--output", str(tmp_path / "cache"), "--spacing", "3", "--threshold-labels"]
+        )
+        == 0
+    )
+    return tmp_path / "cache"
+
+
+def test_preparation_writes_regions_with_anatomy_and_manifest(prepared):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    labelled = manifest["cases"]["labelled"]
+    assert labelled["status"] == "done" and "abdomen" in [r["region"] for r in labelled["regions"]]
+    thresholded = manifest["cases"]["thresholded"]["regions"]
+    assert [r["region"] for r in thresholded] == ["abdomen"] and thresholded[0]["labels"].startswith("threshold")
+    anatomy = read_volume(prepared / thresholded[0]["anatomy"]).array
+    assert set(np.unique(anatomy)) == {0, BODY_LABEL} and anatomy.shape[0] == 20
+    ct = read_volume(prepared / thresholded[0]["image"])
+    source = read_volume(DATA / "example_ct_sm.nii.gz")
+    np.testing.assert_allclose(ct.origin, (source.geometry.index_to_physical() @ [0, 0, 5, 1])[:3])
+
+
+def test_rerun_skips_finished_cases_and_records_failures(prepared, tmp_path, monkeypatch):
+    calls, real = [], prepare_data.prepare_case
+
+    def spy(case, *args):
+        calls.append(case.name)
+        return real(case, *args)
+
+    monkeypatch.setattr(prepare_data, "prepare_case", spy)
+    cases = [
+        prepare_data.Case("labelled", DATA / "example_ct_sm.nii.gz", DATA / "example_seg.nii.gz"),
+        prepare_data.Case("broken", tmp_path / "missing.nii.gz", DATA / "example_seg.nii.gz"),
+    ]
+    manifest = prepare_data.prepare(cases, prepared, 3.0)
+    assert calls == ["broken"]
+    assert (
+        manifest["cases"]["broken"]["status"] == "failed" and "does not exist" in manifest["cases"]["broken"]["error"]
+    )
+    assert manifest["cases"]["labelled"]["status"] == "done"
+    del manifest["cases"]["broken"]
+    prepare_data.write_manifest(prepared, manifest)
+
+
+def test_missing_labels_stop_before_any_work_and_name_the_files(tmp_path):
+    cases = [prepare_data.Case("a", DATA / "example_ct_sm.nii.gz")]
+    with pytest.raises(InputError, match="example_ct_sm.nii.gz"):
+        prepare_data.prepare(cases, tmp_path / "out", 3.0)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_multi_level_views(prepared):
+    dataset = MultiLevelDataset(manifest_entries(prepared), 16, anatomy_dropout=0.0)
+    image, anatomy = torch.rand(20, 30, 40) * 2 - 1, torch.randint(0, 119, (20, 30, 40), dtype=torch.uint8)
+    rng = np.random.default_rng(0)
+    whole = window_coordinates([slice(0, n) for n in image.shape], tuple(image.shape))
+    level0 = dataset.view(image, anatomy, 0, rng)
+    assert level0["image"].shape == (1, 16, 16, 16) and level0["anatomy"].shape == (16, 16, 16)
+    assert level0["coordinates"].amin().item() == -1 and level0["coordinates"].amax().item() == 1
+    level2 = dataset.view(image, anatomy, 2, rng)
+    crop = level2["image"][0]
+    matches = [
+        (a, b, c)
+        for a in range(5)
+        for b in range(15)
+        for c in range(25)
+        if torch.equal(image[a : a + 16, b : b + 16, c : c + 16], crop)
+    ]
+    assert len(matches) == 1
+    a, b, c = matches[0]
+    expected = whole[:, a : a + 16, b : b + 16, c : c + 16]
+    torch.testing.assert_close(level2["coordinates"], expected)
+    level1 = dataset.view(image, anatomy, 1, rng)
+    assert level1["image"].shape == (1, 16, 16, 16)
+    assert level1["coordinates"][0].amax() - level1["coordinates"][0].amin() > 0.5
+
+
+def test_samples_are_reproducible_and_dropout_uses_null_conditions(prepared):
+    dataset = MultiLevelDataset(manifest_entries(prepared), 16, region_dropout=1.0, anatomy_dropout=1.0, seed=3)
+    first, second = dataset[5], dataset[5]
+    for key in first:
+        assert torch.equal(first[key], second[key])
+    assert first["region"].item() == 0 and (first["anatomy"] == UNKNOWN_LABEL).all()
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[5]["image"], first["image"])
+
+
+def _pretrain(prepared, output, *extra, env=None):
+    command = [
+        sys.executable,
+        "-m",
+        "Training.pretrain",
+        "--config",
+        str(TINY),
+        "--data",
+        str(prepared),
+        "--output",
+        str(output),
+        *extra,
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def test_resume_reproduces_an_uninterrupted_run(prepared, tmp_path):
+    _pretrain(prepared, tmp_path / "straight", "--export", "tiny@0")
+    _pretrain(prepared, tmp_path / "resumed", "--stop-after-minutes", "0")
+    state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 1
+    _pretrain(prepared, tmp_path / "resumed")
+    straight = load_file(tmp_path / "straight" / "checkpoint" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "checkpoint" / "model.safetensors")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    model = load_model(tmp_path / "straight" / "tiny-0.safetensors")
+    assert model.card.task == "base" and "4 optimiser steps" in model.card.training
+    log = (tmp_path / "straight" / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,epoch,loss") and len(log) == 5
+    assert len(list((tmp_path / "straight" / "previews").glob("*.png"))) == 2
+
+
+def test_two_process_ddp_with_gloo_and_resume(prepared, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = ["-m", "Training.pretrain", "--config", str(TINY), "--data", str(prepared), "--output", str(tmp_path)]
+    first = subprocess.run(
+        [*torchrun, *base, "--stop-after-minutes", "0"], cwd=REPO, capture_output=True, text=True, env=env, timeout=600
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 1
+    second = subprocess.run([*torchrun, *base], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 4
+    assert "resumed from step 1" in second.stderr
+
+
+def test_config_validation(tmp_path):
+    assert load_config(TINY).model_config.patch_size == 16
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny\nlearning_rat: 0.1\n")
+    with pytest.raises(InputError, match="learning_rat"):
+        load_config(bad)

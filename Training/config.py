@@ -1,0 +1,85 @@
+"""Training configuration: a YAML file validated into dataclasses (no code in configs)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+
+import yaml
+
+from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.model.config import ModelConfig, preset
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Every setting of a (pre-)training run.
+
+    Attributes:
+        model: name of a model preset (``paper``, ``demo``, ``tiny``) the architecture starts from.
+        model_overrides: architecture fields that differ from the preset.
+        level_probabilities: chances of the three multi-level inputs (whole region resized to the
+            patch, 2x-patch crop resized, patch crop; DESIGN.md 1.2).
+        region_dropout / anatomy_dropout: chances of replacing the region by the null class and the
+            anatomy by "unknown" (classifier-free conditioning, unconditioned use).
+        learning_rate, batch_size, accumulation: Adam step size, samples per step per process, and
+            micro-batches accumulated per optimiser step.
+        ema_decay: decay of the exponential moving average of the weights (0 disables it).
+        grad_clip: maximum gradient norm (0 disables clipping).
+        mixed_precision: ``bf16`` autocast on CUDA, or ``no``.
+        steps: optimiser steps in total.
+        checkpoint_every, log_every, preview_every: intervals in optimiser steps.
+        seed: seed of the model initialisation and of the data order.
+        num_workers: data-loader worker processes.
+    """
+
+    model: str = "demo"
+    model_overrides: dict = field(default_factory=dict)
+    level_probabilities: tuple[float, float, float] = (0.2, 0.3, 0.5)
+    region_dropout: float = 0.1
+    anatomy_dropout: float = 0.2
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    accumulation: int = 4
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    mixed_precision: str = "bf16"
+    steps: int = 1000
+    checkpoint_every: int = 200
+    log_every: int = 10
+    preview_every: int = 500
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.level_probabilities) != 3 or abs(sum(self.level_probabilities) - 1.0) > 1e-6:
+            raise InputError("level_probabilities must be three numbers that sum to 1.")
+        if self.mixed_precision not in ("bf16", "no"):
+            raise InputError("mixed_precision must be 'bf16' or 'no'.")
+        for name in ("batch_size", "accumulation", "steps", "checkpoint_every", "log_every", "preview_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1.")
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict({**preset(self.model).to_dict(), **self.model_overrides})
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["level_probabilities"] = list(self.level_probabilities)
+        return data
+
+
+def load_config(path: str | os.PathLike) -> TrainingConfig:
+    """Read a YAML training configuration; unknown keys are an error."""
+    with open(path) as handle:
+        data = yaml.safe_load(handle) or {}
+    known = {f.name for f in fields(TrainingConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise InputError(
+            f"Unknown keys in '{path}': {', '.join(sorted(unknown))}. Known keys: {', '.join(sorted(known))}."
+        )
+    if "level_probabilities" in data:
+        data["level_probabilities"] = tuple(data["level_probabilities"])
+    return TrainingConfig(**data)

@@ -1,0 +1,293 @@
+"""Pre-train a MedDiff-FM base model (DESIGN.md 1.1-1.2), from one CPU to many GPUs.
+
+Single process::
+
+    python -m Training.pretrain --config Training/configs/demo.yaml --data data/prepared --output runs/demo
+
+Several GPUs or nodes (PyTorch DDP; only rank 0 writes)::
+
+    torchrun --nproc_per_node 8 -m Training.pretrain --config Training/configs/paper.yaml --data ... --output ...
+
+Re-running with the same ``--output`` resumes from its last checkpoint, with the same data order.
+At the end (or with ``--export-only``) the EMA weights are exported as a catalogue-ready checkpoint
+(``.safetensors`` + model card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from MedDiffFMLib.diffusion.schedule import NoiseSchedule
+from MedDiffFMLib.errors import MedDiffFMError
+from MedDiffFMLib.model.network import MedDiffFMNet
+from MedDiffFMLib.model.weights import ModelCard, save_checkpoint
+
+from .checkpointing import load_training_state, save_training_state
+from .config import TrainingConfig, load_config
+from .dataset import MultiLevelDataset, manifest_entries
+from .previews import save_preview
+
+logger = logging.getLogger("pretrain")
+LOG_FIELDS = ("step", "epoch", "loss", "learning_rate", "samples_per_second", "elapsed_seconds")
+
+
+class Distributed:
+    """Rank, world size and device of this process (plain single process when not under torchrun)."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.world > 1:
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: float) -> float:
+        """Average of ``value`` over all processes."""
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return float(tensor.item()) / self.world
+
+    def close(self) -> None:
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+def noisy_batch(
+    batch: dict, schedule: NoiseSchedule, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """``(x_t, t, noise)`` for a batch: uniform timesteps, Gaussian noise, seeded by ``generator``."""
+    x0 = batch["image"].to(device)
+    t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    abar = schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1, 1).to(device)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t.to(device), noise
+
+
+class Trainer:
+    """Runs the optimisation loop of :func:`main` (L1 noise loss, Adam, accumulation, EMA, clipping)."""
+
+    def __init__(self, config: TrainingConfig, data: Path, output: Path, env: Distributed) -> None:
+        self.config, self.output, self.env = config, output, env
+        torch.manual_seed(config.seed)
+        self.model = MedDiffFMNet(config.model_config).to(env.device)
+        self.ema = (
+            AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+            if config.ema_decay > 0
+            else None
+        )
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
+        self.schedule = NoiseSchedule(config.model_config.num_train_timesteps, config.model_config.schedule)
+        self.dataset = MultiLevelDataset(
+            manifest_entries(data),
+            config.model_config.patch_size,
+            config.level_probabilities,
+            config.region_dropout,
+            config.anatomy_dropout,
+            seed=config.seed,
+        )
+        self.network = DistributedDataParallel(self.model) if env.world > 1 else self.model
+        self.state = {"step": 0, "epoch": 0, "batch": 0, "elapsed_seconds": 0.0}
+        restored = load_training_state(output, self.model, self.ema, self.optimizer, env.device)
+        if restored is not None:
+            self.state = restored
+            logger.info("resumed from step %d", self.state["step"])
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.env.device.type == "cuda" and self.config.mixed_precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def loader(self, epoch: int) -> DataLoader:
+        sampler = DistributedSampler(
+            self.dataset,
+            num_replicas=self.env.world,
+            rank=self.env.rank,
+            shuffle=True,
+            seed=self.config.seed,
+            drop_last=True,
+        )
+        sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.config.batch_size,
+            sampler=sampler,
+            num_workers=self.config.num_workers,
+            drop_last=True,
+        )
+
+    def run(self, stop_after_minutes: float | None = None) -> None:
+        config, env = self.config, self.env
+        progress = tqdm(total=config.steps, initial=self.state["step"], desc="pretrain", disable=not env.main)
+        started, window_start, window_samples, losses = time.time(), time.time(), 0, []
+        elapsed_before = self.state["elapsed_seconds"]
+        while self.state["step"] < config.steps:
+            epoch = self.state["epoch"]
+            for index, batch in enumerate(self.loader(epoch)):
+                if index < self.state["batch"]:
+                    continue
+                seed = np.random.SeedSequence([config.seed, env.rank, epoch, index]).generate_state(1)[0]
+                generator = torch.Generator().manual_seed(int(seed))
+                micro = index % config.accumulation
+                last_micro = micro == config.accumulation - 1
+                sync = contextlib.nullcontext() if last_micro or env.world == 1 else self.network.no_sync()
+                with sync:
+                    x_t, t, noise = noisy_batch(batch, self.schedule, generator, env.device)
+                    with self.autocast():
+                        prediction = self.network(
+                            x_t,
+                            t,
+                            batch["coordinates"].to(env.device),
+                            batch["region"].to(env.device),
+                            batch["anatomy"].to(env.device),
+                        )
+                    loss = F.l1_loss(prediction.float(), noise)
+                    (loss / config.accumulation).backward()
+                losses.append(float(loss.detach()))
+                window_samples += x_t.shape[0] * env.world
+                self.state["batch"] = index + 1
+                if not last_micro:
+                    continue
+                self.optimizer_step()
+                progress.update(1)
+                step = self.state["step"]
+                elapsed = elapsed_before + time.time() - started
+                self.state["elapsed_seconds"] = elapsed
+                if step % config.log_every == 0 or step == config.steps:
+                    loss_mean = env.mean(float(np.mean(losses)))
+                    rate = window_samples / max(time.time() - window_start, 1e-9)
+                    self.log(step, epoch, loss_mean, rate, elapsed)
+                    progress.set_postfix(loss=f"{loss_mean:.4f}")
+                    window_start, window_samples, losses = time.time(), 0, []
+                if env.main and (step % config.preview_every == 0 or step == config.steps):
+                    save_preview(
+                        self.ema.module if self.ema else self.model,
+                        self.dataset,
+                        self.schedule,
+                        self.output,
+                        step,
+                        env.device,
+                    )
+                out_of_time = stop_after_minutes is not None and time.time() - started > stop_after_minutes * 60
+                if step % config.checkpoint_every == 0 or step == config.steps or out_of_time:
+                    self.checkpoint()
+                if step >= config.steps or out_of_time:
+                    progress.close()
+                    return
+            self.state.update(epoch=epoch + 1, batch=0)
+        progress.close()
+
+    def optimizer_step(self) -> None:
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.state["step"] += 1
+
+    def checkpoint(self) -> None:
+        if self.env.main:
+            save_training_state(self.output, self.model, self.ema, self.optimizer, self.state)
+        if self.env.world > 1:
+            dist.barrier()
+
+    def log(self, step: int, epoch: int, loss: float, rate: float, elapsed: float) -> None:
+        if not self.env.main:
+            return
+        path = self.output / "log.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new:
+                writer.writerow(LOG_FIELDS)
+            writer.writerow([step, epoch, f"{loss:.6f}", self.config.learning_rate, f"{rate:.3f}", f"{elapsed:.1f}"])
+
+    def export(self, name: str, version: str, training_data: str, notes: list[str]) -> Path:
+        """Save the EMA (or raw) weights as ``<output>/<name>-<version>.safetensors`` with its model card."""
+        weights = self.ema.module if self.ema is not None else self.model
+        hours = self.state["elapsed_seconds"] / 3600
+        device = torch.cuda.get_device_name(0) if self.env.device.type == "cuda" else f"{platform.processor() or 'CPU'}"
+        card = ModelCard(
+            name=name,
+            version=version,
+            task="base",
+            config={},
+            training_data=training_data,
+            training=(
+                f"{self.state['step']} optimiser steps x {self.config.batch_size} samples x {self.config.accumulation} "
+                f"accumulation x {self.env.world} processes; {hours:.2f} h on {self.env.world} x {device}; "
+                f"configuration: {self.config.to_dict()}"
+            ),
+            license="Apache-2.0",
+            intended_use=(
+                "Demonstration and research only. Not a medical device; not for clinical use."
+                if self.config.model != "paper"
+                else "Research only. Not a medical device; not for clinical use."
+            ),
+            notes=notes,
+        )
+        path = self.output / f"{name}-{version}.safetensors"
+        save_checkpoint(weights, path, card)
+        return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    parser = argparse.ArgumentParser(description="Pre-train a MedDiff-FM base model.")
+    parser.add_argument("--config", type=Path, required=True, help="YAML training configuration")
+    parser.add_argument("--data", type=Path, required=True, help="prepared cache (Training.prepare_data)")
+    parser.add_argument("--output", type=Path, required=True, help="run folder (checkpoints, log.csv, previews)")
+    parser.add_argument("--stop-after-minutes", type=float, help="checkpoint and stop after this wall time")
+    parser.add_argument("--export", metavar="NAME@VERSION", help="export the final EMA weights under this name")
+    parser.add_argument("--training-data", default="", help="description of the training data for the model card")
+    parser.add_argument("--note", action="append", default=[], help="note for the model card (repeatable)")
+    args = parser.parse_args(argv)
+    env = Distributed()
+    try:
+        config = load_config(args.config)
+        args.output.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(config, args.data, args.output, env)
+        trainer.run(args.stop_after_minutes)
+        if args.export and env.main and trainer.state["step"] >= config.steps:
+            name, _, version = args.export.partition("@")
+            path = trainer.export(name, version or "1.0", args.training_data, args.note)
+            print(f"exported {path}")
+    except MedDiffFMError as error:
+        print(f"pretrain: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        env.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
