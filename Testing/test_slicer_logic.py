@@ -1,0 +1,522 @@
+"""The Slicer module's logic against real MRML (the ``slicer-core`` package), and its child-process runner.
+
+The fixture does what the Slicer application does at start-up (DESIGN.md 4.1): a scene, the application
+logic, the default colour nodes with the Colors logic, and the Volumes, Segmentations and Subject
+Hierarchy logics registered on it, plus the ``slicer.mrmlScene`` / ``slicer.modules.<name>.logic()``
+globals that ``slicer.util`` expects.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import vtk
+from conftest import random_tiny_model
+
+slicer = pytest.importorskip("slicer", reason="needs the slicer-core package (pip install slicer-core)")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedDiffFM"))
+
+from MedDiffFMLogic import nodes  # noqa: E402
+from MedDiffFMLogic.logic import TASKS, TaskLogic, TaskParameters, task_available  # noqa: E402
+from MedDiffFMLogic.runner import (  # noqa: E402
+    ChildJob,
+    _descendants_from_ps,
+    advice_for,
+    cli_arguments,
+    kill_process_tree,
+    parse_line,
+)
+
+from MedDiffFMLib.anatomy import BODY_LABEL, label_of  # noqa: E402
+from MedDiffFMLib.errors import CancelledError, InputError, MaskError, MedDiffFMError  # noqa: E402
+from MedDiffFMLib.tasks import Engine  # noqa: E402
+from MedDiffFMLib.volume import read_volume, write_volume  # noqa: E402
+
+OBLIQUE = np.array(
+    [
+        [0.0, 0.8 * np.cos(0.3), -2.5 * np.sin(0.3), 10.0],
+        [1.1, 0.0, 0.0, -3.0],
+        [0.0, 0.8 * np.sin(0.3), 2.5 * np.cos(0.3), 7.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
+"""Oblique, anisotropic (1.1 x 0.8 x 2.5 mm) and left-handed IJK-to-RAS matrix."""
+
+
+@pytest.fixture
+def scene():
+    """A scene set up like the Slicer application's (see the module docstring)."""
+    vtk.vtkObject.GlobalWarningDisplayOff()
+    mrml = slicer.vtkMRMLScene()
+    application = slicer.vtkSlicerApplicationLogic()
+    application.SetMRMLScene(mrml)
+    logics = {}
+    for name, cls in (
+        ("Colors", slicer.vtkSlicerColorLogic),
+        ("Volumes", slicer.vtkSlicerVolumesLogic),
+        ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+        ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic),
+    ):
+        logic = cls()
+        logic.SetMRMLApplicationLogic(application)
+        logic.SetMRMLScene(mrml)
+        application.SetModuleLogic(name, logic)
+        logics[name.lower()] = logic
+    saved = {name: getattr(slicer, name, None) for name in ("mrmlScene", "modules")}
+    slicer.mrmlScene = mrml
+    slicer.modules = types.SimpleNamespace(**{name: _LogicHolder(logic) for name, logic in logics.items()})
+    yield mrml
+    mrml.Clear(True)
+    for name, value in saved.items():
+        setattr(slicer, name, value)
+
+
+class _LogicHolder:
+    """``slicer.modules.<name>``: only ``logic()`` is used by slicer.util."""
+
+    def __init__(self, logic) -> None:
+        self._logic = logic
+
+    def logic(self):
+        return self._logic
+
+
+def _ijk_to_ras(node) -> np.ndarray:
+    return nodes.ijk_to_ras(node)
+
+
+def _ras_points(node_or_matrix, shape, count=50, seed=0):
+    """RAS positions of random voxel indices (i, j, k) of a grid of ``shape`` (z, y, x)."""
+    matrix = node_or_matrix if isinstance(node_or_matrix, np.ndarray) else _ijk_to_ras(node_or_matrix)
+    rng = np.random.default_rng(seed)
+    ijk = np.stack([rng.integers(0, n, count) for n in shape[::-1]] + [np.ones(count, int)])
+    return ijk, (matrix @ ijk)[:3]
+
+
+def _value_at_ras(node, ras: np.ndarray) -> np.ndarray:
+    """Voxel values of ``node`` at RAS points (each point must be a voxel centre of ``node``)."""
+    index = np.linalg.inv(_ijk_to_ras(node)) @ np.vstack([ras, np.ones(ras.shape[1])])
+    i, j, k = np.rint(index[:3]).astype(int)
+    assert np.allclose(index[:3], [i, j, k], atol=1e-4)
+    return slicer.util.arrayFromVolume(node)[k, j, i]
+
+
+@pytest.fixture
+def ct_node(scene, small_ct):
+    node = nodes.node_from_volume(small_ct, "CT", scene=scene)
+    return node
+
+
+@pytest.fixture
+def anatomy_node(scene, small_seg, ct_node):
+    """A segmentation with the liver, spleen and right kidney named as Slicer users name them."""
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "TotalSegmentator")
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
+    labels = np.asarray(small_seg.array)
+    for name in ("liver", "spleen", "Right kidney", "my notes"):
+        value = label_of(nodes.class_name_for(name)) if nodes.class_name_for(name) else 0
+        segment_id = segmentation.GetSegmentation().AddEmptySegment("", name)
+        mask = (labels == value).astype(np.uint8) if value else np.zeros(labels.shape, np.uint8)
+        if value and not mask.any():
+            continue
+        if not value:
+            mask[0, 0, 0] = 1
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segment_id, ct_node)
+    return segmentation
+
+
+@pytest.fixture
+def engine():
+    return Engine(random_tiny_model(), device="cpu", batch_size=8)
+
+
+# --------------------------------------------------------------------------------------------------
+# Volumes, segments and anatomy
+# --------------------------------------------------------------------------------------------------
+
+
+def test_volume_node_round_trip_with_an_oblique_anisotropic_left_handed_matrix(scene):
+    assert np.linalg.det(OBLIQUE[:3, :3]) < 0
+    array = np.random.default_rng(0).normal(0, 100, (5, 6, 7)).astype(np.float32)
+    node = slicer.util.addVolumeFromArray(array, ijkToRAS=OBLIQUE, name="oblique")
+    volume = nodes.volume_from_node(node)
+    np.testing.assert_array_equal(volume.array, array)
+    np.testing.assert_allclose(volume.spacing, (1.1, 0.8, 2.5))
+    # Physical space: the library's LPS position of every voxel is the node's RAS position, flipped.
+    ijk, ras = _ras_points(node, array.shape)
+    lps = (volume.geometry.index_to_physical() @ ijk)[:3]
+    np.testing.assert_allclose(lps, ras * np.array([[-1], [-1], [1]]), atol=1e-9)
+
+    back = nodes.node_from_volume(volume, "back", scene=scene)
+    np.testing.assert_allclose(_ijk_to_ras(back), OBLIQUE, atol=1e-12)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(back), array)
+    assert back.GetName() == "back" and back.GetDisplayNode() is not None
+
+
+def test_slicer_reader_flips_k_but_physical_positions_agree(scene, tmp_path):
+    """Slicer's NRRD reader makes a left-handed grid right-handed by flipping K; our file reading does not.
+    Both must put the same value at the same physical point."""
+    array = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+    node = slicer.util.addVolumeFromArray(array, ijkToRAS=OBLIQUE, name="oblique")
+    path = write_volume(nodes.volume_from_node(node), tmp_path / "oblique.nrrd")
+    loaded = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "loaded")
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(loaded)
+    assert np.linalg.det(_ijk_to_ras(loaded)[:3, :3]) > 0  # K was flipped by Slicer
+    ours = nodes.node_from_volume(read_volume(path), "ours", scene=scene)
+    np.testing.assert_allclose(_ijk_to_ras(ours), OBLIQUE, atol=1e-9)
+    _, ras = _ras_points(node, array.shape, count=80)
+    np.testing.assert_array_equal(_value_at_ras(loaded, ras), _value_at_ras(node, ras))
+    np.testing.assert_array_equal(_value_at_ras(ours, ras), _value_at_ras(node, ras))
+
+
+def test_sample_ct_geometry_survives_node_conversion(scene, small_ct):
+    node = nodes.node_from_volume(small_ct, "CT", scene=scene)
+    again = nodes.volume_from_node(node)
+    assert again.geometry.same_grid(small_ct.geometry, tolerance=1e-9)
+    np.testing.assert_array_equal(again.array, small_ct.array)
+
+
+def test_segment_to_mask_and_back_on_the_volume_grid(scene):
+    ct = slicer.util.addVolumeFromArray(np.zeros((6, 7, 8), np.int16), ijkToRAS=OBLIQUE, name="CT")
+    mask = np.zeros((6, 7, 8), np.uint8)
+    mask[1:4, 2:6, 3:7] = 1
+    mask[5, 0, 0] = 1
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lesions")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(ct)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "lesion")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, segmentation, segment_id, ct)
+
+    volume = nodes.mask_from_segment(segmentation, segment_id, ct)
+    np.testing.assert_array_equal(volume.array, mask)
+    assert volume.geometry.same_grid(nodes.volume_from_node(ct).geometry)
+
+    created = nodes.segmentation_from_masks(
+        [("found", volume, (1, 0, 0)), ("none", volume.with_array(0 * mask), (0, 1, 0))], "result", ct, scene
+    )
+    ids = nodes.segment_ids(created)
+    assert [created.GetSegmentation().GetSegment(i).GetName() for i in ids] == ["found", "none"]
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(created, ids[0], ct), mask)
+    assert not slicer.util.arrayFromSegmentBinaryLabelmap(created, ids[1], ct).any()
+    assert scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode").GetNumberOfItems() == 0  # temporary nodes removed
+
+    empty_id = segmentation.GetSegmentation().AddEmptySegment("", "empty")
+    with pytest.raises(MaskError, match="no voxel"):
+        nodes.mask_from_segment(segmentation, empty_id, ct)
+
+
+def test_anatomy_from_a_segmentation_uses_class_names_and_fills_the_body(scene, ct_node, anatomy_node, small_seg):
+    anatomy = nodes.anatomy_from_node(anatomy_node, ct_node, scene)
+    labels = np.asarray(small_seg.array)
+    for name in ("liver", "spleen", "kidney_right"):
+        value = label_of(name)
+        np.testing.assert_array_equal(anatomy.array == value, labels == value)
+    assert (anatomy.array == BODY_LABEL).any()
+    assert anatomy.geometry.same_grid(nodes.volume_from_node(ct_node).geometry)
+    assert set(np.unique(anatomy.array)) <= {0, label_of("liver"), label_of("spleen"), label_of("kidney_right"), 118}
+
+    unnamed = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "unnamed")
+    unnamed.GetSegmentation().AddEmptySegment("", "Segment_1")
+    with pytest.raises(InputError, match="TotalSegmentator"):
+        nodes.anatomy_from_node(unnamed, ct_node, scene)
+
+
+def test_anatomy_from_a_label_map_node(scene, ct_node, small_seg):
+    labelmap = nodes.node_from_volume(small_seg, "seg", "vtkMRMLLabelMapVolumeNode", scene)
+    anatomy = nodes.anatomy_from_node(labelmap, ct_node, scene)
+    original = np.asarray(small_seg.array)
+    np.testing.assert_array_equal(anatomy.array[original > 0], original[original > 0])
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    labelmap.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(InputError, match="Harden"):
+        nodes.anatomy_from_node(labelmap, ct_node, scene)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("liver", "liver"),
+        ("Liver", "liver"),
+        ("kidney right", "kidney_right"),
+        ("Right kidney", "kidney_right"),
+        ("body", "body"),
+        ("Segment_1", None),
+        ("", None),
+    ],
+)
+def test_segment_names_map_to_classes(text, expected):
+    assert nodes.class_name_for(text) == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# Tasks in this process
+# --------------------------------------------------------------------------------------------------
+
+
+def _folder_of(scene, node):
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    return hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node))
+
+
+@pytest.fixture
+def study(scene, ct_node):
+    """Put the CT in a patient/study folder, as a DICOM import does."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "Patient")
+    folder = hierarchy.CreateStudyItem(patient, "Study")
+    item = hierarchy.GetItemByDataNode(ct_node)  # the application creates it; slicer-core does not
+    if item:
+        hierarchy.SetItemParent(item, folder)
+    else:
+        hierarchy.CreateItem(folder, ct_node)
+    return folder
+
+
+def test_denoise_creates_a_node_on_the_input_grid_next_to_it(scene, ct_node, anatomy_node, engine, study):
+    steps = []
+    denoised = TaskLogic(scene).denoise(
+        ct_node, anatomy_node, steps=2, engine=engine, progress=lambda d, t, m: steps.append((d, t))
+    )
+    assert denoised.GetName() == "CT denoised"
+    np.testing.assert_allclose(_ijk_to_ras(denoised), _ijk_to_ras(ct_node), atol=0)
+    result = slicer.util.arrayFromVolume(denoised)
+    assert result.shape == slicer.util.arrayFromVolume(ct_node).shape and np.isfinite(result).all()
+    assert not np.array_equal(result, slicer.util.arrayFromVolume(ct_node))
+    assert _folder_of(scene, denoised) == study
+    assert steps and steps[-1][0] == steps[-1][1]
+    assert "anatomy label map" in denoised.GetAttribute("MedDiffFM.summary")
+    assert denoised.GetAttribute("MedDiffFM.task") == "denoise"
+
+
+def test_denoise_keeps_an_oblique_left_handed_geometry(scene, small_ct, engine):
+    node = slicer.util.addVolumeFromArray(
+        np.asarray(small_ct.array), ijkToRAS=np.diag([3.0, 3.0, 3.0, 1.0]) @ OBLIQUE, name="Oblique CT"
+    )
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    denoised = TaskLogic(scene).denoise(node, region="abdomen", steps=1, engine=engine)
+    assert denoised.GetName() == "Oblique CT denoised"
+    np.testing.assert_array_equal(_ijk_to_ras(denoised), _ijk_to_ras(node))
+    assert denoised.GetTransformNodeID() == transform.GetID()
+
+
+def test_detect_anomalies_creates_a_map_and_a_segmentation(scene, ct_node, anatomy_node, engine, study, small_seg):
+    anomaly_map, anomalies = TaskLogic(scene).detectAnomalies(ct_node, anatomy_node, "liver", engine=engine)
+    assert anomaly_map.GetName() == "CT anomaly map" and anomalies.GetName() == "CT anomalies"
+    np.testing.assert_allclose(_ijk_to_ras(anomaly_map), _ijk_to_ras(ct_node), atol=0)
+    values = slicer.util.arrayFromVolume(anomaly_map)
+    liver = np.asarray(small_seg.array) == label_of("liver")
+    assert not values[~liver].any() and values[liver].any()
+    ids = nodes.segment_ids(anomalies)
+    assert [anomalies.GetSegmentation().GetSegment(i).GetName() for i in ids] == ["liver anomaly"]
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(anomalies, ids[0], ct_node)
+    assert mask.any() and not mask[~liver].any()
+    assert _folder_of(scene, anomaly_map) == study and _folder_of(scene, anomalies) == study
+    display = anomaly_map.GetDisplayNode()
+    assert display.GetColorNodeID() != "vtkMRMLColorTableNodeGrey" and display.GetLevel() == 0
+
+
+def test_synthesize_from_a_segmentation_on_the_ct_grid(scene, ct_node, anatomy_node, engine):
+    synthetic = TaskLogic(scene).synthesize(anatomy_node, referenceVolumeNode=ct_node, steps=2, engine=engine)
+    assert synthetic.GetName() == "CT synthetic CT"
+    np.testing.assert_allclose(_ijk_to_ras(synthetic), _ijk_to_ras(ct_node), atol=0)
+    assert synthetic.GetAttribute("MedDiffFM.region") == "abdomen"  # found from the anatomy
+    with pytest.raises(InputError, match="anatomy segmentation"):
+        TaskLogic(scene).synthesize(None, engine=engine)
+
+
+def test_missing_inputs_are_refused_before_any_work(scene, ct_node, engine):
+    logic = TaskLogic(scene)
+    with pytest.raises(InputError, match="organ"):
+        logic.run(TaskParameters("detect_anomalies", volume=ct_node, anatomy=ct_node), engine=engine)
+    with pytest.raises(InputError, match="CT volume"):
+        logic.run(TaskParameters("denoise"), engine=engine)
+    with pytest.raises(TypeError, match="Unknown setting"):
+        logic.denoise(ct_node, engine=engine, stepz=3)
+
+
+@pytest.mark.parametrize("task", [key for key in TASKS if not task_available(key)])
+def test_tasks_missing_from_the_library_say_so(scene, ct_node, task):
+    with pytest.raises(InputError, match="newer MedDiffFMLib"):
+        TaskLogic(scene).validate(TaskParameters(task, volume=ct_node))
+
+
+# --------------------------------------------------------------------------------------------------
+# The child-process runner
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cli_arguments_are_a_list_without_shell_quoting():
+    arguments = cli_arguments(
+        "detect-anomalies",
+        ["/a b/ct file.nrrd", "out;rm -rf x.nrrd"],
+        {"--organ": ["liver", "spleen"], "--threshold": None, "--overwrite": True, "--quiet": False, "--t": 950},
+    )
+    assert arguments == [
+        "-m", "MedDiffFMLib.cli", "detect-anomalies", "/a b/ct file.nrrd", "out;rm -rf x.nrrd",
+        "--organ", "liver", "--organ", "spleen", "--overwrite", "--t", "950", "--progress-format", "json",
+    ]  # fmt: skip
+    assert parse_line('{"event": "progress", "done": 1, "total": 2, "message": ""}')["done"] == 1
+    assert parse_line("WARNING: no GPU") is None and parse_line('{"no": "event"}') is None
+
+
+def _wait_for(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def test_child_process_denoise_end_to_end(scene, ct_node, anatomy_node, study, tmp_path):
+    logic = TaskLogic(scene)
+    parameters = TaskParameters(
+        "denoise", volume=ct_node, anatomy=anatomy_node, steps=2, untrained="tiny", device="cpu"
+    )
+    running = logic.start(parameters, temp_parent=tmp_path)
+    folder = running.job.folder
+    assert (folder / "ct.nrrd").exists() and (folder / "anatomy.nrrd").exists()
+    events = []
+    running.job.wait(timeout=240, on_event=events.append)
+    progress = [e for e in events if e["event"] == "progress"]
+    assert progress and progress[-1]["done"] == progress[-1]["total"] == 2
+    assert any("UNTRAINED MODEL" in e.get("message", "") for e in events if e["event"] == "log")
+    result = logic.finish(running)
+    denoised = result.outputs["volume"]
+    assert denoised.GetName() == "CT denoised" and "sigma_n" in result.summary
+    np.testing.assert_array_equal(_ijk_to_ras(denoised), _ijk_to_ras(ct_node))
+    assert _folder_of(scene, denoised) == study
+    assert not folder.exists() and not any(tmp_path.iterdir())
+
+    # The same seed in this process gives the same voxels as the child process.
+    in_process = logic.denoise(ct_node, anatomy_node, steps=2, untrained="tiny", device="cpu")
+    np.testing.assert_allclose(
+        slicer.util.arrayFromVolume(in_process), slicer.util.arrayFromVolume(denoised), atol=0.05
+    )
+
+
+def test_child_process_anomalies_end_to_end(scene, ct_node, anatomy_node, tmp_path):
+    logic = TaskLogic(scene)
+    running = logic.start(
+        TaskParameters(
+            "detect_anomalies", volume=ct_node, anatomy=anatomy_node, organs=["liver"], untrained="tiny", device="cpu"
+        ),
+        temp_parent=tmp_path,
+    )
+    running.job.wait(timeout=240)
+    result = logic.finish(running)
+    assert [node.GetName() for node in result.nodes] == ["CT anomaly map", "CT anomalies"]
+    assert "anomalous voxels" in result.summary
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_failing_child_shows_its_real_error(scene, ct_node, tmp_path):
+    logic = TaskLogic(scene)
+    parameters = TaskParameters("denoise", volume=ct_node, steps=2, model="no-such-model", device="cpu")
+    running = logic.start(parameters, temp_parent=tmp_path)
+    outcome = running.job.wait(timeout=240)
+    assert outcome.returncode == 2 and outcome.error_kind == "WeightsError"
+    with pytest.raises(MedDiffFMError, match="No installed model matches 'no-such-model'") as error:
+        logic.finish(running)
+    assert "non-zero exit status" not in str(error.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_crashing_child_shows_its_last_words(tmp_path):
+    def crash(arguments, environment):
+        code = (
+            "import sys; print('loading'); sys.stdout.flush(); raise MemoryError('DefaultCPUAllocator: out of memory')"
+        )
+        return subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    job = ChildJob(launcher=crash, temp_parent=tmp_path).start("denoise")
+    outcome = job.wait(timeout=60)
+    assert not outcome.succeeded and outcome.returncode == 1
+    assert "MemoryError: DefaultCPUAllocator: out of memory" in outcome.error
+    assert "ran out of memory" in outcome.error  # the advice
+    job.cleanup()
+    assert not any(tmp_path.iterdir())
+
+
+def _through_a_launcher(arguments, environment):
+    """Start the command through an intermediate process, like PythonSlicer starts the real interpreter."""
+    wrapper = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
+    return subprocess.Popen(
+        [sys.executable, "-c", wrapper, *arguments],
+        env={**os.environ, **environment},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a killed child that nobody waited for is a zombie: not running any more
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process listing")
+def test_cancel_kills_the_process_tree_and_leaves_nothing(scene, ct_node, tmp_path):
+    logic = TaskLogic(scene)
+    parameters = TaskParameters("denoise", volume=ct_node, steps=200, untrained="tiny", device="cpu")
+    running = logic.start(parameters, launcher=_through_a_launcher, temp_parent=tmp_path)
+    launcher_pid = running.job.process.pid
+    _wait_for(lambda: running.poll() is not None and running.progress is not None, timeout=120)
+    workers = _descendants_from_ps(launcher_pid)
+    assert workers, "the launcher should have started the interpreter as its child"
+    running.cancel()
+    assert running.finished and running.job.outcome.cancelled
+    _wait_for(lambda: not any(_alive(pid) for pid in [launcher_pid, *workers]), timeout=10)
+    assert not running.job.folder.exists() and not any(tmp_path.iterdir())
+    with pytest.raises(CancelledError):
+        logic.finish(running)
+    assert scene.GetFirstNodeByName("CT denoised") is None
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX process listing")
+def test_kill_process_tree_without_psutil():
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(60)']); time.sleep(60)",
+        ]
+    )
+    _wait_for(lambda: bool(_descendants_from_ps(parent.pid)), timeout=20)
+    child = _descendants_from_ps(parent.pid)[0]
+    kill_process_tree(parent.pid, use_psutil=False)
+    parent.wait(timeout=10)
+    _wait_for(lambda: not _alive(child), timeout=10)
+
+
+def test_advice_for_known_failures():
+    assert "PyTorch Utils" in advice_for("InputError: CUDA was requested but no CUDA GPU is visible to PyTorch")
+    assert "Import from file" in advice_for("Download of 'https://x' failed (<urlopen error timed out>)")
+    assert advice_for("something else") == ""
+
+
+def test_files_written_for_the_child_keep_the_exact_geometry(scene, tmp_path):
+    array = np.random.default_rng(1).normal(0, 50, (4, 5, 6)).astype(np.float32) - 500
+    node = slicer.util.addVolumeFromArray(array, ijkToRAS=OBLIQUE, name="oblique")
+    path = write_volume(nodes.volume_from_node(node), tmp_path / "ct.nrrd")
+    assert read_volume(path).geometry.same_grid(nodes.volume_from_node(node).geometry, tolerance=1e-9)
