@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import vtk
-from conftest import random_tiny_model
+from conftest import random_tiny_model, randomise_zero_parameters
 
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core package (pip install slicer-core)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedDiffFM"))
 
 from MedDiffFMLogic import nodes  # noqa: E402
-from MedDiffFMLogic.logic import TASKS, TaskLogic, TaskParameters, task_available  # noqa: E402
+from MedDiffFMLogic.logic import TaskLogic, TaskParameters, available_tasks, task_available  # noqa: E402
 from MedDiffFMLogic.runner import (  # noqa: E402
     ChildJob,
     _descendants_from_ps,
@@ -37,8 +37,9 @@ from MedDiffFMLogic.runner import (  # noqa: E402
 
 from MedDiffFMLib.anatomy import BODY_LABEL, label_of  # noqa: E402
 from MedDiffFMLib.errors import CancelledError, InputError, MaskError, MedDiffFMError  # noqa: E402
+from MedDiffFMLib.model.network import ControlledNet  # noqa: E402
 from MedDiffFMLib.tasks import Engine  # noqa: E402
-from MedDiffFMLib.volume import read_volume, write_volume  # noqa: E402
+from MedDiffFMLib.volume import Volume, read_volume, write_volume  # noqa: E402
 
 OBLIQUE = np.array(
     [
@@ -345,10 +346,73 @@ def test_missing_inputs_are_refused_before_any_work(scene, ct_node, engine):
         logic.denoise(ct_node, engine=engine, stepz=3)
 
 
-@pytest.mark.parametrize("task", [key for key in TASKS if not task_available(key)])
-def test_tasks_missing_from_the_library_say_so(scene, ct_node, task):
+def test_a_task_missing_from_the_library_says_so(scene, ct_node, monkeypatch):
+    import MedDiffFMLib.tasks as library_tasks
+
+    monkeypatch.delattr(library_tasks, "super_resolve")
+    assert not task_available("super_resolve") and "super_resolve" not in available_tasks()
     with pytest.raises(InputError, match="newer MedDiffFMLib"):
-        TaskLogic(scene).validate(TaskParameters(task, volume=ct_node))
+        TaskLogic(scene).validate(TaskParameters("super_resolve", volume=ct_node))
+
+
+@pytest.fixture
+def controlled_engine():
+    """A tiny base model with a (randomly initialised) ControlNet, for the fine-tuned tasks."""
+    return Engine(randomise_zero_parameters(ControlledNet(random_tiny_model()), seed=1), device="cpu", batch_size=8)
+
+
+@pytest.fixture
+def lesion_segmentation(scene, ct_node, small_seg):
+    """A lesion drawn inside the liver, as a user draws it in the Segment Editor."""
+    liver = np.asarray(small_seg.array) == label_of("liver")
+    lesion = np.zeros(liver.shape, np.uint8)
+    z, y, x = (int(np.median(axis)) for axis in np.nonzero(liver))
+    lesion[z - 1 : z + 2, y - 2 : y + 3, x - 2 : x + 3] = 1
+    lesion &= liver
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Lesions")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
+    segment_id = segmentation.GetSegmentation().AddEmptySegment("", "tumour")
+    slicer.util.updateSegmentBinaryLabelmapFromArray(lesion, segmentation, segment_id, ct_node)
+    return segmentation, segment_id, lesion.astype(bool)
+
+
+def test_inpaint_lesion_changes_only_the_lesion_and_its_margin(
+    scene, ct_node, lesion_segmentation, controlled_engine, study
+):
+    segmentation, segment_id, lesion = lesion_segmentation
+    inpainted = TaskLogic(scene).inpaintLesion(
+        ct_node, segmentation, segment_id, steps=3, margin_mm=0.0, engine=controlled_engine
+    )
+    assert inpainted.GetName() == "CT lesion inpainted"
+    np.testing.assert_array_equal(_ijk_to_ras(inpainted), _ijk_to_ras(ct_node))
+    before, after = slicer.util.arrayFromVolume(ct_node), slicer.util.arrayFromVolume(inpainted)
+    np.testing.assert_array_equal(after[~lesion], before[~lesion])
+    assert not np.array_equal(after[lesion], before[lesion])
+    assert _folder_of(scene, inpainted) == study
+
+
+def test_generate_lesion_on_the_anatomy_grid(scene, ct_node, anatomy_node, lesion_segmentation, controlled_engine):
+    segmentation, segment_id, _ = lesion_segmentation
+    generated = TaskLogic(scene).generateLesion(
+        anatomy_node, segmentation, segment_id, referenceVolumeNode=ct_node, steps=2, engine=controlled_engine
+    )
+    assert generated.GetName() == "CT synthetic lesion CT"
+    np.testing.assert_array_equal(_ijk_to_ras(generated), _ijk_to_ras(ct_node))
+    assert generated.GetAttribute("MedDiffFM.task") == "generate-lesion"
+
+
+def test_super_resolve_makes_thin_slices(scene, small_ct, controlled_engine):
+    thick = Volume(small_ct.array[::2], (3.0, 3.0, 6.0), small_ct.origin, small_ct.direction)
+    node = nodes.node_from_volume(thick, "Thick CT", scene=scene)
+    thin = TaskLogic(scene).superResolve(node, spacing=3.0, steps=2, engine=controlled_engine)
+    assert thin.GetName() == "Thick CT super-resolved"
+    assert slicer.util.arrayFromVolume(thin).shape == (2 * thick.array.shape[0], *thick.array.shape[1:])
+    assert np.allclose(thin.GetSpacing(), (3.0, 3.0, 3.0))
+    # The first thin slab's centre is the first thick slice's centre.
+    thick_matrix, thin_matrix = _ijk_to_ras(node), _ijk_to_ras(thin)
+    centre_thick = thick_matrix @ [0, 0, 0, 1]
+    centre_slab = (thin_matrix @ [0, 0, 0, 1] + thin_matrix @ [0, 0, 1, 1]) / 2
+    np.testing.assert_allclose(centre_slab, centre_thick, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -417,6 +481,30 @@ def test_child_process_anomalies_end_to_end(scene, ct_node, anatomy_node, tmp_pa
     result = logic.finish(running)
     assert [node.GetName() for node in result.nodes] == ["CT anomaly map", "CT anomalies"]
     assert "anomalous voxels" in result.summary
+    assert not any(tmp_path.iterdir())
+
+
+def test_child_process_inpaint_lesion_end_to_end(scene, ct_node, lesion_segmentation, tmp_path):
+    segmentation, segment_id, lesion = lesion_segmentation
+    logic = TaskLogic(scene)
+    running = logic.start(
+        TaskParameters(
+            "inpaint_lesion",
+            volume=ct_node,
+            lesion_segmentation=segmentation,
+            lesion_segment_id=segment_id,
+            steps=2,
+            margin_mm=0.0,
+            untrained="tiny",
+            device="cpu",
+        ),
+        temp_parent=tmp_path,
+    )
+    assert (running.job.folder / "lesion.nrrd").exists()
+    running.job.wait(timeout=240)
+    inpainted = logic.finish(running).outputs["volume"]
+    before, after = slicer.util.arrayFromVolume(ct_node), slicer.util.arrayFromVolume(inpainted)
+    np.testing.assert_array_equal(after[~lesion], before[~lesion])
     assert not any(tmp_path.iterdir())
 
 

@@ -26,6 +26,7 @@ import slicer
 import MedDiffFMLib.tasks as library_tasks
 from MedDiffFMLib.errors import CancelledError, InputError, MedDiffFMError
 from MedDiffFMLib.model import weights as model_weights
+from MedDiffFMLib.model.network import ControlledNet
 from MedDiffFMLib.preprocessing import REGIONS
 from MedDiffFMLib.progress import CancelToken, no_progress
 from MedDiffFMLib.tasks.region import region_from_anatomy
@@ -120,6 +121,7 @@ TASKS: dict[str, TaskInfo] = {
             "inpaint-lesion",
             "inpaint_lesion",
             needs_volume=True,
+            anatomy="optional",
             needs_lesion=True,
             controlnet_task="controlnet-lesion",
             default_steps=50,
@@ -341,12 +343,17 @@ class TaskLogic:
             if parameters.untrained:
                 model = model_weights.untrained_model(parameters.untrained, seed=parameters.seed)
                 name = f"untrained {parameters.untrained} network"
+                if info.controlnet_task:
+                    model = ControlledNet(model)
             else:
                 model = model_weights.load_model(model_weights.resolve_weights(parameters.model))
                 if info.controlnet_task:
                     path = model_weights.resolve_weights(parameters.controlnet, task=info.controlnet_task)
+                    base_name = model.card.identifier
                     model = model_weights.load_controlled_model(model, path, info.controlnet_task)
-                name = model.card.identifier
+                    name = f"{base_name} + {model.card.identifier}"
+                else:
+                    name = model.card.identifier
             self._engines.clear()
             self._engines[key] = library_tasks.Engine(
                 model, parameters.device, parameters.overlap, parameters.batch_size, name=name
@@ -415,18 +422,30 @@ class TaskLogic:
                 steps=steps,
                 sigma_n=1.0 if p.sigma in (None, "auto") else p.sigma,
                 lam=1.0 if p.lam is None else p.lam,
+                zeta=p.zeta,
                 region=inputs.region,
                 **common,
             )
             return {"volume": volume}, f"super-resolved to {volume.spacing[2]:g} mm slices, shape {volume.array.shape}"
         if p.task == "generate_lesion":
-            volume = function(inputs.anatomy, inputs.lesion, inputs.region, engine, steps=steps, **common)
+            volume = function(
+                inputs.anatomy,
+                inputs.lesion,
+                inputs.region,
+                engine,
+                sampler=p.sampler,
+                steps=steps,
+                eta=p.eta,
+                **common,
+            )
             return {"volume": volume}, f"generated a {inputs.region} CT with a lesion"
         if p.task == "inpaint_lesion":
             volume = function(
                 inputs.ct,
                 inputs.lesion,
                 engine,
+                region=inputs.region,
+                anatomy=inputs.anatomy,
                 steps=steps,
                 jump_length=p.jump_length,
                 jump_count=p.jump_count,
@@ -509,13 +528,22 @@ class TaskLogic:
         elif p.task == "generate_lesion":
             positional = [files["anatomy"], outputs["volume"]]
             options.update(
-                {"--lesion": files["lesion"], "--region": inputs.region, "--controlnet": p.controlnet, "--steps": steps}
+                {
+                    "--lesion": files["lesion"],
+                    "--region": inputs.region,
+                    "--controlnet": p.controlnet,
+                    "--sampler": p.sampler,
+                    "--steps": steps,
+                    "--eta": p.eta,
+                }
             )
         else:  # inpaint_lesion
             positional = [files["ct"], outputs["volume"]]
             options.update(
                 {
                     "--lesion": files["lesion"],
+                    "--anatomy": files.get("anatomy"),
+                    "--region": inputs.region,
                     "--controlnet": p.controlnet,
                     "--steps": steps,
                     "--jump-length": p.jump_length,
