@@ -21,33 +21,45 @@ from .errors import (
 )
 from .model import load_controlled_model, load_model, resolve_weights, untrained_model
 from .progress import CancelToken
-from .tasks import Engine, denoise, detect_anomalies, stack_slices, synthesize
+from .tasks import (
+    Engine,
+    denoise,
+    detect_anomalies,
+    generate_lesion,
+    inpaint_lesion,
+    stack_slices,
+    super_resolve,
+    synthesize,
+)
 from .volume import Geometry, Volume, read_volume, write_volume
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CancelToken",
     "CancelledError",
     "ChecksumError",
+    "Engine",
+    "Geometry",
     "InputError",
     "MaskError",
     "MedDiffFMError",
     "OutputExistsError",
     "ReadError",
+    "Volume",
     "WeightsError",
-    "load_controlled_model",
-    "load_model",
-    "resolve_weights",
-    "untrained_model",
-    "CancelToken",
-    "Engine",
+    "__version__",
     "denoise",
     "detect_anomalies",
-    "stack_slices",
-    "synthesize",
-    "Geometry",
-    "Volume",
+    "generate_lesion",
+    "inpaint_lesion",
+    "load_controlled_model",
+    "load_model",
     "read_volume",
+    "resolve_weights",
+    "stack_slices",
+    "super_resolve",
+    "synthesize",
+    "untrained_model",
     "write_volume",
-    "__version__",
 ]

@@ -19,11 +19,15 @@ from .diffusion.samplers import SAMPLERS
 from .diffusion.sliding_window import BLEND_MODES
 from .errors import CancelledError, InputError, MedDiffFMError
 from .model import weights as model_weights
+from .model.network import ControlledNet
 from .preprocessing import REGIONS
 from .progress import CancelToken, JsonLinesProgress, TqdmProgress, emit_json
-from .tasks import Engine, denoise, detect_anomalies, synthesize
+from .tasks import Engine, denoise, detect_anomalies, generate_lesion, inpaint_lesion, super_resolve, synthesize
 from .tasks.anomaly import DEFAULT_TIMESTEP
 from .tasks.denoise import DEFAULT_LAMBDA, DEFAULT_STEPS, DEFAULT_ZETA
+from .tasks.super_resolution import DEFAULT_LAMBDA as SR_LAMBDA
+from .tasks.super_resolution import DEFAULT_SIGMA as SR_SIGMA
+from .tasks.super_resolution import DEFAULT_STEPS as SR_STEPS
 from .volume import Volume, check_writable, read_volume, write_volume
 
 logger = logging.getLogger("meddiff-fm")
@@ -74,6 +78,12 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_controlnet_option(parser: argparse.ArgumentParser, task: str) -> None:
+    parser.add_argument(
+        "--controlnet", help=f"installed {task} ControlNet name[@version] or .safetensors path (default: newest)"
+    )
+
+
 def _add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--series-uid", help="DICOM series to read when the input folder holds several")
     parser.add_argument("--region", choices=tuple(REGIONS), help="anatomical region (default: detected)")
@@ -121,6 +131,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_options(p)
     _add_engine_options(p)
 
+    p = commands.add_parser("super-resolve", help="thin slices from a thick-slice CT (ControlNet + DiffPIR)")
+    p.add_argument("input", help="thick-slice CT file or DICOM folder (HU)")
+    p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha)")
+    p.add_argument("--spacing", type=float, default=1.0, help="slice spacing of the result in mm (default 1.0)")
+    p.add_argument("--steps", type=int, default=SR_STEPS, help=f"network evaluations (default {SR_STEPS})")
+    p.add_argument("--sigma", type=float, default=SR_SIGMA, help=f"DiffPIR noise level (default {SR_SIGMA:g})")
+    p.add_argument("--lam", type=float, default=SR_LAMBDA, help=f"DiffPIR lambda (default {SR_LAMBDA:g})")
+    _add_controlnet_option(p, "controlnet-sr")
+    _add_input_options(p)
+    _add_engine_options(p)
+
+    p = commands.add_parser("generate-lesion", help="synthesise a CT with a lesion where a mask says")
+    p.add_argument("anatomy", help="anatomy label map; its grid fixes the output's size and spacing")
+    p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha)")
+    p.add_argument("--lesion", required=True, help="lesion mask (non-zero = lesion)")
+    p.add_argument("--region", choices=tuple(REGIONS), required=True)
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity (default 1)")
+    _add_controlnet_option(p, "controlnet-lesion")
+    _add_engine_options(p)
+
+    p = commands.add_parser("inpaint-lesion", help="paint a lesion into a real CT (RePaint); other voxels unchanged")
+    p.add_argument("input", help="CT file or DICOM folder (HU)")
+    p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha)")
+    p.add_argument("--lesion", required=True, help="lesion mask (non-zero = lesion), any overlapping grid")
+    p.add_argument("--anatomy", help="anatomy label map for conditioning")
+    p.add_argument("--steps", type=int, default=50, help="reverse steps (default 50)")
+    p.add_argument("--jump-length", type=int, default=10, help="RePaint jump length in steps (default 10)")
+    p.add_argument("--jump-count", type=int, default=1, help="RePaint re-noising jumps per position (default 1)")
+    p.add_argument("--margin", type=float, default=3.0, help="blended margin around the mask in mm (default 3)")
+    _add_controlnet_option(p, "controlnet-lesion")
+    _add_input_options(p)
+    _add_engine_options(p)
+
     p = commands.add_parser("demo", help="denoise the bundled sample CT with simulated noise; writes a PNG figure")
     p.add_argument("output_dir", help="folder for the results (created if missing)")
     p.add_argument("--noise-hu", type=float, default=40.0, help="simulated noise std in HU (default 40)")
@@ -138,14 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _engine(args: argparse.Namespace) -> Engine:
+def _engine(args: argparse.Namespace, controlnet_task: str | None = None) -> Engine:
+    """The engine for a command: base model (+ the ControlNet of ``controlnet_task`` if given)."""
     if args.untrained:
         print(UNTRAINED_BANNER.format(preset=args.untrained), file=sys.stderr)
         model = model_weights.untrained_model(args.untrained, seed=args.seed)
         name = f"untrained {args.untrained} network"
+        if controlnet_task:
+            model = ControlledNet(model)
     else:
         model = model_weights.load_model(model_weights.resolve_weights(args.model))
         name = model.card.identifier
+        if controlnet_task:
+            weights = model_weights.resolve_weights(args.controlnet, task=controlnet_task)
+            model = model_weights.load_controlled_model(model, weights, controlnet_task)
+            name = f"{name} + {model.card.identifier}"
     return Engine(model, args.device, args.overlap, args.batch_size, args.blend, name=name)
 
 
@@ -257,6 +309,73 @@ def run_detect(args: argparse.Namespace, cancel: CancelToken) -> None:
     )
 
 
+def run_super_resolve(args: argparse.Namespace, cancel: CancelToken) -> None:
+    check_writable(args.output, args.overwrite)
+    ct = read_volume(args.input, args.series_uid)
+    engine = _engine(args, "controlnet-sr")
+    volume = super_resolve(
+        ct,
+        engine,
+        args.spacing,
+        args.steps,
+        args.sigma,
+        args.lam,
+        region=args.region,
+        seed=args.seed,
+        progress=_progress(args, "super-resolve"),
+        cancel=cancel,
+    )
+    _write_all(args, [(volume, args.output)])
+    _finish(
+        args,
+        f"{ct.array.shape[0]} slices of {ct.spacing[2]:g} mm -> {volume.array.shape[0]} of {args.spacing:g} mm",
+        [args.output],
+    )
+
+
+def run_generate_lesion(args: argparse.Namespace, cancel: CancelToken) -> None:
+    check_writable(args.output, args.overwrite)
+    anatomy, lesion = read_volume(args.anatomy), read_volume(args.lesion)
+    engine = _engine(args, "controlnet-lesion")
+    volume = generate_lesion(
+        anatomy,
+        lesion,
+        args.region,
+        engine,
+        args.sampler,
+        args.steps,
+        args.eta,
+        args.seed,
+        _progress(args, "generate-lesion"),
+        cancel,
+    )
+    _write_all(args, [(volume, args.output)])
+    _finish(args, f"synthesised a {args.region} CT with a lesion", [args.output])
+
+
+def run_inpaint_lesion(args: argparse.Namespace, cancel: CancelToken) -> None:
+    check_writable(args.output, args.overwrite)
+    ct, lesion = read_volume(args.input, args.series_uid), read_volume(args.lesion)
+    anatomy = read_volume(args.anatomy) if args.anatomy else None
+    engine = _engine(args, "controlnet-lesion")
+    volume = inpaint_lesion(
+        ct,
+        lesion,
+        engine,
+        args.region,
+        anatomy,
+        args.steps,
+        args.jump_length,
+        args.jump_count,
+        args.margin,
+        args.seed,
+        _progress(args, "inpaint-lesion"),
+        cancel,
+    )
+    _write_all(args, [(volume, args.output)])
+    _finish(args, f"{volume.metadata['MedDiffFM_changed_voxels']} voxels changed", [args.output])
+
+
 def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
     from .figures import comparison_png
     from .metrics import psnr
@@ -331,6 +450,9 @@ COMMANDS = {
     "denoise": run_denoise,
     "synthesize": run_synthesize,
     "detect-anomalies": run_detect,
+    "super-resolve": run_super_resolve,
+    "generate-lesion": run_generate_lesion,
+    "inpaint-lesion": run_inpaint_lesion,
     "demo": run_demo,
     "models": run_models,
 }

@@ -3,17 +3,22 @@
 from .anomaly import AnomalyResult, detect_anomalies, stack_slices
 from .denoise import DenoiseResult, denoise, estimate_noise_sigma
 from .engine import Engine
+from .lesion import generate_lesion, inpaint_lesion
 from .region import detect_region
+from .super_resolution import super_resolve
 from .synthesize import synthesize
 
 __all__ = [
     "AnomalyResult",
-    "detect_anomalies",
-    "stack_slices",
     "DenoiseResult",
-    "denoise",
-    "estimate_noise_sigma",
     "Engine",
+    "denoise",
+    "detect_anomalies",
     "detect_region",
+    "estimate_noise_sigma",
+    "generate_lesion",
+    "inpaint_lesion",
+    "stack_slices",
+    "super_resolve",
     "synthesize",
 ]

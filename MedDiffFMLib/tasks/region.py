@@ -49,9 +49,7 @@ def region_structures(region: str) -> list[str]:
 def region_from_anatomy(anatomy: np.ndarray) -> str | None:
     """The region whose structures dominate the label map, or None if it holds none of them."""
     counts = np.bincount(np.asarray(anatomy, dtype=np.int64).ravel(), minlength=len(TOTALSEGMENTATOR_CLASSES) + 1)
-    scores = {
-        region: sum(int(counts[label_of(name)]) for name in region_structures(region)) for region in _REGION_KEYS
-    }
+    scores = {region: sum(int(counts[label_of(name)]) for name in region_structures(region)) for region in _REGION_KEYS}
     best = max(scores, key=scores.get)
     return best if scores[best] > 0 else None
 

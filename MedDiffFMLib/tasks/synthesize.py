@@ -26,6 +26,8 @@ def synthesize(
     seed: int | None = 0,
     progress: ProgressCallback = no_progress,
     cancel: CancelToken | None = None,
+    control: np.ndarray | None = None,
+    task: str = "synthesize",
 ) -> Volume:
     """Generate a CT in HU on the grid of ``anatomy``.
 
@@ -36,7 +38,8 @@ def synthesize(
         sampler: ``ddpm`` (all T steps) or ``ddim`` (``steps`` strided steps, stochasticity ``eta``).
 
     Every step evaluates all overlapping windows and averages their noise estimates, so any size
-    works without seams.
+    works without seams. ``control`` (an array on the anatomy's grid, e.g. a lesion mask) is the
+    ControlNet task condition when ``engine`` holds a ControlNet.
     """
     window = check_region(region)
     labels = np.asarray(anatomy.array)
@@ -48,7 +51,12 @@ def synthesize(
         raise InputError("The anatomy label map is empty; it must label the body to synthesise.")
     working = engine.working_geometry(anatomy.geometry)
     working_labels = resample(anatomy, working, labels=True).array.astype(np.uint8)
-    predictor = engine.predictor(Conditions(REGION_CLASS[region], torch.from_numpy(working_labels)), working.shape)
+    condition = None
+    if control is not None:
+        condition = resample(anatomy.with_array(control.astype(np.uint8)), working, labels=True).array
+        condition = torch.from_numpy(condition.astype(np.float32))[None]
+    conditions = Conditions(REGION_CLASS[region], torch.from_numpy(working_labels), condition)
+    predictor = engine.predictor(conditions, working.shape)
     with torch.no_grad():
         x0 = sample(
             predictor,
@@ -68,7 +76,7 @@ def synthesize(
     return Volume.on_geometry(
         result,
         anatomy.geometry,
-        MedDiffFM_task="synthesize",
+        MedDiffFM_task=task,
         MedDiffFM_model=engine.name,
         MedDiffFM_region=region,
         MedDiffFM_sampler=sampler,
