@@ -24,9 +24,9 @@ slicer = pytest.importorskip("slicer", reason="needs the slicer-core package (pi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedDiffFM"))
 
-from MedDiffFMLogic import nodes  # noqa: E402
-from MedDiffFMLogic.logic import TaskLogic, TaskParameters, available_tasks, task_available  # noqa: E402
-from MedDiffFMLogic.runner import (  # noqa: E402
+from MedDiffFMSlicer import nodes  # noqa: E402
+from MedDiffFMSlicer.logic import TaskLogic, TaskParameters, available_tasks, task_available  # noqa: E402
+from MedDiffFMSlicer.runner import (  # noqa: E402
     ChildJob,
     _descendants_from_ps,
     advice_for,
@@ -608,3 +608,81 @@ def test_files_written_for_the_child_keep_the_exact_geometry(scene, tmp_path):
     node = slicer.util.addVolumeFromArray(array, ijkToRAS=OBLIQUE, name="oblique")
     path = write_volume(nodes.volume_from_node(node), tmp_path / "ct.nrrd")
     assert read_volume(path).geometry.same_grid(nodes.volume_from_node(node).geometry, tolerance=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model manager and dependencies
+# --------------------------------------------------------------------------------------------------
+
+
+def _catalogue_with_a_tiny_model(folder: Path, corrupt: bool = False) -> Path:
+    from MedDiffFMLib.model import weights
+
+    source = folder / "published" / "tiny-demo.safetensors"
+    source.parent.mkdir()
+    card = weights.save_checkpoint(random_tiny_model(), source, weights.ModelCard("tiny-demo", "1.2", "base", {}))
+    entry = {
+        "name": "tiny-demo",
+        "version": "1.2",
+        "task": "base",
+        "url": source.as_uri(),
+        "sha256": "0" * 64 if corrupt else card.sha256,
+        "card_url": weights.card_path(source).as_uri(),
+        "description": "tiny test model",
+    }
+    catalogue = folder / "catalogue.json"
+    catalogue.write_text(__import__("json").dumps({"version": 1, "models": [entry]}))
+    return catalogue
+
+
+def test_model_install_with_progress_from_a_catalogue(tmp_path, monkeypatch):
+    from MedDiffFMSlicer import models
+
+    monkeypatch.setenv("MEDDIFFFM_CATALOGUE", str(_catalogue_with_a_tiny_model(tmp_path)))
+    assert models.installed() == []
+    assert models.catalogue() == ["tiny-demo@1.2 (base): tiny test model"]
+    installer = models.ModelInstaller(models.catalogue()[0]).start().wait(timeout=60)
+    assert installer.finished and not installer.error, installer.error
+    assert installer.progress is not None and installer.progress[0] == installer.progress[1] > 0
+    assert models.installed() == ["tiny-demo@1.2"] and installer.path.parent == models.cache_folder()
+
+    other = tmp_path / "elsewhere"
+    models.set_cache_folder(other)
+    assert models.cache_folder() == other and models.installed() == []
+    imported = models.import_model(tmp_path / "published" / "tiny-demo.safetensors")
+    assert imported.parent == other and models.installed() == ["tiny-demo@1.2"]
+
+
+def test_model_install_refuses_a_corrupted_download(tmp_path, monkeypatch):
+    from MedDiffFMSlicer import models
+
+    monkeypatch.setenv("MEDDIFFFM_CATALOGUE", str(_catalogue_with_a_tiny_model(tmp_path, corrupt=True)))
+    installer = models.ModelInstaller("tiny-demo").start().wait(timeout=60)
+    assert installer.finished and "Checksum mismatch" in installer.error
+    assert models.installed() == [] and not list(models.cache_folder().glob("*.safetensors"))
+
+
+def test_dependencies_are_complete_here_and_installs_are_pinned(monkeypatch):
+    from MedDiffFMSlicer import dependencies
+
+    assert dependencies.missing_packages() == []
+    pins = dependencies.constraints().split()
+    assert any(pin.startswith("numpy==") for pin in pins) and any(pin.startswith("torch==") for pin in pins)
+    assert dependencies.ensure(lambda *a: pytest.fail("nothing to ask"), None, None) == []
+
+    # A package that cannot be imported is installed with the constraints file, after asking.
+    monkeypatch.setattr(dependencies, "REQUIREMENTS", (("no_such_module_xyz", "no-such-module-xyz>=1"),))
+    calls = []
+    with pytest.raises(dependencies.DependencyError, match="cancelled"):
+        dependencies.ensure(lambda text, details: calls.append(details) or False, calls.append, None)
+    assert calls == ["Packages to install: no-such-module-xyz>=1"]
+
+    def pip(arguments):
+        calls.append(arguments)
+        constraints = Path(arguments[arguments.index("-c") + 1]).read_text()
+        assert "numpy==" in constraints and "torch==" in constraints
+        raise RuntimeError("Could not find a version that satisfies the requirement")
+
+    with pytest.raises(dependencies.DependencyError, match="Dependency install failed: pip could not install"):
+        dependencies.ensure(lambda *a: True, pip, None, log=lambda text: None)
+    assert calls[-1][0] == "no-such-module-xyz>=1"

@@ -1,40 +1,8 @@
-"""Qt-free parts of the MedDiffFM Slicer module: MRML <-> volume conversion, task logic, child-process runner.
+"""Parts of the MedDiffFM Slicer module that need no Qt: task descriptions, MRML <-> volume conversion,
+the task logic, the child-process runner, model management and dependency checks.
 
-These import MRML (``slicer``) but never Qt, CTK or the Slicer application, so they work inside Slicer,
-in ``Slicer --no-main-window`` scripts, and headlessly with the ``slicer-core`` package (the tests).
-``runner`` imports neither Qt nor Slicer.
+Nothing is imported here on purpose: ``taskinfo`` and ``dependencies`` work before torch and the other
+Python packages are installed; ``nodes``, ``logic`` and ``models`` import MedDiffFMLib (and so torch);
+``runner`` imports neither Qt nor Slicer. All of them run inside Slicer, in
+``Slicer --no-main-window --python-script`` and headlessly with the ``slicer-core`` package (the tests).
 """
-
-from .logic import (
-    DEVICE_LABELS,
-    REGION_LABELS,
-    TASKS,
-    PreparedInputs,
-    RunningTask,
-    TaskInfo,
-    TaskLogic,
-    TaskParameters,
-    TaskResult,
-    available_tasks,
-    task_available,
-)
-from .runner import ChildJob, RunOutcome, cli_arguments, kill_process_tree, parse_line
-
-__all__ = [
-    "DEVICE_LABELS",
-    "REGION_LABELS",
-    "TASKS",
-    "PreparedInputs",
-    "RunningTask",
-    "TaskInfo",
-    "TaskLogic",
-    "TaskParameters",
-    "TaskResult",
-    "available_tasks",
-    "task_available",
-    "ChildJob",
-    "RunOutcome",
-    "cli_arguments",
-    "kill_process_tree",
-    "parse_line",
-]

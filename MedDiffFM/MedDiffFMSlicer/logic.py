@@ -34,104 +34,11 @@ from MedDiffFMLib.volume import Volume, read_volume, write_volume
 
 from . import nodes
 from .runner import ChildJob, RunOutcome
+from .taskinfo import TASKS, TaskInfo
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TaskInfo:
-    """What a task needs and produces."""
-
-    key: str
-    label: str
-    command: str
-    function: str
-    needs_volume: bool = False
-    volume_is_grid_only: bool = False
-    anatomy: str = "no"  # "no", "optional" or "required"
-    needs_lesion: bool = False
-    needs_organs: bool = False
-    region_required: bool = False
-    controlnet_task: str | None = None
-    default_steps: int = 10
-    description: str = ""
-
-
-TASKS: dict[str, TaskInfo] = {
-    info.key: info
-    for info in (
-        TaskInfo(
-            "synthesize",
-            "Synthesize",
-            "synthesize",
-            "synthesize",
-            volume_is_grid_only=True,
-            anatomy="required",
-            region_required=True,
-            default_steps=50,
-            description="Generate a CT from an anatomy segmentation (its grid, or the chosen volume's grid).",
-        ),
-        TaskInfo(
-            "denoise",
-            "Denoise",
-            "denoise",
-            "denoise",
-            needs_volume=True,
-            anatomy="optional",
-            default_steps=10,
-            description="Low-dose CT denoising (DiffPIR, zero-shot).",
-        ),
-        TaskInfo(
-            "detect_anomalies",
-            "Detect anomalies",
-            "detect-anomalies",
-            "detect_anomalies",
-            needs_volume=True,
-            anatomy="required",
-            needs_organs=True,
-            default_steps=1,
-            description="Anomaly map and mask inside the chosen organs (zero-shot).",
-        ),
-        TaskInfo(
-            "super_resolve",
-            "Super-resolve",
-            "super-resolve",
-            "super_resolve",
-            needs_volume=True,
-            controlnet_task="controlnet-sr",
-            default_steps=100,
-            description="Thick-slice to thin-slice CT along z (ControlNet + DiffPIR).",
-        ),
-        TaskInfo(
-            "generate_lesion",
-            "Generate lesion",
-            "generate-lesion",
-            "generate_lesion",
-            volume_is_grid_only=True,
-            anatomy="required",
-            needs_lesion=True,
-            region_required=True,
-            controlnet_task="controlnet-lesion",
-            default_steps=50,
-            description="Synthesize a CT with a lesion where the lesion segment is (lesion ControlNet).",
-        ),
-        TaskInfo(
-            "inpaint_lesion",
-            "Inpaint lesion",
-            "inpaint-lesion",
-            "inpaint_lesion",
-            needs_volume=True,
-            anatomy="optional",
-            needs_lesion=True,
-            controlnet_task="controlnet-lesion",
-            default_steps=50,
-            description="Paint a lesion into a real CT inside the lesion segment (RePaint); voxels outside stay.",
-        ),
-    )
-}
-
-REGION_LABELS = {"Auto": None, "Head & neck": "head_neck", "Chest": "chest", "Abdomen": "abdomen"}
-DEVICE_LABELS = {"Auto": "auto", "GPU (CUDA)": "cuda", "Apple GPU (MPS)": "mps", "CPU": "cpu"}
 ANOMALY_COLOR_NODES = (
     "vtkMRMLColorTableNodeFileDivergingBlueRed.txt",
     "vtkMRMLProceduralColorNodeRedGreenBlue",
