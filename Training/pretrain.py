@@ -119,6 +119,8 @@ class Trainer:
         if restored is not None:
             self.state = restored
             logger.info("resumed from step %d", self.state["step"])
+        if env.main:
+            self.truncate_log(self.state["step"])
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.env.device.type == "cuda" and self.config.mixed_precision == "bf16":
@@ -219,6 +221,19 @@ class Trainer:
             save_training_state(self.output, self.model, self.ema, self.optimizer, self.state)
         if self.env.world > 1:
             dist.barrier()
+
+    def truncate_log(self, step: int) -> None:
+        """Drop log rows written after ``step`` (by a run that stopped before its next checkpoint)."""
+        path = self.output / "log.csv"
+        if not path.exists():
+            return
+        with open(path, newline="") as handle:
+            rows = list(csv.reader(handle))
+        kept = [row for row in rows[1:] if int(row[0]) <= step]
+        with open(path, "w", newline="") as handle:
+            csv.writer(handle).writerows([rows[0], *kept] if kept else [])
+        if not kept:
+            path.unlink()
 
     def log(self, step: int, epoch: int, loss: float, rate: float, elapsed: float) -> None:
         if not self.env.main:
