@@ -11,13 +11,11 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
 from .device import DEVICE_CHOICES
 from .diffusion.samplers import SAMPLERS
 from .diffusion.sliding_window import BLEND_MODES
-from .errors import CancelledError, InputError, MedDiffFMError
+from .errors import CancelledError, MedDiffFMError, OutputExistsError
 from .model import weights as model_weights
 from .model.network import ControlledNet
 from .preprocessing import REGIONS
@@ -166,10 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_options(p)
     _add_engine_options(p)
 
-    p = commands.add_parser("demo", help="denoise the bundled sample CT with simulated noise; writes a PNG figure")
+    p = commands.add_parser(
+        "demo", help="simulate a low-dose scan of the bundled sample CT, denoise it, write volumes and a PNG figure"
+    )
     p.add_argument("output_dir", help="folder for the results (created if missing)")
-    p.add_argument("--noise-hu", type=float, default=40.0, help="simulated noise std in HU (default 40)")
+    p.add_argument(
+        "--target-psnr",
+        type=float,
+        default=23.0,
+        help="low-dose PSNR in [-160, 240] HU that the photon count is calibrated to (default 23: Mayo quarter dose)",
+    )
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--with-anatomy", action="store_true", help="condition on the sample's TotalSegmentator labels")
     _add_engine_options(p)
 
     p = commands.add_parser("models", help="list, install and import model weights")
@@ -377,7 +383,12 @@ def run_inpaint_lesion(args: argparse.Namespace, cancel: CancelToken) -> None:
 
 
 def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
+    """Projection-domain low-dose simulation of the bundled sample, DiffPIR denoising, PSNR and a figure.
+
+    PSNR is measured against the noise-free projection through the same reconstruction.
+    """
     from .figures import comparison_png
+    from .lowdose import simulate
     from .metrics import psnr
     from .preprocessing import Window
 
@@ -387,17 +398,16 @@ def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.nii.gz" for name in ("reference", "low_dose", "denoised")}
     figure = out / "comparison.png"
-    for path in [*paths.values(), figure]:
-        if path.exists() and not args.overwrite:
-            raise InputError(f"'{path}' already exists; use --overwrite or another folder.")
-    reference = read_volume(SAMPLE_DIR / "example_ct_sm.nii.gz")
-    anatomy = read_volume(SAMPLE_DIR / "example_seg.nii.gz")
-    rng = np.random.default_rng(args.seed)
-    clean = reference.array.astype(np.float32)
-    low_dose = reference.with_array((clean + rng.normal(0.0, args.noise_hu, clean.shape)).astype(np.float32))
+    for path in paths.values():
+        check_writable(path, args.overwrite)
+    if figure.exists() and not args.overwrite:
+        raise OutputExistsError(f"'{figure}' already exists. Choose another folder or allow overwriting.")
+    sample = read_volume(SAMPLE_DIR / "example_ct_sm.nii.gz")
+    anatomy = read_volume(SAMPLE_DIR / "example_seg.nii.gz") if args.with_anatomy else None
+    simulated = simulate(sample, target_psnr=args.target_psnr, seed=args.seed)
     engine = _engine(args)
     result = denoise(
-        low_dose,
+        simulated.low_dose,
         engine,
         "abdomen",
         anatomy,
@@ -406,15 +416,19 @@ def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
         progress=_progress(args, "denoise"),
         cancel=cancel,
     )
+    reference = simulated.reference
     window = Window(40.0, 400.0)
+    before, after = (
+        psnr(reference.array, simulated.low_dose.array, window),
+        psnr(reference.array, result.volume.array, window),
+    )
     _write_all(
         args,
-        [(reference, paths["reference"]), (low_dose, paths["low_dose"]), (result.volume, paths["denoised"])],
+        [(reference, paths["reference"]), (simulated.low_dose, paths["low_dose"]), (result.volume, paths["denoised"])],
     )
-    before, after = psnr(clean, low_dose.array, window), psnr(clean, result.volume.array, window)
     comparison_png(
-        [reference, low_dose, result.volume],
-        ["reference", f"low dose {before:.2f} dB", f"denoised {after:.2f} dB"],
+        [reference, simulated.low_dose, result.volume],
+        ["noise-free reference", f"low dose {before:.2f} dB", f"denoised {after:.2f} dB"],
         window,
         figure,
     )
@@ -422,8 +436,8 @@ def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
         print(UNTRAINED_BANNER.format(preset=args.untrained), file=sys.stderr)
     _finish(
         args,
-        f"PSNR in [-160, 240] HU: low dose {before:.2f} dB, denoised {after:.2f} dB ({after - before:+.2f} dB); "
-        f"model: {engine.name}",
+        f"PSNR in [-160, 240] HU: low dose {before:.2f} dB (I0 {simulated.i0:.3g} photons), denoised {after:.2f} dB "
+        f"({after - before:+.2f} dB); sigma_n {result.sigma_n:.4f}, {args.steps} steps; model: {engine.name}",
         [*paths.values(), figure],
     )
 

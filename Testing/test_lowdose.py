@@ -1,4 +1,4 @@
-"""Projection-domain low-dose CT simulator (Training/lowdose.py)."""
+"""Projection-domain low-dose CT simulator (MedDiffFMLib/lowdose.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import crop
 
+from MedDiffFMLib import lowdose
 from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.volume import Volume, read_volume, write_volume
-from Training import lowdose
 from Training.evaluate import psnr
 
 

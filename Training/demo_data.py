@@ -47,8 +47,18 @@ def fetch_totalsegmentator(folder: Path) -> Path:
     if target.exists():
         return target
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", TOTALSEGMENTATOR, "-d",
-         str(folder)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            TOTALSEGMENTATOR,
+            "-d",
+            str(folder),
+        ],
         check=True,
     )
     with tarfile.open(next(folder.glob("totalsegmentator-2.18.0.tar.gz"))) as archive:
@@ -81,8 +91,12 @@ def write_cases(output: Path) -> Path:
     reference = fetch_totalsegmentator(output)
     rows = [
         dict(case="ts_abdomen", image=reference / "example_ct.nii.gz", region="abdomen", z_stop=HELD_OUT_FROM_SLICE),
-        dict(case="ts_dicom", image=reference / "example_ct_dicom", labels=reference / "example_seg_dicom.nii.gz",
-             region="abdomen"),
+        dict(
+            case="ts_dicom",
+            image=reference / "example_ct_dicom",
+            labels=reference / "example_seg_dicom.nii.gz",
+            region="abdomen",
+        ),
         dict(case="ts_chest_cta", image=reference / "aorta_report" / "example_ct.nii.gz", region="chest"),
         dict(case="invesalius_cranium", image=fetch_cranium(output), region="head_neck"),
     ]

@@ -45,10 +45,9 @@ from scipy.spatial.distance import cdist
 
 from MedDiffFMLib.anatomy import CLASS_NAMES, label_of
 from MedDiffFMLib.errors import InputError, MedDiffFMError, WeightsError
-from MedDiffFMLib.preprocessing import REGIONS, Window
+from MedDiffFMLib.metrics import WindowLike, checked_mask, psnr, scaled_pair, window_bounds
+from MedDiffFMLib.preprocessing import REGIONS
 from MedDiffFMLib.volume import Volume, read_volume
-
-WindowLike = tuple[float, float] | Window
 
 SSIM_SIGMA = 1.5
 SSIM_RADIUS = 5
@@ -95,62 +94,13 @@ VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 # ----------------------------------------------------------------------------- intensity metrics
 
 
-def window_bounds(window: WindowLike) -> tuple[float, float]:
-    """``(low, high)`` of a window given as a pair or a :class:`Window`; ``low < high`` is checked."""
-    low, high = (window.low, window.high) if isinstance(window, Window) else (float(window[0]), float(window[1]))
-    if not low < high:
-        raise InputError(f"A window needs low < high, got ({low:g}, {high:g}).")
-    return low, high
-
-
-def _scaled_pair(reference: np.ndarray, test: np.ndarray, window: WindowLike) -> tuple[np.ndarray, np.ndarray]:
-    """Both images clipped to ``window`` and scaled to ``[0, 1]`` (float64), after shape checks."""
-    reference, test = np.asarray(reference), np.asarray(test)
-    if reference.shape != test.shape:
-        raise InputError(f"The images differ in shape: {reference.shape} vs {test.shape}.")
-    low, high = window_bounds(window)
-
-    def scale(image: np.ndarray) -> np.ndarray:
-        image = np.asarray(image, dtype=np.float64)
-        if not np.isfinite(image).all():
-            raise InputError("An image contains NaN or infinite values.")
-        return (np.clip(image, low, high) - low) / (high - low)
-
-    return scale(reference), scale(test)
-
-
-def _checked_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
-    """A boolean mask of ``shape`` (all True when ``mask`` is None); an empty mask is an error."""
-    if mask is None:
-        return np.ones(shape, dtype=bool)
-    mask = np.asarray(mask) != 0
-    if mask.shape != shape:
-        raise InputError(f"The mask's shape {mask.shape} differs from the images' {shape}.")
-    if not mask.any():
-        raise InputError("The mask is empty: it selects no voxel.")
-    return mask
-
-
-def psnr(reference: np.ndarray, test: np.ndarray, window: WindowLike, mask: np.ndarray | None = None) -> float:
-    """Peak signal-to-noise ratio in dB of ``test`` against ``reference``.
-
-    Both are clipped to ``window``; the peak is the window width ``high - low``; the mean squared
-    error is taken over all voxels of the volume (or those in ``mask``) at once, not per slice.
-    Identical images give ``inf``.
-    """
-    reference, test = _scaled_pair(reference, test, window)
-    mask = _checked_mask(mask, reference.shape)
-    mse = float(np.mean((reference[mask] - test[mask]) ** 2))
-    return math.inf if mse == 0.0 else -10.0 * math.log10(mse)
-
-
 def ssim_map(reference: np.ndarray, test: np.ndarray, window: WindowLike, per_slice: bool = False) -> np.ndarray:
     """Local SSIM of every voxel (Gaussian window, Wang et al. 2004), on images scaled to ``[0, 1]``.
 
     ``per_slice`` filters within axial slices only (2D SSIM). Values within 5 voxels of a filtered
     face are affected by the border (reflection); :func:`ssim` leaves them out.
     """
-    x, y = _scaled_pair(reference, test, window)
+    x, y = scaled_pair(reference, test, window)
     sigma = (0.0, SSIM_SIGMA, SSIM_SIGMA) if per_slice else SSIM_SIGMA
     truncate = SSIM_RADIUS / SSIM_SIGMA
 
@@ -185,7 +135,7 @@ def ssim(
             f"got {np.shape(reference)}. For a thin volume use the per-slice (2D) SSIM."
         )
     values = ssim_map(reference, test, window, per_slice)
-    mask = _checked_mask(mask, values.shape)
+    mask = checked_mask(mask, values.shape)
     inner = tuple(slice(None) if axis < int(per_slice) else slice(SSIM_RADIUS, -SSIM_RADIUS) for axis in range(3))
     selected = mask[inner]
     if not selected.any():
@@ -213,7 +163,7 @@ def ms_ssim(
     import torch
     from monai.metrics import MultiScaleSSIMMetric
 
-    x, y = _scaled_pair(reference, test, window)
+    x, y = scaled_pair(reference, test, window)
     if per_slice:
         x, y = x[:, None], y[:, None]
     else:
@@ -254,7 +204,7 @@ def pixel_auroc(anomaly_map: np.ndarray, truth: np.ndarray, mask: np.ndarray | N
     """Voxel-level AUROC of ``anomaly_map`` against the ground-truth anomaly mask ``truth``,
     over all voxels or those in ``mask`` (for example the inspected organ)."""
     anomaly_map, truth = np.asarray(anomaly_map), np.asarray(truth)
-    mask = _checked_mask(mask, truth.shape)
+    mask = checked_mask(mask, truth.shape)
     if anomaly_map.shape != truth.shape:
         raise InputError(f"The anomaly map's shape {anomaly_map.shape} differs from the truth's {truth.shape}.")
     return auroc(anomaly_map[mask], truth[mask])
@@ -328,7 +278,7 @@ def pro(
         raise InputError(f"The anomaly map's shape {anomaly_map.shape} differs from the truth's {truth.shape}.")
     if not 0.0 < max_fpr <= 1.0:
         raise InputError(f"max_fpr must lie in (0, 1], got {max_fpr}.")
-    mask = _checked_mask(mask, truth.shape)
+    mask = checked_mask(mask, truth.shape)
     components, count = _components(truth & mask, per_slice)
     normal = ~truth[mask]
     if count == 0 or not normal.any():

@@ -18,7 +18,7 @@ calibrated so that the low-dose PSNR in the [-160, 240] HU window equals a targe
 paper's Mayo 2016 quarter-dose level). The noise is drawn from ``numpy.random.default_rng(seed)``,
 slice after slice: the same seed gives the same images.
 
-Command line: ``python -m Training.lowdose INPUT LOW_DOSE REFERENCE [--i0 X | --target-psnr 23]``.
+Command line: ``python -m MedDiffFMLib.lowdose INPUT LOW_DOSE REFERENCE [--i0 X | --target-psnr 23]``.
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from skimage.transform import iradon, radon
 
-from MedDiffFMLib.errors import InputError, MedDiffFMError
-from MedDiffFMLib.volume import Volume, check_writable, read_volume, write_volume
-
-from .evaluate import psnr
+from .errors import InputError, MedDiffFMError
+from .metrics import psnr
+from .volume import Volume, check_writable, read_volume, write_volume
 
 MU_WATER = 0.0192
 """Linear attenuation of water at about 70 keV, in 1/mm."""
@@ -254,7 +253,7 @@ def simulate(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m Training.lowdose",
+        prog="python -m MedDiffFMLib.lowdose",
         description="Simulate a low-dose CT in the projection domain and its noise-free reference.",
     )
     parser.add_argument("input", help="CT in HU (NIfTI/NRRD/MHA file or DICOM folder)")
