@@ -1,0 +1,823 @@
+"""MedDiffFM: the MedDiff-FM diffusion foundation model for CT in 3D Slicer.
+
+The module is thin on purpose. What it does lives in ``MedDiffFMSlicer`` (no Qt): task descriptions
+(``taskinfo``), MRML <-> volume conversion (``nodes``), the task logic (``logic``), the child-process
+runner (``runner``), model management (``models``) and dependency installation (``dependencies``).
+This file holds the Slicer module, the panel (loaded from ``Resources/UI/MedDiffFM.ui``), the logic
+with the scene's parameter node, and the module test that runs inside Slicer.
+
+Headless use (Slicer's Python console, or ``Slicer --no-main-window --python-script``)::
+
+    import MedDiffFM
+    logic = MedDiffFM.MedDiffFMLogic()  # or slicer.util.getModuleLogic("MedDiffFM") when the panel exists
+    denoised = logic.denoise(slicer.util.getNode("CT"), steps=10)
+    anomalyMap, anomalies = logic.detectAnomalies(ctNode, anatomySegmentationNode, ["liver"])
+"""
+
+import logging
+import os
+import shutil
+import sys
+import time
+from typing import Annotated, Union
+
+import qt
+import slicer
+import vtk
+from MedDiffFMSlicer import dependencies
+from MedDiffFMSlicer.taskinfo import DEVICE_LABELS, REGION_LABELS, TASKS, task_for_label
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, Default, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+SETTINGS = "MedDiffFM"
+TIMER_INTERVAL_MS = 200
+PAPER = (
+    'Yongrui Yu, Yannian Gu, Shaoting Zhang, Xiaofan Zhang: "MedDiff-FM: A Diffusion-based Foundation Model for '
+    'Versatile Medical Image Applications".'
+)
+
+
+#
+# Module
+#
+
+
+class MedDiffFM(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("MedDiff-FM")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Filtering")]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MedDiffFM developers (https://github.com/meddifffm/SlicerMedDiffFM)"]
+        self.parent.helpText = _(
+            "A diffusion foundation model for CT: synthesize a CT from an anatomy segmentation, denoise low-dose CT, "
+            "detect anomalies in an organ, super-resolve thick slices, generate a lesion, or paint a lesion into a "
+            "real CT (drawn as a segment in the Segment Editor).<br>"
+            "Choose a task and its inputs and press Apply: the work runs in the background (Apply becomes Cancel) "
+            "and the results arrive as new nodes next to the input. "
+            'See the <a href="https://github.com/meddifffm/SlicerMedDiffFM">documentation</a>, including '
+            "Troubleshooting."
+        )
+        self.parent.acknowledgementText = _(
+            "MedDiffFM implements the method of {paper} If you use it in your research, please cite that paper. "
+            "Built on PyTorch and MONAI; the anatomy conditions follow TotalSegmentator v2 classes."
+        ).format(paper=PAPER)
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class MedDiffFMParameterNode:
+    """The panel's state, saved with the scene. Names match the ``SlicerParameterName`` properties in the .ui."""
+
+    task: Annotated[str, Choice([info.label for info in TASKS.values()]), Default("Denoise")]
+    inputVolume: vtkMRMLScalarVolumeNode
+    anatomy: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # noqa: UP007 - wrapper needs Union
+    lesionSegmentation: vtkMRMLSegmentationNode
+    lesionSegmentID: str
+    organs: list[str]
+    region: Annotated[str, Choice(list(REGION_LABELS)), Default("Auto")]
+    spacing: Annotated[float, WithinRange(0.25, 10.0), Default(1.0)]
+    steps: Annotated[int, WithinRange(0, 1000), Default(0)]
+    sampler: Annotated[str, Choice(["DDIM", "DDPM"]), Default("DDIM")]
+    eta: Annotated[float, WithinRange(0.0, 1.0), Default(1.0)]
+    sigmaAuto: Annotated[bool, Default(True)]
+    sigma: Annotated[float, WithinRange(0.0001, 2.0), Default(0.03)]
+    lam: Annotated[float, WithinRange(0.0, 1000.0), Default(0.0)]
+    t: Annotated[int, WithinRange(1, 999), Default(950)]
+    thresholdAuto: Annotated[bool, Default(True)]
+    threshold: Annotated[float, WithinRange(0.0, 4000.0), Default(50.0)]
+    jumpLength: Annotated[int, WithinRange(1, 100), Default(10)]
+    jumpCount: Annotated[int, WithinRange(1, 20), Default(1)]
+    margin: Annotated[float, WithinRange(0.0, 30.0), Default(3.0)]
+    seed: Annotated[int, WithinRange(0, 2147483647), Default(0)]
+    device: Annotated[str, Choice(list(DEVICE_LABELS)), Default("Auto")]
+    overlap: Annotated[float, WithinRange(0.0, 0.9), Default(0.5)]
+    batchSize: Annotated[int, WithinRange(1, 64), Default(4)]
+    model: str
+    controlNet: str
+
+
+#
+# Widget
+#
+
+# Rows of the panel (label and field object names) shown only for some tasks.
+TASK_ROWS = {
+    "inputVolume": ("inputVolumeLabel", "inputVolumeSelector"),
+    "anatomy": ("anatomyLabel", "anatomyRow"),
+    "lesion": ("lesionLabel", "lesionSegmentSelector"),
+    "organs": ("organsLabel", "organsComboBox"),
+    "spacing": ("spacingLabel", "spacingSpinBox"),
+    "sampler": ("samplerLabel", "samplerComboBox"),
+    "eta": ("etaLabel", "etaSpinBox"),
+    "sigma": ("sigmaLabel", "sigmaRow"),
+    "lambda": ("lambdaLabel", "lambdaSpinBox"),
+    "timestep": ("timestepLabel", "timestepSpinBox"),
+    "threshold": ("thresholdLabel", "thresholdRow"),
+    "jumpLength": ("jumpLengthLabel", "jumpLengthSpinBox"),
+    "jumpCount": ("jumpCountLabel", "jumpCountSpinBox"),
+    "margin": ("marginLabel", "marginSpinBox"),
+    "controlNet": ("controlNetLabel", "controlNetComboBox"),
+}
+
+ROWS_OF_TASK = {
+    "synthesize": {"inputVolume", "anatomy", "sampler", "eta"},
+    "denoise": {"inputVolume", "anatomy", "sigma", "lambda"},
+    "detect_anomalies": {"inputVolume", "anatomy", "organs", "timestep", "threshold"},
+    "super_resolve": {"inputVolume", "spacing", "sigma", "lambda", "controlNet"},
+    "generate_lesion": {"inputVolume", "anatomy", "lesion", "sampler", "eta", "controlNet"},
+    "inpaint_lesion": {"inputVolume", "anatomy", "lesion", "jumpLength", "jumpCount", "margin", "controlNet"},
+}
+
+
+class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._running = None
+        self._installer = None
+        self._startTime = 0.0
+        self._updatingGui = False
+
+    # ----------------------------------------------------------------------------------------------
+    # Set-up
+    # ----------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedDiffFM.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MedDiffFMLogic()
+
+        self.timer = qt.QTimer()
+        self.timer.setInterval(TIMER_INTERVAL_MS)
+        self.timer.connect("timeout()", self.onTimer)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.taskComboBox.connect("currentIndexChanged(int)", self.updateTaskRows)
+        self.ui.lesionSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onLesionChanged)
+        self.ui.lesionSegmentSelector.connect("currentSegmentChanged(QString)", self.onLesionChanged)
+        self.ui.organsComboBox.connect("checkedIndexesChanged()", self.onOrgansChanged)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.controlNetComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.sigmaAutoCheckBox.connect("toggled(bool)", self.updateEnabled)
+        self.ui.thresholdAutoCheckBox.connect("toggled(bool)", self.updateEnabled)
+        self.ui.computeAnatomyButton.connect("clicked(bool)", self.onComputeAnatomy)
+        self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
+        self.ui.installModelButton.connect("clicked(bool)", self.onInstallModel)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
+        self.ui.cacheFolderButton.connect("directoryChanged(QString)", self.onCacheFolderChanged)
+        self.ui.openCacheFolderButton.connect("clicked(bool)", self.onOpenCacheFolder)
+        self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
+        self.ui.showLogButton.connect("toggled(bool)", self.ui.logTextEdit.setVisible)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+
+        self.ui.computeAnatomyButton.enabled = hasattr(slicer.modules, "totalsegmentator")
+        if not self.ui.computeAnatomyButton.enabled:
+            self.ui.computeAnatomyButton.toolTip = _(
+                "Install the TotalSegmentator extension (Extensions Manager) to compute the anatomy here."
+            )
+        cacheFolder = slicer.util.settingsValue(f"{SETTINGS}/CacheFolder", "")
+        if cacheFolder:
+            os.environ["MEDDIFFFM_HOME"] = cacheFolder
+        self.updateDependencyStatus()
+        self.initializeParameterNode()
+        self.refreshModels()
+
+    def cleanup(self) -> None:
+        if self._running is not None and not self._running.finished:
+            self._running.cancel()
+        self.timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateEnabled)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        parameterNode = self.logic.getParameterNode()
+        if not parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
+                parameterNode.inputVolume = first
+        if not parameterNode.model:
+            parameterNode.model = slicer.util.settingsValue(f"{SETTINGS}/Model", "")
+        if parameterNode.device == "Auto":
+            parameterNode.device = slicer.util.settingsValue(f"{SETTINGS}/Device", "Auto")
+        self.setParameterNode(parameterNode)
+
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateEnabled)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateEnabled)
+            self._updatingGui = True
+            try:
+                self.ui.lesionSegmentSelector.setCurrentNode(self._parameterNode.lesionSegmentation)
+                if self._parameterNode.lesionSegmentID:
+                    self.ui.lesionSegmentSelector.setCurrentSegmentID(self._parameterNode.lesionSegmentID)
+                self.updateOrganChecks()
+            finally:
+                self._updatingGui = False
+            self.updateTaskRows()
+
+    # ----------------------------------------------------------------------------------------------
+    # Showing what the task needs
+    # ----------------------------------------------------------------------------------------------
+
+    def currentTask(self) -> str:
+        return task_for_label(self.ui.taskComboBox.currentText) if self.ui.taskComboBox.currentText else "denoise"
+
+    def updateTaskRows(self, *args) -> None:
+        task = self.currentTask()
+        info = TASKS[task]
+        visible = ROWS_OF_TASK[task]
+        for row, names in TASK_ROWS.items():
+            for name in names:
+                getattr(self.ui, name).visible = row in visible
+        self.ui.inputVolumeLabel.text = _("Output grid:") if info.volume_is_grid_only else _("CT volume:")
+        self.ui.anatomyLabel.text = _("Anatomy (optional):") if info.anatomy == "optional" else _("Anatomy:")
+        self.ui.taskDescriptionLabel.text = info.description
+        self.refreshControlNets()
+        self.updateEnabled()
+
+    def updateEnabled(self, *args) -> None:
+        if self._parameterNode is None:
+            self.ui.applyButton.enabled = False
+            return
+        self.ui.sigmaSpinBox.enabled = not self.ui.sigmaAutoCheckBox.checked or self.currentTask() == "super_resolve"
+        self.ui.thresholdSpinBox.enabled = not self.ui.thresholdAutoCheckBox.checked
+        if self._running is not None and not self._running.finished:
+            self.ui.applyButton.enabled = True
+            return
+        info = TASKS[self.currentTask()]
+        missing = []
+        if info.needs_volume and not self._parameterNode.inputVolume:
+            missing.append(_("a CT volume"))
+        if info.anatomy == "required" and not self._parameterNode.anatomy:
+            missing.append(_("an anatomy segmentation"))
+        if info.needs_lesion and not (self._parameterNode.lesionSegmentation and self._parameterNode.lesionSegmentID):
+            missing.append(_("a lesion segment"))
+        if info.needs_organs and not self._parameterNode.organs:
+            missing.append(_("an organ"))
+        self.ui.applyButton.enabled = not missing
+        self.ui.applyButton.toolTip = (
+            _("Choose {inputs}.").format(inputs=", ".join(missing))
+            if missing
+            else _("Run {task}.").format(task=info.label)
+        )
+
+    def onLesionChanged(self, *args) -> None:
+        if self._updatingGui or self._parameterNode is None:
+            return
+        self._parameterNode.lesionSegmentation = self.ui.lesionSegmentSelector.currentNode()
+        self._parameterNode.lesionSegmentID = self.ui.lesionSegmentSelector.currentSegmentID() or ""
+
+    def onOrgansChanged(self) -> None:
+        if self._updatingGui or self._parameterNode is None:
+            return
+        self._parameterNode.organs = [index.data() for index in self.ui.organsComboBox.checkedIndexes()]
+
+    def updateOrganChecks(self) -> None:
+        """Fill the organ picker (needs MedDiffFMLib, so only once the dependencies are there)."""
+        combo = self.ui.organsComboBox
+        if combo.count == 0:
+            if dependencies.missing_packages():
+                return
+            from MedDiffFMLib.anatomy import TOTALSEGMENTATOR_CLASSES
+
+            for name in TOTALSEGMENTATOR_CLASSES:
+                combo.addItem(name)
+        wanted = set(self._parameterNode.organs) if self._parameterNode else set()
+        for row in range(combo.count):
+            index = combo.model().index(row, 0)
+            combo.setCheckState(index, qt.Qt.Checked if combo.itemText(row) in wanted else qt.Qt.Unchecked)
+
+    # ----------------------------------------------------------------------------------------------
+    # Models and dependencies
+    # ----------------------------------------------------------------------------------------------
+
+    def updateDependencyStatus(self) -> list:
+        missing = dependencies.missing_packages()
+        self.ui.dependenciesStatusLabel.text = (
+            _("missing: {packages}").format(packages=", ".join(missing)) if missing else _("all installed")
+        )
+        self.ui.installDependenciesButton.enabled = bool(missing)
+        return missing
+
+    def ensureDependencies(self) -> bool:
+        """Install missing Python packages after asking; False (with the reason shown) if that failed."""
+        if not dependencies.missing_packages():
+            return True
+
+        def installTorch():
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                return None
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if torchLogic.torchInstalled():
+                return torchLogic.torch
+            return torchLogic.installTorch(
+                askConfirmation=False, torchVersionRequirement=f">={dependencies.MINIMUM_TORCH}"
+            )
+
+        def confirm(text, details):
+            return slicer.util.confirmOkCancelDisplay(
+                text, _("Install Python packages"), detailedText=details, parent=slicer.util.mainWindow()
+            )
+
+        try:
+            with slicer.util.WaitCursor():
+                dependencies.ensure(confirm, slicer.util.pip_install, installTorch, log=self.addLog)
+        except dependencies.DependencyError as error:
+            self.setStatus(str(error))
+            slicer.util.errorDisplay(str(error), windowTitle=_("MedDiffFM"))
+            return False
+        finally:
+            self.updateDependencyStatus()
+        self.updateOrganChecks()
+        self.refreshModels()
+        return True
+
+    def onInstallDependencies(self) -> None:
+        if self.ensureDependencies():
+            self.setStatus(_("Python packages are installed."))
+
+    def refreshModels(self) -> None:
+        if dependencies.missing_packages():
+            self.ui.cacheFolderButton.directory = slicer.util.settingsValue(f"{SETTINGS}/CacheFolder", "")
+            return
+        from MedDiffFMSlicer import models
+
+        self._updatingGui = True
+        try:
+            self.ui.cacheFolderButton.directory = str(models.cache_folder())
+            wanted = self._parameterNode.model if self._parameterNode else ""
+            self._fillCombo(self.ui.modelComboBox, models.installed("base") + [models.UNTRAINED_CHOICE], wanted)
+            self.ui.catalogueComboBox.clear()
+            try:
+                entries = models.catalogue()
+            except Exception as error:  # noqa: BLE001 - a broken catalogue must not break the panel
+                entries = []
+                self.addLog(str(error))
+            for entry in entries:
+                self.ui.catalogueComboBox.addItem(entry)
+            self.ui.installModelButton.enabled = bool(entries)
+            if not entries:
+                self.ui.catalogueComboBox.addItem(_("(no downloadable models listed; use Import from file)"))
+        finally:
+            self._updatingGui = False
+        self.refreshControlNets()
+        self.onModelChanged()
+
+    def refreshControlNets(self) -> None:
+        task = TASKS[self.currentTask()].controlnet_task
+        if not task or dependencies.missing_packages():
+            return
+        from MedDiffFMSlicer import models
+
+        self._updatingGui = True
+        try:
+            wanted = self._parameterNode.controlNet if self._parameterNode else ""
+            self._fillCombo(self.ui.controlNetComboBox, models.installed(task), wanted)
+        finally:
+            self._updatingGui = False
+
+    @staticmethod
+    def _fillCombo(combo, items, wanted) -> None:
+        combo.clear()
+        for item in items:
+            combo.addItem(item)
+        if wanted in items:
+            combo.currentIndex = items.index(wanted)
+
+    def onModelChanged(self, *args) -> None:
+        if self._updatingGui or self._parameterNode is None:
+            return
+        self._parameterNode.model = self.ui.modelComboBox.currentText
+        self._parameterNode.controlNet = self.ui.controlNetComboBox.currentText
+
+    def onInstallModel(self) -> None:
+        from MedDiffFMSlicer import models
+
+        if self._installer is not None and not self._installer.finished:
+            return
+        try:
+            self._installer = models.ModelInstaller(self.ui.catalogueComboBox.currentText).start()
+        except Exception as error:  # noqa: BLE001
+            slicer.util.errorDisplay(_("Model download failed: {error}").format(error=error))
+            return
+        self.ui.installModelButton.enabled = False
+        self.setStatus(_("Downloading {name}...").format(name=self._installer.entry.name))
+        self.timer.start()
+
+    def onImportModel(self) -> None:
+        from MedDiffFMSlicer import models
+
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(), _("Import MedDiffFM model"), "", _("MedDiffFM weights (*.safetensors)")
+        )
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Import failed."), waitCursor=True):
+            target = models.import_model(path)
+            self.setStatus(
+                _("Imported {name} into {folder}.").format(name=os.path.basename(path), folder=target.parent)
+            )
+            self.refreshModels()
+
+    def onCacheFolderChanged(self, folder) -> None:
+        if self._updatingGui:
+            return
+        os.environ["MEDDIFFFM_HOME"] = folder
+        qt.QSettings().setValue(f"{SETTINGS}/CacheFolder", folder)
+        self.refreshModels()
+
+    def onOpenCacheFolder(self) -> None:
+        folder = self.ui.cacheFolderButton.directory
+        os.makedirs(folder, exist_ok=True)
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(folder))
+
+    # ----------------------------------------------------------------------------------------------
+    # Anatomy with TotalSegmentator
+    # ----------------------------------------------------------------------------------------------
+
+    def onComputeAnatomy(self) -> None:
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        if volume is None:
+            slicer.util.errorDisplay(_("Choose the CT volume first."))
+            return
+        import TotalSegmentator
+
+        with slicer.util.tryWithErrorDisplay(_("TotalSegmentator failed."), waitCursor=True):
+            totalSegmentator = TotalSegmentator.TotalSegmentatorLogic()
+            totalSegmentator.logCallback = self.addLog
+            totalSegmentator.setupPythonRequirements()
+            segmentation = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(f"{volume.GetName()} anatomy")
+            )
+            totalSegmentator.process(volume, segmentation, task="total", interactive=True)
+            self._parameterNode.anatomy = segmentation
+            self.setStatus(_("Anatomy computed with TotalSegmentator."))
+
+    # ----------------------------------------------------------------------------------------------
+    # Running
+    # ----------------------------------------------------------------------------------------------
+
+    def taskParameters(self):
+        """The :class:`TaskParameters` for the panel's current state."""
+        from MedDiffFMSlicer.logic import TaskParameters
+        from MedDiffFMSlicer.models import UNTRAINED_CHOICE
+
+        p = self._parameterNode
+        task = self.currentTask()
+        model = self.ui.modelComboBox.currentText
+        return TaskParameters(
+            task=task,
+            volume=p.inputVolume,
+            anatomy=p.anatomy if TASKS[task].anatomy != "no" else None,
+            lesion_segmentation=p.lesionSegmentation,
+            lesion_segment_id=p.lesionSegmentID,
+            organs=list(p.organs),
+            region=REGION_LABELS[p.region],
+            steps=p.steps or None,
+            sampler=p.sampler.lower(),
+            eta=p.eta,
+            sigma=None if (p.sigmaAuto and task != "super_resolve") else p.sigma,
+            lam=p.lam or None,
+            t=p.t,
+            threshold=None if p.thresholdAuto else p.threshold,
+            spacing=p.spacing,
+            jump_length=p.jumpLength,
+            jump_count=p.jumpCount,
+            margin_mm=p.margin,
+            seed=p.seed,
+            device=DEVICE_LABELS[p.device],
+            overlap=p.overlap,
+            batch_size=p.batchSize,
+            model=None if model == UNTRAINED_CHOICE else (model or None),
+            controlnet=self.ui.controlNetComboBox.currentText or None,
+            untrained="tiny" if model == UNTRAINED_CHOICE else None,
+        )
+
+    def onApplyButton(self) -> None:
+        if self._running is not None and not self._running.finished:
+            self.onCancel()
+            return
+        self.ui.logTextEdit.clear()
+        if not self.ensureDependencies():
+            return
+        from MedDiffFMSlicer import models
+
+        parameters = self.taskParameters()
+        if parameters.untrained is None and not models.installed("base"):
+            slicer.util.errorDisplay(
+                _(
+                    "No MedDiffFM model is installed. Open the Model section and Install one (or Import from file when "
+                    "offline). To check the set-up without a model, choose '{choice}' as base model."
+                ).format(choice=models.UNTRAINED_CHOICE)
+            )
+            return
+        qt.QSettings().setValue(f"{SETTINGS}/Device", self._parameterNode.device)
+        qt.QSettings().setValue(f"{SETTINGS}/Model", self.ui.modelComboBox.currentText)
+        try:
+            with slicer.util.WaitCursor():
+                self._running = self.logic.start(parameters, python=pythonCommand(), launcher=launchChild)
+        except Exception as error:  # noqa: BLE001 - shown to the user with the library's message
+            self.setStatus(_("Failed: {error}").format(error=error))
+            slicer.util.errorDisplay(str(error), windowTitle=_("MedDiffFM"))
+            return
+        self._startTime = time.time()
+        self.ui.applyButton.text = _("Cancel")
+        self.ui.progressBar.setRange(0, 0)  # busy until the first progress line
+        self.setStatus(
+            _("Running {task} in the background (process {pid})...").format(
+                task=TASKS[parameters.task].label, pid=self._running.job.process.pid
+            )
+        )
+        self.addLog(" ".join(self._running.job.arguments))
+        self.timer.start()
+
+    def onCancel(self) -> None:
+        self._running.cancel()
+        self.timer.stop()
+        self._finishRun()
+        self.setStatus(_("Cancelled; nothing was created and the temporary files were removed."))
+
+    def onTimer(self) -> None:
+        if self._installer is not None:
+            self._pollInstaller()
+        if self._running is not None and not self._running.finished:
+            for event in self._running.poll():
+                kind = event["event"]
+                if kind == "progress":
+                    self.ui.progressBar.setRange(0, max(1, int(event["total"])))
+                    self.ui.progressBar.value = int(event["done"])
+                    self.setStatus(
+                        _("{task}: {message} ({done}/{total})").format(
+                            task=event.get("task", ""),
+                            message=event.get("message", ""),
+                            done=event["done"],
+                            total=event["total"],
+                        )
+                    )
+                elif kind == "log":
+                    self.addLog(event["message"])
+                    if "No GPU found" in event["message"]:
+                        self.setStatus(_("No GPU found: running on the CPU, which is slow for whole volumes."))
+                elif kind == "finished":
+                    self._importResults()
+        if (self._running is None or self._running.finished) and (self._installer is None or self._installer.finished):
+            self.timer.stop()
+
+    def _importResults(self) -> None:
+        running = self._running
+        self._finishRun()
+        try:
+            with slicer.util.WaitCursor():
+                result = self.logic.finish(running)
+        except Exception as error:  # noqa: BLE001 - the child's own message, with advice
+            self.setStatus(_("Failed: {error}").format(error=error))
+            self.ui.showLogButton.checked = True
+            slicer.util.errorDisplay(
+                str(error), windowTitle=_("MedDiffFM"), detailedText="\n".join(running.job.outcome.log[-40:])
+            )
+            return
+        self.showResult(result, running.parameters)
+        self.setStatus(
+            _("Done in {seconds:.1f} s: {summary}").format(
+                seconds=time.time() - self._startTime, summary=result.summary
+            )
+        )
+
+    def _finishRun(self) -> None:
+        self.ui.applyButton.text = _("Apply")
+        self.ui.progressBar.setRange(0, 100)
+        self.ui.progressBar.value = 0
+        self.updateEnabled()
+
+    def showResult(self, result, parameters) -> None:
+        if "map" in result.outputs:
+            slicer.util.setSliceViewerLayers(
+                background=parameters.volume, foreground=result.outputs["map"], foregroundOpacity=0.5
+            )
+            result.outputs["mask"].GetDisplayNode().SetVisibility(True)
+        else:
+            slicer.util.setSliceViewerLayers(background=result.outputs["volume"], foreground=None, fit=True)
+
+    def _pollInstaller(self) -> None:
+        for event in self._installer.poll():
+            if event[0] == "progress":
+                done, total, message = event[1:]
+                self.ui.progressBar.setRange(0, max(1, int(total)))
+                self.ui.progressBar.value = int(done)
+                self.setStatus(
+                    _("Downloading {name}: {message}").format(name=self._installer.entry.name, message=message)
+                )
+            elif event[0] == "done":
+                self.setStatus(_("Installed {name} (checksum verified).").format(name=self._installer.entry.name))
+                self.ui.progressBar.setRange(0, 100)
+                self.ui.progressBar.value = 0
+                self.refreshModels()
+            else:
+                self.setStatus(event[1])
+                slicer.util.errorDisplay(event[1], windowTitle=_("Model download failed"))
+                self.ui.installModelButton.enabled = True
+
+    def setStatus(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+        logging.info("MedDiffFM: %s", text)
+
+    def addLog(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+
+
+def pythonCommand() -> list:
+    """The interpreter for the child process: Slicer's ``PythonSlicer`` launcher (it sets up the environment)."""
+    pythonSlicer = shutil.which("PythonSlicer")
+    return [pythonSlicer] if pythonSlicer else [sys.executable]
+
+
+def launchChild(arguments, environment):
+    """Start the child like the best Slicer AI extensions do (console hidden, stderr merged into stdout)."""
+    return slicer.util.launchConsoleProcess(arguments, updateEnvironment=environment)
+
+
+#
+# Logic
+#
+
+
+class MedDiffFMLogic(ScriptedLoadableModuleLogic):
+    """The module's logic: the scene's parameter node plus every task of
+    :class:`MedDiffFMSlicer.logic.TaskLogic` (``denoise``, ``synthesize``, ``detectAnomalies``, ``superResolve``,
+    ``generateLesion``, ``inpaintLesion``, ``run``, ``start``, ``finish``), which take and return MRML nodes.
+
+    The task logic imports torch, so it is created on first use (the module loads without torch installed).
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._taskLogic = None
+
+    def getParameterNode(self):
+        return MedDiffFMParameterNode(super().getParameterNode())
+
+    @property
+    def taskLogic(self):
+        if self._taskLogic is None:
+            missing = dependencies.missing_packages()
+            if missing:
+                raise RuntimeError(
+                    "MedDiffFM needs these Python packages: {packages}. Open the MedDiffFM module and press Apply "
+                    "(or Model > Python packages > Install) to install them.".format(packages=", ".join(missing))
+                )
+            from MedDiffFMSlicer.logic import TaskLogic
+
+            self._taskLogic = TaskLogic()
+        return self._taskLogic
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.taskLogic, name)
+
+
+#
+# Test (runs inside Slicer: Slicer's self-test runner and the build's ctest)
+#
+
+
+class MedDiffFMTest(ScriptedLoadableModuleTest):
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        if dependencies.missing_packages():
+            self.delayDisplay("MedDiffFM tests skipped: install the Python dependencies (MedDiffFM panel) first.")
+            return
+        self.setUp()
+        self.test_denoise_in_process_and_in_a_child_process()
+        self.setUp()
+        self.test_anomalies_and_lesion_inpainting()
+        self.setUp()
+        self.test_panel_shows_the_inputs_of_each_task()
+
+    def _phantom(self):
+        """An abdomen-like phantom CT on an oblique, anisotropic, left-handed grid, with a liver segment."""
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        z, y, x = np.mgrid[0:16, 0:40, 0:48]
+        body = ((y - 20) / 17.0) ** 2 + ((x - 24) / 21.0) ** 2 < 1
+        liver = body & (((y - 17) / 8.0) ** 2 + ((x - 16) / 9.0) ** 2 < 1) & (z > 2) & (z < 13)
+        ct = np.where(body, 40.0, -1000.0) + 20.0 * liver + rng.normal(0, 25, body.shape)
+        ijkToRas = np.array(
+            [[0.0, 3.0, 0.3, -60.0], [-3.1, 0.0, 0.0, 40.0], [0.0, -0.2, -3.5, 100.0], [0.0, 0.0, 0.0, 1.0]]
+        )
+        volume = slicer.util.addVolumeFromArray(ct.astype(np.int16), ijkToRAS=ijkToRas, name="Phantom CT")
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Phantom anatomy")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        liverId = segmentation.GetSegmentation().AddEmptySegment("liver", "liver")
+        slicer.util.updateSegmentBinaryLabelmapFromArray(liver.astype(np.uint8), segmentation, liverId, volume)
+        return volume, segmentation, liver
+
+    def _assertSameGrid(self, node, reference):
+        import numpy as np
+        from MedDiffFMSlicer.nodes import ijk_to_ras
+
+        self.assertTrue(np.array_equal(ijk_to_ras(node), ijk_to_ras(reference)))
+        self.assertEqual(slicer.util.arrayFromVolume(node).shape, slicer.util.arrayFromVolume(reference).shape)
+
+    def test_denoise_in_process_and_in_a_child_process(self):
+        from MedDiffFMSlicer.logic import TaskParameters
+
+        self.delayDisplay("Denoise a phantom with an untrained tiny network, in Slicer and in a child process")
+        volume, anatomy, _ = self._phantom()
+        logic = MedDiffFMLogic()
+        denoised = logic.denoise(volume, anatomy, steps=2, untrained="tiny", device="cpu")
+        self.assertEqual(denoised.GetName(), "Phantom CT denoised")
+        self._assertSameGrid(denoised, volume)
+
+        parameters = TaskParameters("denoise", volume=volume, anatomy=anatomy, steps=2, untrained="tiny", device="cpu")
+        running = logic.start(parameters, python=pythonCommand(), launcher=launchChild)
+        folder = running.job.folder
+        running.job.wait(timeout=600)
+        result = logic.finish(running)
+        self._assertSameGrid(result.outputs["volume"], volume)
+        self.assertFalse(folder.exists())
+        self.delayDisplay("Denoising test passed")
+
+    def test_anomalies_and_lesion_inpainting(self):
+        import numpy as np
+
+        self.delayDisplay("Anomaly detection and lesion inpainting with untrained tiny networks")
+        volume, anatomy, liver = self._phantom()
+        logic = MedDiffFMLogic()
+        anomalyMap, anomalies = logic.detectAnomalies(volume, anatomy, ["liver"], untrained="tiny", device="cpu")
+        self.assertEqual(anomalyMap.GetName(), "Phantom CT anomaly map")
+        self.assertEqual(anomalies.GetName(), "Phantom CT anomalies")
+        self._assertSameGrid(anomalyMap, volume)
+        self.assertFalse(slicer.util.arrayFromVolume(anomalyMap)[~liver].any())
+
+        lesions = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Lesions")
+        lesions.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        lesionId = lesions.GetSegmentation().AddEmptySegment("tumour", "tumour")
+        lesion = np.zeros(liver.shape, np.uint8)
+        lesion[7:10, 15:19, 14:18] = 1
+        slicer.util.updateSegmentBinaryLabelmapFromArray(lesion, lesions, lesionId, volume)
+        inpainted = logic.inpaintLesion(
+            volume, lesions, lesionId, steps=2, margin_mm=0.0, untrained="tiny", device="cpu"
+        )
+        before, after = slicer.util.arrayFromVolume(volume), slicer.util.arrayFromVolume(inpainted)
+        self.assertTrue(np.array_equal(before[lesion == 0], after[lesion == 0]))
+        self.delayDisplay("Anomaly and inpainting tests passed")
+
+    def test_panel_shows_the_inputs_of_each_task(self):
+        self.delayDisplay("Panel: each task shows only its inputs")
+        slicer.util.selectModule("MedDiffFM")
+        widget = slicer.modules.MedDiffFMWidget
+        for task, info in TASKS.items():
+            widget.ui.taskComboBox.currentText = info.label
+            self.assertEqual(widget.currentTask(), task)
+            for row, names in TASK_ROWS.items():
+                shown = not getattr(widget.ui, names[1]).isHidden()
+                self.assertEqual(shown, row in ROWS_OF_TASK[task], (task, row))
+        self.delayDisplay("Panel test passed")
