@@ -47,6 +47,13 @@ class Geometry:
             self.index_to_physical(), other.index_to_physical(), atol=tolerance
         )
 
+    def subgrid(self, box: tuple[slice, slice, slice]) -> Geometry:
+        """The grid of the voxels ``[box]`` (``[z, y, x]`` slices with steps of 1), same positions."""
+        start = np.array([box[2].start, box[1].start, box[0].start, 1.0])
+        origin = (self.index_to_physical() @ start)[:3]
+        shape = tuple(len(range(*s.indices(n))) for s, n in zip(box, self.shape))
+        return Geometry(shape, self.spacing, tuple(float(o) for o in origin), self.direction)
+
     def to_sitk_reference(self) -> sitk.Image:
         """An empty SimpleITK image with this geometry (for resampling)."""
         image = sitk.Image([int(n) for n in self.shape[::-1]], sitk.sitkUInt8)

@@ -103,10 +103,10 @@ def test_multi_level_views(prepared):
     image, anatomy = torch.rand(20, 30, 40) * 2 - 1, torch.randint(0, 119, (20, 30, 40), dtype=torch.uint8)
     rng = np.random.default_rng(0)
     whole = window_coordinates([slice(0, n) for n in image.shape], tuple(image.shape))
-    level0 = dataset.view(image, anatomy, 0, rng)
+    level0 = dataset.view({"image": image, "anatomy": anatomy}, 0, rng)
     assert level0["image"].shape == (1, 16, 16, 16) and level0["anatomy"].shape == (16, 16, 16)
     assert level0["coordinates"].amin().item() == -1 and level0["coordinates"].amax().item() == 1
-    level2 = dataset.view(image, anatomy, 2, rng)
+    level2 = dataset.view({"image": image, "anatomy": anatomy}, 2, rng)
     crop = level2["image"][0]
     matches = [
         (a, b, c)
@@ -119,7 +119,7 @@ def test_multi_level_views(prepared):
     a, b, c = matches[0]
     expected = whole[:, a : a + 16, b : b + 16, c : c + 16]
     torch.testing.assert_close(level2["coordinates"], expected)
-    level1 = dataset.view(image, anatomy, 1, rng)
+    level1 = dataset.view({"image": image, "anatomy": anatomy}, 1, rng)
     assert level1["image"].shape == (1, 16, 16, 16)
     assert level1["coordinates"][0].amax() - level1["coordinates"][0].amin() > 0.5
 

@@ -37,7 +37,7 @@ def manifest_entries(folder: Path) -> list[dict]:
         raise InputError(f"No manifest.json in '{folder}'. Run 'python -m Training.prepare_data' first.")
     manifest = json.loads(path.read_text())
     entries = [
-        {**entry, "image": str(Path(folder) / entry["image"]), "anatomy": str(Path(folder) / entry["anatomy"])}
+        {**entry, **{key: str(Path(folder) / entry[key]) for key in ("image", "anatomy", "condition") if key in entry}}
         for name in sorted(manifest["cases"])
         if manifest["cases"][name]["status"] == "done"
         for entry in manifest["cases"][name]["regions"]
@@ -47,17 +47,31 @@ def manifest_entries(folder: Path) -> list[dict]:
     return entries
 
 
-def load_entry(entry: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """A region crop as ``(image [-1, 1] float32 (D, H, W), anatomy uint8 (D, H, W))``, cached per process."""
-    return _load(entry["image"], entry["anatomy"], entry["region"])
+def load_entry(entry: dict) -> dict[str, torch.Tensor]:
+    """A region crop's tensors ``(D, H, W)``, cached per process: ``image`` (float32, [-1, 1]),
+    ``anatomy`` (uint8) and, for fine-tuning data, ``condition`` (float32: windowed like the image
+    for ``condition_kind == "image"``, 0/1 for ``"mask"``)."""
+    return _load(
+        entry["image"], entry["anatomy"], entry["region"], entry.get("condition"), entry.get("condition_kind", "image")
+    )
 
 
 @functools.lru_cache(maxsize=32)
-def _load(image: str, anatomy: str, region: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return (
-        torch.from_numpy(hu_to_model(read_volume(image).array, region)),
-        torch.from_numpy(read_volume(anatomy).array.astype(np.uint8)),
-    )
+def _load(image: str, anatomy: str, region: str, condition: str | None, kind: str) -> dict[str, torch.Tensor]:
+    tensors = {
+        "image": torch.from_numpy(hu_to_model(read_volume(image).array, region)),
+        "anatomy": torch.from_numpy(read_volume(anatomy).array.astype(np.uint8)),
+    }
+    if condition is not None:
+        values = read_volume(condition).array
+        scaled = hu_to_model(values, region) if kind == "image" else (values > 0).astype(np.float32)
+        tensors["condition"] = torch.from_numpy(scaled)
+    return tensors
+
+
+def _nearest(key: str, kind: str) -> bool:
+    """Whether a tensor is resized by nearest neighbour (labels, masks) rather than linearly."""
+    return key == "anatomy" or (key == "condition" and kind == "mask")
 
 
 def _index_grid(start: int, stop: int, size: int) -> torch.Tensor:
@@ -105,34 +119,48 @@ class MultiLevelDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, index])
         entry = self.entries[index % len(self.entries)]
-        image, anatomy = load_entry(entry)
         level = int(rng.choice(3, p=self.levels))
-        sample = self.view(image, anatomy, level, rng)
+        sample = self.view(load_entry(entry), level, rng, entry.get("condition_kind", "image"))
         region = 0 if rng.random() < self.region_dropout else REGION_CLASS[entry["region"]]
         if rng.random() < self.anatomy_dropout:
             sample["anatomy"] = torch.full_like(sample["anatomy"], UNKNOWN_LABEL)
         sample["region"] = torch.tensor(region, dtype=torch.long)
         return sample
 
-    def view(self, image: torch.Tensor, anatomy: torch.Tensor, level: int, rng: np.random.Generator) -> dict:
-        """One multi-level view (0 image level, 1 coarse patch, 2 fine patch) of a region crop."""
-        shape = tuple(image.shape)
+    def view(
+        self, volumes: dict[str, torch.Tensor], level: int, rng: np.random.Generator, kind: str = "image"
+    ) -> dict[str, torch.Tensor]:
+        """One multi-level view (0 image level, 1 coarse patch, 2 fine patch) of a region crop.
+
+        ``volumes`` maps names to ``(D, H, W)`` tensors of one crop; image-like tensors come back as
+        ``(1, P, P, P)``, the anatomy as ``(P, P, P)``, plus ``coordinates (3, P, P, P)``.
+        """
+        shape = tuple(volumes["image"].shape)
         extent = [n if level == 0 else min(n, self.patch * (2 if level == 1 else 1)) for n in shape]
         starts = [int(rng.integers(0, n - e + 1)) for n, e in zip(shape, extent)]
         window = tuple(slice(s, s + e) for s, e in zip(starts, extent))
         if level == 2:
-            return self._fine_patch(image, anatomy, window)
+            return self._fine_patch(volumes, window, kind)
         size = (self.patch,) * 3
-        crop = image[window][None, None]
-        resized = F.interpolate(crop, size=size, mode="trilinear", align_corners=True)[0]
         index = [_index_grid(s.start, s.stop, self.patch) for s in window]
-        labels = anatomy[index[0][:, None, None], index[1][None, :, None], index[2][None, None, :]]
-        return dict(image=resized, coordinates=window_coordinates(window, shape, size), anatomy=labels)
+        sample = {"coordinates": window_coordinates(window, shape, size)}
+        for key, volume in volumes.items():
+            if _nearest(key, kind):
+                picked = volume[index[0][:, None, None], index[1][None, :, None], index[2][None, None, :]]
+                sample[key] = picked if key == "anatomy" else picked[None]
+            else:
+                sample[key] = F.interpolate(
+                    volume[window][None, None], size=size, mode="trilinear", align_corners=True
+                )[0]
+        return sample
 
-    def _fine_patch(self, image: torch.Tensor, anatomy: torch.Tensor, window: tuple[slice, ...]) -> dict:
+    def _fine_patch(self, volumes: dict[str, torch.Tensor], window: tuple[slice, ...], kind: str) -> dict:
         pads = [self.patch - (s.stop - s.start) for s in window]
         padding = (0, pads[2], 0, pads[1], 0, pads[0])
-        crop = F.pad(image[window], padding, value=-1.0)
-        labels = F.pad(anatomy[window], padding, value=0)
         full = tuple(slice(s.start, s.start + self.patch) for s in window)
-        return dict(image=crop[None], coordinates=window_coordinates(full, tuple(image.shape)), anatomy=labels)
+        sample = {"coordinates": window_coordinates(full, tuple(volumes["image"].shape))}
+        for key, volume in volumes.items():
+            air = 0 if _nearest(key, kind) else -1.0
+            crop = F.pad(volume[window], padding, value=air)
+            sample[key] = crop if key == "anatomy" else crop[None]
+        return sample

@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from MedDiffFMLib.diffusion.schedule import NoiseSchedule
-from MedDiffFMLib.errors import MedDiffFMError
-from MedDiffFMLib.model.network import MedDiffFMNet
-from MedDiffFMLib.model.weights import ModelCard, save_checkpoint
+from MedDiffFMLib.errors import InputError, MedDiffFMError
+from MedDiffFMLib.model.network import ControlledNet, MedDiffFMNet
+from MedDiffFMLib.model.weights import ModelCard, load_model, save_checkpoint
 
 from .checkpointing import load_training_state, save_training_state
 from .config import TrainingConfig, load_config
@@ -92,22 +92,47 @@ def noisy_batch(
 
 
 class Trainer:
-    """Runs the optimisation loop of :func:`main` (L1 noise loss, Adam, accumulation, EMA, clipping)."""
+    """Runs the optimisation loop (L1 noise loss, Adam, accumulation, EMA, clipping, checkpoints).
 
-    def __init__(self, config: TrainingConfig, data: Path, output: Path, env: Distributed) -> None:
-        self.config, self.output, self.env = config, output, env
+    With ``task = "base"`` it pre-trains a :class:`MedDiffFMNet` of ``config.model_config``; with a
+    ControlNet task (``controlnet-sr``, ``controlnet-lesion``) it fine-tunes a ControlNet on the
+    frozen base model in ``base_weights`` (whose architecture then replaces the config's), feeding
+    each sample's ``condition``.
+    """
+
+    def __init__(
+        self,
+        config: TrainingConfig,
+        data: Path,
+        output: Path,
+        env: Distributed,
+        task: str = "base",
+        base_weights: Path | None = None,
+    ) -> None:
+        self.config, self.output, self.env, self.task = config, output, env, task
         torch.manual_seed(config.seed)
-        self.model = MedDiffFMNet(config.model_config).to(env.device)
+        if task == "base":
+            self.model = MedDiffFMNet(config.model_config).to(env.device)
+            self.trainable = list(self.model.parameters())
+        else:
+            if base_weights is None:
+                raise InputError("Fine-tuning a ControlNet needs the base model's weights (--base).")
+            self.model = ControlledNet(load_model(base_weights)).to(env.device)
+            self.trainable = list(self.model.controlnet.parameters())
+        architecture = self.model.config
         self.ema = (
             AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
             if config.ema_decay > 0
             else None
         )
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
-        self.schedule = NoiseSchedule(config.model_config.num_train_timesteps, config.model_config.schedule)
+        self.optimizer = torch.optim.Adam(self.trainable, lr=config.learning_rate)
+        self.schedule = NoiseSchedule(architecture.num_train_timesteps, architecture.schedule)
+        entries = manifest_entries(data)
+        if task != "base" and any("condition" not in entry for entry in entries):
+            raise InputError(f"'{data}' has no task conditions; make it with 'python -m Training.make_pairs'.")
         self.dataset = MultiLevelDataset(
-            manifest_entries(data),
-            config.model_config.patch_size,
+            entries,
+            architecture.patch_size,
             config.level_probabilities,
             config.region_dropout,
             config.anatomy_dropout,
@@ -163,14 +188,15 @@ class Trainer:
                 sync = contextlib.nullcontext() if last_micro or env.world == 1 else self.network.no_sync()
                 with sync:
                     x_t, t, noise = noisy_batch(batch, self.schedule, generator, env.device)
+                    inputs = dict(
+                        coordinates=batch["coordinates"].to(env.device),
+                        region=batch["region"].to(env.device),
+                        anatomy=batch["anatomy"].to(env.device),
+                    )
+                    if self.task != "base":
+                        inputs["control"] = batch["condition"].to(env.device)
                     with self.autocast():
-                        prediction = self.network(
-                            x_t,
-                            t,
-                            batch["coordinates"].to(env.device),
-                            batch["region"].to(env.device),
-                            batch["anatomy"].to(env.device),
-                        )
+                        prediction = self.network(x_t, t, **inputs)
                     loss = F.l1_loss(prediction.float(), noise)
                     (loss / config.accumulation).backward()
                 losses.append(float(loss.detach()))
@@ -209,7 +235,7 @@ class Trainer:
 
     def optimizer_step(self) -> None:
         if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -251,10 +277,13 @@ class Trainer:
         weights = self.ema.module if self.ema is not None else self.model
         hours = self.state["elapsed_seconds"] / 3600
         device = torch.cuda.get_device_name(0) if self.env.device.type == "cuda" else f"{platform.processor() or 'CPU'}"
+        base_card = self.model.base.card if self.task != "base" else None
         card = ModelCard(
             name=name,
             version=version,
-            task="base",
+            task=self.task,
+            base_model=base_card.identifier if base_card else "",
+            base_sha256=base_card.sha256 if base_card else "",
             config={},
             training_data=training_data,
             training=(
@@ -275,9 +304,9 @@ class Trainer:
         return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    parser = argparse.ArgumentParser(description="Pre-train a MedDiff-FM base model.")
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """Options shared by pre-training and ControlNet fine-tuning."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", type=Path, required=True, help="YAML training configuration")
     parser.add_argument("--data", type=Path, required=True, help="prepared cache (Training.prepare_data)")
     parser.add_argument("--output", type=Path, required=True, help="run folder (checkpoints, log.csv, previews)")
@@ -285,23 +314,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", metavar="NAME@VERSION", help="export the final EMA weights under this name")
     parser.add_argument("--training-data", default="", help="description of the training data for the model card")
     parser.add_argument("--note", action="append", default=[], help="note for the model card (repeatable)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace, task: str = "base", base_weights: Path | None = None) -> int:
+    """Train (or resume), then export when finished; returns the process exit code."""
     env = Distributed()
     try:
         config = load_config(args.config)
         args.output.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(config, args.data, args.output, env)
+        trainer = Trainer(config, args.data, args.output, env, task, base_weights)
         trainer.run(args.stop_after_minutes)
         if args.export and env.main and trainer.state["step"] >= config.steps:
             name, _, version = args.export.partition("@")
             path = trainer.export(name, version or "1.0", args.training_data, args.note)
             print(f"exported {path}")
     except MedDiffFMError as error:
-        print(f"pretrain: error: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
         env.close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    return run(build_parser("Pre-train a MedDiff-FM base model.").parse_args(argv))
 
 
 if __name__ == "__main__":

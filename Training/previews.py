@@ -29,18 +29,20 @@ def save_preview(
     """PNG of the middle slice of [clean | noised to t=300 | one-step x0 prediction] of the first
     training volume at image level."""
     entry = dataset.entries[0]
-    sample = dataset.view(*load_entry(entry), level=0, rng=np.random.default_rng(0))
+    sample = dataset.view(load_entry(entry), level=0, rng=np.random.default_rng(0))
     x0 = sample["image"][None].to(device)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
     x_t = schedule.q_sample(x0, PREVIEW_TIMESTEP, noise)
     was_training = model.training
     model.eval()
+    extra = {"control": sample["condition"][None].to(device)} if "condition" in sample else {}
     eps = model(
         x_t,
         torch.tensor([PREVIEW_TIMESTEP], device=device),
         sample["coordinates"][None].to(device),
         torch.tensor([REGION_CLASS[entry["region"]]], device=device),
         sample["anatomy"][None].to(device),
+        **extra,
     )
     model.train(was_training)
     prediction = schedule.predict_x0(x_t, PREVIEW_TIMESTEP, eps)

@@ -60,6 +60,8 @@ class WindowedNoisePredictor:
         batch_size: windows per network call.
         blend: ``gaussian`` (weights fall off towards window borders) or ``constant``.
         device: where the network runs; volumes stay on this device too.
+        frame: ``(offset, whole_shape)`` when the volume is a crop of a larger volume ``whole_shape``
+            starting at voxel ``offset``: positions are then coordinates in the whole volume.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class WindowedNoisePredictor:
         batch_size: int = 4,
         blend: str = "gaussian",
         device: torch.device | str = "cpu",
+        frame: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
     ) -> None:
         if not 0.0 <= overlap < 1.0:
             raise InputError(f"Window overlap must be in [0, 1), got {overlap}.")
@@ -83,6 +86,7 @@ class WindowedNoisePredictor:
         self.model = model
         self.device = torch.device(device)
         self.shape = tuple(int(n) for n in shape)
+        self.offset, self.frame_shape = frame if frame is not None else ((0, 0, 0), self.shape)
         self.window = window_size(self.shape, patch_size, multiple)
         self.padded_shape = tuple(max(n, w) for n, w in zip(self.shape, self.window))
         self.batch_size = batch_size
@@ -130,11 +134,16 @@ class WindowedNoisePredictor:
         eps = accumulated.mul_(self.inverse_weight)
         return eps[: self.shape[0], : self.shape[1], : self.shape[2]]
 
+    def coordinates(self, window: tuple[slice, ...]) -> torch.Tensor:
+        """Global position coordinates ``(3, d, h, w)`` of a window of this (possibly cropped) volume."""
+        shifted = [slice(s.start + o, s.stop + o) for s, o in zip(window, self.offset)]
+        return window_coordinates(shifted, self.frame_shape)
+
     def _evaluate(self, padded: torch.Tensor, batch: list[tuple[slice, ...]], t: int) -> torch.Tensor:
         """Network noise estimates ``(B, 1, d, h, w)`` for a batch of windows."""
         size = len(batch)
         x = torch.stack([padded[w] for w in batch])[:, None]
-        coordinates = torch.stack([window_coordinates(w, self.shape) for w in batch]).to(self.device)
+        coordinates = torch.stack([self.coordinates(w) for w in batch]).to(self.device)
         anatomy = torch.stack([self.anatomy[w] for w in batch])
         control = None
         if self.control is not None:

@@ -56,8 +56,14 @@ class Engine:
     def config(self) -> ModelConfig:
         return self.model.config
 
-    def predictor(self, conditions: Conditions, shape: tuple[int, int, int]) -> WindowedNoisePredictor:
-        """Whole-volume noise predictor for a volume of ``shape`` on the working grid."""
+    def predictor(
+        self,
+        conditions: Conditions,
+        shape: tuple[int, int, int],
+        frame: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
+    ) -> WindowedNoisePredictor:
+        """Whole-volume noise predictor for a volume of ``shape`` on the working grid (``frame``: see
+        :class:`~MedDiffFMLib.diffusion.sliding_window.WindowedNoisePredictor`)."""
         return WindowedNoisePredictor(
             self.model,
             conditions,
@@ -68,6 +74,7 @@ class Engine:
             batch_size=self.batch_size,
             blend=self.blend,
             device=self.device,
+            frame=frame,
         )
 
     def working_geometry(self, geometry: Geometry) -> Geometry:

@@ -4,7 +4,8 @@
   as the ControlNet condition.
 * :func:`inpaint_lesion`: RePaint on a real CT. Only voxels inside the lesion mask, plus a blended
   margin, change; every other voxel is returned bit-identical (same values, same dtype). The work
-  is done on a crop around the mask (mask plus margin plus half a model window of context), so a
+  is done on a crop of the model's working grid around the mask (mask plus margin plus half a
+  model window of context), whose windows keep their position coordinates in the whole CT, so a
   small lesion in a large CT is fast.
 """
 
@@ -72,13 +73,6 @@ def bounding_box(mask: np.ndarray, padding: tuple[int, int, int]) -> tuple[slice
     return tuple(slice(int(a), int(b)) for a, b in zip(low, high))
 
 
-def crop_volume(volume: Volume, box: tuple[slice, ...]) -> Volume:
-    """A sub-volume whose voxels keep their physical positions."""
-    start = np.array([box[2].start, box[1].start, box[0].start, 1.0])
-    origin = (volume.geometry.index_to_physical() @ start)[:3]
-    return Volume(volume.array[box], volume.spacing, tuple(origin), volume.direction)
-
-
 def inpaint_lesion(
     ct: Volume,
     lesion: Volume,
@@ -108,25 +102,28 @@ def inpaint_lesion(
     if region is None:
         region, _ = detect_region(ct, hu, labels)
     weights = blend_weights(mask, ct.spacing, margin_mm)
-    context_mm = engine.config.patch_size * engine.config.spacing_mm / 2.0
-    box = bounding_box(weights > 0, tuple(int(np.ceil(context_mm / s)) for s in ct.spacing[::-1]))
-    crop = crop_volume(ct, box)
-    working = engine.working_geometry(crop.geometry)
-    known = torch.from_numpy(pp.hu_to_model(pp.resample(crop, working).array, region)).to(engine.device)
-    generate = pp.resample(crop.with_array((weights[box] > 0).astype(np.uint8)), working, labels=True).array
-    control = pp.resample(crop.with_array(mask[box].astype(np.uint8)), working, labels=True).array
+    changed = weights > 0
+    whole = engine.working_geometry(ct.geometry)
+    changed_working = pp.resample(ct.with_array(changed.astype(np.uint8)), whole, labels=True).array > 0
+    if not changed_working.any():
+        raise MaskError("The lesion is smaller than one voxel at the model's spacing; draw a larger lesion.")
+    box = bounding_box(changed_working, (engine.config.patch_size // 2,) * 3)
+    working = whole.subgrid(box)
+    known = torch.from_numpy(pp.hu_to_model(pp.resample(ct, working).array, region)).to(engine.device)
+    control = pp.resample(ct.with_array(mask.astype(np.uint8)), working, labels=True).array
     working_labels = None
     if labels is not None:
-        working_labels = torch.from_numpy(pp.resample(crop.with_array(labels[box]), working, labels=True).array)
+        working_labels = torch.from_numpy(pp.resample(ct.with_array(labels), working, labels=True).array)
     conditions = Conditions(pp.REGION_CLASS[region], working_labels, torch.from_numpy(control.astype(np.float32))[None])
-    predictor = engine.predictor(conditions, working.shape)
+    frame = (tuple(s.start for s in box), whole.shape)
+    predictor = engine.predictor(conditions, working.shape, frame)
     timesteps = engine.schedule.strided_timesteps(engine.schedule.num_timesteps - 1, steps)
     with torch.no_grad():
         x0 = repaint(
             predictor,
             engine.schedule,
             known,
-            torch.from_numpy(generate > 0).to(engine.device),
+            torch.from_numpy(changed_working[box]).to(engine.device),
             timesteps,
             make_generator(seed),
             jump_length,
@@ -134,20 +131,23 @@ def inpaint_lesion(
             progress,
             cancel,
         )
-    generated = pp.resample(Volume.on_geometry(pp.model_to_hu(x0.cpu().numpy(), region), working), crop.geometry)
+    target = bounding_box(changed, (0, 0, 0))
+    generated = pp.resample(
+        Volume.on_geometry(pp.model_to_hu(x0.cpu().numpy(), region), working), ct.geometry.subgrid(target)
+    ).array
+    inside, weight = changed[target], weights[target]
+    blended = weight * generated + (1.0 - weight) * hu[target]
     result = ct.array.copy()
-    inside = weights[box] > 0
-    blended = weights[box] * generated.array + (1.0 - weights[box]) * hu[box]
     if np.issubdtype(result.dtype, np.integer):
         info = np.iinfo(result.dtype)
         blended = np.clip(np.round(blended), info.min, info.max)
-    result[box][inside] = blended[inside].astype(result.dtype)
+    result[target][inside] = blended[inside].astype(result.dtype)
     return ct.with_array(
         result,
         MedDiffFM_task="inpaint-lesion",
         MedDiffFM_model=engine.name,
         MedDiffFM_region=region,
-        MedDiffFM_changed_voxels=str(int(inside.sum())),
+        MedDiffFM_changed_voxels=str(int(changed.sum())),
         MedDiffFM_seed=str(seed),
         MedDiffFM_note="Only voxels inside the lesion mask and its blended margin differ from the input.",
     )
