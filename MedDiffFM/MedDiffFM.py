@@ -234,8 +234,9 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 parameterNode.inputVolume = first
         if not parameterNode.model:
             parameterNode.model = slicer.util.settingsValue(f"{SETTINGS}/Model", "")
-        if parameterNode.device == "Auto":
-            parameterNode.device = slicer.util.settingsValue(f"{SETTINGS}/Device", "Auto")
+        lastDevice = slicer.util.settingsValue(f"{SETTINGS}/Device", "Auto")
+        if parameterNode.device == "Auto" and lastDevice in DEVICE_LABELS:
+            parameterNode.device = lastDevice
         self.setParameterNode(parameterNode)
 
     def setParameterNode(self, parameterNode) -> None:
@@ -684,6 +685,25 @@ def launchChild(arguments, environment):
 #
 
 
+TASK_LOGIC_METHODS = frozenset(
+    (
+        "synthesize",
+        "denoise",
+        "detectAnomalies",
+        "superResolve",
+        "generateLesion",
+        "inpaintLesion",
+        "run",
+        "start",
+        "finish",
+        "prepare",
+        "validate",
+        "engine",
+    )
+)
+"""Methods of :class:`MedDiffFMSlicer.logic.TaskLogic` offered by :class:`MedDiffFMLogic`."""
+
+
 class MedDiffFMLogic(ScriptedLoadableModuleLogic):
     """The module's logic: the scene's parameter node plus every task of
     :class:`MedDiffFMSlicer.logic.TaskLogic` (``denoise``, ``synthesize``, ``detectAnomalies``, ``superResolve``,
@@ -714,8 +734,8 @@ class MedDiffFMLogic(ScriptedLoadableModuleLogic):
         return self._taskLogic
 
     def __getattr__(self, name):
-        if name.startswith("_"):
-            raise AttributeError(name)
+        if name not in TASK_LOGIC_METHODS:
+            raise AttributeError(f"'MedDiffFMLogic' object has no attribute '{name}'")
         return getattr(self.taskLogic, name)
 
 

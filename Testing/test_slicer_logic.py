@@ -34,6 +34,7 @@ from MedDiffFMSlicer.runner import (  # noqa: E402
     kill_process_tree,
     parse_line,
 )
+from MedDiffFMSlicer.taskinfo import TASKS  # noqa: E402
 
 from MedDiffFMLib.anatomy import BODY_LABEL, label_of  # noqa: E402
 from MedDiffFMLib.errors import CancelledError, InputError, MaskError, MedDiffFMError  # noqa: E402
@@ -686,3 +687,88 @@ def test_dependencies_are_complete_here_and_installs_are_pinned(monkeypatch):
     with pytest.raises(dependencies.DependencyError, match="Dependency install failed: pip could not install"):
         dependencies.ensure(lambda *a: True, pip, None, log=lambda text: None)
     assert calls[-1][0] == "no-such-module-xyz>=1"
+
+
+# --------------------------------------------------------------------------------------------------
+# The module file's calls into the logic (MedDiffFM.py itself needs the Slicer application)
+# --------------------------------------------------------------------------------------------------
+
+
+def _module_tree():
+    import ast
+
+    return ast.parse((Path(__file__).resolve().parents[1] / "MedDiffFM" / "MedDiffFM.py").read_text())
+
+
+def test_module_logic_offers_only_task_logic_methods():
+    import ast
+
+    for node in _module_tree().body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "TASK_LOGIC_METHODS":
+            names = ast.literal_eval(node.value.args[0])
+            break
+    else:
+        raise AssertionError("TASK_LOGIC_METHODS not found")
+    assert {"synthesize", "denoise", "detectAnomalies", "superResolve", "generateLesion", "inpaintLesion"} <= set(names)
+    assert all(callable(getattr(TaskLogic, name, None)) for name in names)
+
+
+def test_the_panel_builds_task_parameters_with_known_fields():
+    import ast
+    from dataclasses import fields
+
+    known = {f.name for f in fields(TaskParameters)}
+    calls = [
+        node
+        for node in ast.walk(_module_tree())
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "TaskParameters"
+    ]
+    assert calls
+    for call in calls:
+        assert {keyword.arg for keyword in call.keywords} - known == set()
+
+
+@pytest.mark.parametrize(
+    "task", ["synthesize", "denoise", "detect_anomalies", "super_resolve", "generate_lesion", "inpaint_lesion"]
+)
+def test_child_command_lines_are_accepted_by_the_library_cli(
+    scene, ct_node, anatomy_node, lesion_segmentation, task, tmp_path
+):
+    """Every option the panel passes exists in ``python -m MedDiffFMLib.cli`` with the right value type."""
+    from MedDiffFMLib import cli
+
+    segmentation, segment_id, _ = lesion_segmentation
+    parameters = TaskParameters(
+        task,
+        volume=ct_node,
+        anatomy=anatomy_node,
+        lesion_segmentation=segmentation,
+        lesion_segment_id=segment_id,
+        organs=["liver", "spleen"],
+        region="abdomen",
+        sigma=0.05,
+        lam=2.0,
+        threshold=30.0,
+        model="base@1",
+        controlnet="cn@1",
+        device="cpu",
+    )
+    logic = TaskLogic(scene)
+    job = ChildJob(temp_parent=tmp_path)
+    try:
+        positional, options, outputs = logic._command_line(parameters, logic.prepare(parameters), job)
+        arguments = cli_arguments(TASKS[task].command, positional, options)
+        parsed = cli.build_parser().parse_args(arguments[2:])
+    finally:
+        job.cleanup()
+    assert parsed.command == TASKS[task].command and parsed.progress_format == "json"
+    assert parsed.model == "base@1" and parsed.device == "cpu" and parsed.seed == 0
+    assert getattr(parsed, "region", "abdomen") == "abdomen"
+    if TASKS[task].controlnet_task:
+        assert parsed.controlnet == "cn@1"
+    if task == "detect_anomalies":
+        assert (
+            parsed.organ == ["liver", "spleen"] and parsed.threshold == 30.0 and parsed.mask_output == outputs["mask"]
+        )
+    if task in ("denoise", "super_resolve"):
+        assert parsed.sigma == 0.05 and parsed.lam == 2.0
