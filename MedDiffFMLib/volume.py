@@ -196,6 +196,13 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
     return path
 
 
+def default_file_mode() -> int:
+    """Permissions a newly created file gets under the current umask (temporary files start at 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``volume`` atomically to ``path`` (format chosen by extension).
 
@@ -208,6 +215,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = Fals
     os.close(handle)
     try:
         sitk.WriteImage(volume.to_sitk(), temporary, useCompression=True)
+        os.chmod(temporary, default_file_mode())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

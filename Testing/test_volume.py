@@ -8,7 +8,7 @@ from conftest import DATA
 
 from MedDiffFMLib import preprocessing as pp
 from MedDiffFMLib.errors import InputError, OutputExistsError, ReadError
-from MedDiffFMLib.volume import Volume, read_volume, write_volume
+from MedDiffFMLib.volume import Volume, default_file_mode, read_volume, write_volume
 
 
 def oblique_volume() -> Volume:
@@ -48,6 +48,7 @@ def test_write_refuses_to_overwrite_and_leaves_no_temporary_files(tmp_path):
     write_volume(volume.with_array(volume.array * 0), path, overwrite=True)
     assert read_volume(path).array.max() == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd"]
+    assert path.stat().st_mode & 0o777 == default_file_mode()
 
 
 def test_bad_paths_give_clear_errors(tmp_path):

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ChecksumError, WeightsError
 from ..progress import ProgressCallback, no_progress
+from ..volume import default_file_mode
 from .config import ModelConfig
 from .network import ControlledNet, MedDiffFMNet
 
@@ -352,6 +353,7 @@ def _atomic_write(target: Path, write, expected_sha256: str | None = None) -> No
                     f"Checksum mismatch for '{target.name}': expected SHA-256 {expected_sha256}, got {actual}. "
                     "The download is corrupted or not the published file; nothing was installed."
                 )
+        os.chmod(temporary, default_file_mode())
         os.replace(temporary, target)
     finally:
         if os.path.exists(temporary):
