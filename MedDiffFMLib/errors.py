@@ -36,5 +36,9 @@ class ChecksumError(WeightsError):
     """A file's SHA-256 does not match the expected one."""
 
 
+class ResourceError(MedDiffFMError, MemoryError):
+    """The device ran out of memory even at the smallest workload."""
+
+
 class CancelledError(MedDiffFMError):
     """The user cancelled a running job."""

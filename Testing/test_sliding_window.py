@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import CoordinateNet, random_tiny_model
 
 from MedDiffFMLib.diffusion.sliding_window import Conditions, WindowedNoisePredictor
+from MedDiffFMLib.errors import ResourceError
 from MedDiffFMLib.model.embeddings import window_coordinates
 
 
@@ -53,3 +55,27 @@ def test_window_batching_does_not_change_the_result():
     x = torch.randn(shape)
     results = [WindowedNoisePredictor(model, Conditions(3), shape, 16, 2, batch_size=b)(x, 100) for b in (1, 5)]
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
+class _MemoryHungry(CoordinateNet):
+    """Fails with out-of-memory whenever it is given more than ``limit`` windows at once."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def forward(self, x, t, coordinates, region, anatomy, control=None):
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().forward(x, t, coordinates, region, anatomy, control)
+
+
+def test_out_of_memory_halves_the_batch_and_then_gives_advice():
+    shape = (20, 37, 29)
+    predictor = WindowedNoisePredictor(_MemoryHungry(limit=2), Conditions(0), shape, 16, 2, batch_size=8)
+    expected = window_coordinates([slice(0, n) for n in shape], shape)[0]
+    torch.testing.assert_close(predictor(torch.zeros(shape), 10), expected, rtol=0, atol=1e-5)
+    assert predictor.batch_size == 2
+    hopeless = WindowedNoisePredictor(_MemoryHungry(limit=0), Conditions(0), shape, 16, 2, batch_size=4)
+    with pytest.raises(ResourceError, match="even with one"):
+        hopeless(torch.zeros(shape), 10)

@@ -13,6 +13,7 @@ anatomy, edge values for the task condition) up to it; results are cropped back.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +22,11 @@ from monai.data.utils import compute_importance_map, dense_patch_slices
 from torch import nn
 
 from ..anatomy import UNKNOWN_LABEL
-from ..errors import InputError
+from ..errors import InputError, ResourceError
 from ..model.embeddings import window_coordinates
 
 BLEND_MODES = ("gaussian", "constant")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,13 +128,31 @@ class WindowedNoisePredictor:
             raise InputError(f"Volume shape {tuple(x.shape)} does not match the predictor's {self.shape}.")
         padded = self._pad(x[None].to(self.device, torch.float32), "reflect")[0]
         accumulated = torch.zeros(self.padded_shape, device=self.device)
-        for first in range(0, len(self.windows), self.batch_size):
+        first = 0
+        while first < len(self.windows):
             batch = self.windows[first : first + self.batch_size]
-            eps = self._evaluate(padded, batch, t)
+            try:
+                eps = self._evaluate(padded, batch, t)
+            except torch.OutOfMemoryError:
+                self._shrink_batch()
+                continue
             for window, estimate in zip(batch, eps):
                 accumulated[window] += estimate[0] * self.importance
+            first += len(batch)
         eps = accumulated.mul_(self.inverse_weight)
         return eps[: self.shape[0], : self.shape[1], : self.shape[2]]
+
+    def _shrink_batch(self) -> None:
+        """Halve the window batch after an out-of-memory error; at one window, give up with advice."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.batch_size == 1:
+            raise ResourceError(
+                f"Out of memory on {self.device} even with one {'x'.join(map(str, self.window))} window per call. "
+                "Close other programs using the device, or run on the CPU (device 'cpu')."
+            )
+        self.batch_size = max(1, self.batch_size // 2)
+        logger.warning("Out of memory: continuing with %d windows per network call.", self.batch_size)
 
     def coordinates(self, window: tuple[slice, ...]) -> torch.Tensor:
         """Global position coordinates ``(3, d, h, w)`` of a window of this (possibly cropped) volume."""
