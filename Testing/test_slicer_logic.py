@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import vtk
-from conftest import random_tiny_model, randomise_zero_parameters
+from conftest import crop, random_tiny_model, randomise_zero_parameters
 
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core package (pip install slicer-core)")
 
@@ -233,11 +233,18 @@ def test_anatomy_from_a_segmentation_uses_class_names_and_fills_the_body(scene, 
         nodes.anatomy_from_node(unnamed, ct_node, scene)
 
 
-def test_anatomy_from_a_label_map_node(scene, ct_node, small_seg):
-    labelmap = nodes.node_from_volume(small_seg, "seg", "vtkMRMLLabelMapVolumeNode", scene)
+def test_anatomy_from_a_label_map_node_on_another_grid(scene, ct_node, small_seg):
+    """A label map on a smaller grid is brought onto the CT's grid (nearest neighbour): same labels where it is."""
+    part = crop(small_seg, slice(2, 12), slice(5, 35), slice(4, 40))
+    labelmap = nodes.node_from_volume(part, "seg", "vtkMRMLLabelMapVolumeNode", scene)
     anatomy = nodes.anatomy_from_node(labelmap, ct_node, scene)
-    original = np.asarray(small_seg.array)
-    np.testing.assert_array_equal(anatomy.array[original > 0], original[original > 0])
+    assert anatomy.geometry.same_grid(nodes.volume_from_node(ct_node).geometry)
+    original = np.asarray(small_seg.array)[2:12, 5:35, 4:40]
+    inside = np.asarray(anatomy.array)[2:12, 5:35, 4:40]
+    np.testing.assert_array_equal(inside[original > 0], original[original > 0])
+    outside = np.ones(anatomy.array.shape, bool)
+    outside[2:12, 5:35, 4:40] = False
+    assert set(np.unique(np.asarray(anatomy.array)[outside])) <= {0, BODY_LABEL}
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     labelmap.SetAndObserveTransformNodeID(transform.GetID())
     with pytest.raises(InputError, match="Harden"):

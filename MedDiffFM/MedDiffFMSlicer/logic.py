@@ -194,7 +194,7 @@ class TaskLogic:
         volume_node = parameters.volume
         if volume_node is not None and (info.needs_volume or info.volume_is_grid_only):
             if info.needs_volume:
-                prepared.ct = nodes.volume_from_node(volume_node, dtype=np.float32)
+                prepared.ct = nodes.volume_from_node(volume_node)
             prepared.reference_node = volume_node
             prepared.base_name = volume_node.GetName()
         if parameters.anatomy is not None and info.anatomy != "no":
@@ -205,7 +205,10 @@ class TaskLogic:
                 prepared.base_name = parameters.anatomy.GetName()
         if info.needs_lesion:
             grid = prepared.ct if prepared.ct is not None else prepared.anatomy
-            prepared.lesion = self._mask_on(parameters.lesion_segmentation, parameters.lesion_segment_id, grid)
+            grid_node = volume_node if prepared.ct is not None else None
+            prepared.lesion = self._mask_on(
+                parameters.lesion_segmentation, parameters.lesion_segment_id, grid, grid_node, prepared.reference_node
+            )
         if info.region_required and prepared.region is None:
             prepared.region = region_from_anatomy(prepared.anatomy.array) if prepared.anatomy is not None else None
             if prepared.region is None:
@@ -215,13 +218,19 @@ class TaskLogic:
                 )
         return prepared
 
-    def _mask_on(self, segmentation, segment_id: str, grid: Volume) -> Volume:
+    def _mask_on(self, segmentation, segment_id: str, grid: Volume, grid_node, placed_with) -> Volume:
+        """The segment as a mask on ``grid``: exported onto ``grid_node`` when that volume node has this grid,
+        else onto a temporary node of the grid under the same transform as ``placed_with``."""
+        if grid_node is not None:
+            return nodes.mask_from_segment(segmentation, segment_id, grid_node)
         reference = nodes.node_from_volume(
             grid.with_array(np.zeros(grid.array.shape, np.uint8)),
             "MedDiffFM grid",
             "vtkMRMLLabelMapVolumeNode",
             self.scene,
         )
+        if placed_with is not None:
+            reference.SetAndObserveTransformNodeID(placed_with.GetTransformNodeID())
         try:
             return nodes.mask_from_segment(segmentation, segment_id, reference)
         finally:
@@ -526,9 +535,7 @@ class TaskLogic:
                 "inpaint_lesion": "lesion inpainted",
             }[p.task]
             volume = self._on_input_grid(volumes["volume"], inputs)
-            node = nodes.node_from_volume(
-                volume.with_array(volume.array.astype(np.float32)), f"{base} {suffix}", scene=self.scene
-            )
+            node = nodes.node_from_volume(volume, f"{base} {suffix}", scene=self.scene)
             self._copy_window(node, reference, inputs.region)
             outputs = {"volume": node}
         for node in outputs.values():

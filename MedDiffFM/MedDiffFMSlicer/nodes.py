@@ -26,6 +26,7 @@ import vtk
 
 from MedDiffFMLib.anatomy import BODY_LABEL, CLASS_NAMES, TOTALSEGMENTATOR_CLASSES, body_mask
 from MedDiffFMLib.errors import InputError, MaskError
+from MedDiffFMLib.preprocessing import labels_on_grid
 from MedDiffFMLib.volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -256,7 +257,8 @@ def anatomy_from_node(anatomy_node, reference_node=None, scene=None) -> Volume:
     * A label map volume node: its values are taken as TotalSegmentator v2 label values (0..117, 118 body),
       on its own grid.
 
-    When ``reference_node`` (the CT) is given, unlabelled voxels inside its body become ``body`` (118).
+    When ``reference_node`` (the CT) is given, the label map is brought onto its grid (nearest neighbour) and
+    unlabelled voxels inside its body become ``body`` (118).
     """
     scene = scene or slicer.mrmlScene
     if anatomy_node is None:
@@ -277,11 +279,12 @@ def anatomy_from_node(anatomy_node, reference_node=None, scene=None) -> Volume:
     else:
         raise InputError(f"'{anatomy_node.GetName()}' is neither a segmentation nor a label map volume.")
     if reference_node is not None:
-        hu = slicer.util.arrayFromVolume(reference_node)
-        if labels.array.shape == hu.shape:
-            array = np.array(labels.array, dtype=np.uint8)
-            array[(array == 0) & body_mask(hu)] = BODY_LABEL
-            labels = labels.with_array(array)
+        reference = volume_from_node(reference_node)
+        if not labels.geometry.same_grid(reference.geometry):  # a label map on another grid: nearest neighbour
+            labels = labels_on_grid(labels, reference.geometry, f"anatomy label map '{anatomy_node.GetName()}'")
+        array = np.array(labels.array, dtype=np.uint8)
+        array[(array == 0) & body_mask(np.asarray(reference.array))] = BODY_LABEL
+        labels = reference.with_array(array)
     return labels
 
 
