@@ -184,3 +184,13 @@ def test_synthesis_handles_any_size_by_padding(sample_seg, tiny_engine):
     assert synthesize(thin, "abdomen", tiny_engine, steps=2).array.shape == (3, 40, 20)
     with pytest.raises(InputError, match="empty"):
         synthesize(thin.with_array(np.zeros_like(thin.array)), "abdomen", tiny_engine)
+
+
+def test_very_large_volumes_are_refused_with_an_estimate(small_ct, tiny_engine, monkeypatch):
+    from MedDiffFMLib.errors import ResourceError
+    from MedDiffFMLib.tasks import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "device_memory_bytes", lambda device: 2**20)
+    with pytest.raises(ResourceError, match=r"needs about .* GiB"):
+        denoise(small_ct, tiny_engine, steps=1)
+    assert engine_module.check_memory((10, 10, 10), torch.device("cpu")) == 10**3 * 4 * 10

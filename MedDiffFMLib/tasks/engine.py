@@ -5,6 +5,7 @@ the trip from the user's grid in HU to the model's working grid in [-1, 1] and b
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,7 @@ from ..anatomy import UNKNOWN_LABEL
 from ..device import select_device
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.sliding_window import Conditions, WindowedNoisePredictor
-from ..errors import InputError
+from ..errors import InputError, ResourceError
 from ..model.config import ModelConfig
 from ..volume import Geometry, Volume
 
@@ -63,7 +64,11 @@ class Engine:
         frame: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
     ) -> WindowedNoisePredictor:
         """Whole-volume noise predictor for a volume of ``shape`` on the working grid (``frame``: see
-        :class:`~MedDiffFMLib.diffusion.sliding_window.WindowedNoisePredictor`)."""
+        :class:`~MedDiffFMLib.diffusion.sliding_window.WindowedNoisePredictor`).
+
+        Refuses volumes whose estimated memory exceeds the device's (see :func:`check_memory`).
+        """
+        check_memory(shape, self.device)
         return WindowedNoisePredictor(
             self.model,
             conditions,
@@ -80,6 +85,34 @@ class Engine:
     def working_geometry(self, geometry: Geometry) -> Geometry:
         """The model's isotropic grid over the extent of ``geometry``."""
         return pp.isotropic_geometry(geometry, self.config.spacing_mm)
+
+
+FULL_VOLUME_TENSORS = 10
+"""Float32 volumes of the working grid alive at once while sampling (image, noise estimate,
+accumulator, weights, observation, clean estimate, fresh noise, condition, padding copies)."""
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device``: the GPU's, or the machine's physical memory for the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_memory(shape: tuple[int, ...], device: torch.device) -> int:
+    """Estimated bytes for sampling a working volume of ``shape``; refused above 90 % of the
+    device's memory, a warning above 50 %. Returns the estimate."""
+    estimate = int(np.prod(shape)) * 4 * FULL_VOLUME_TENSORS
+    capacity = device_memory_bytes(device)
+    message = (
+        f"The working volume {'x'.join(map(str, shape))} needs about {estimate / 2**30:.2f} GiB on {device} "
+        f"({capacity / 2**30:.2f} GiB in total)"
+    )
+    if estimate > 0.9 * capacity:
+        raise ResourceError(message + ". Crop the CT to the region of interest or use a device with more memory.")
+    if estimate > 0.5 * capacity:
+        logger.warning("%s; other programs may run short of memory.", message)
+    return estimate
 
 
 def checked_ct(volume: Volume) -> np.ndarray:
