@@ -148,3 +148,15 @@ def test_offline_import(tmp_path):
     assert [c.identifier for c in w.list_installed()] == ["tiny-test@1.0"]
     with pytest.raises(ChecksumError):
         w.import_checkpoint(path, expected_sha256="0" * 64)
+
+
+def test_cancelled_install_leaves_nothing(tmp_path):
+    from MedDiffFMLib.errors import CancelledError
+    from MedDiffFMLib.progress import CancelToken
+
+    _, path, card = _save(tmp_path)
+    cancel = CancelToken()
+    cancel.cancel()
+    with pytest.raises(CancelledError):
+        w.install(_catalogue(tmp_path, path, card.sha256)[0], cancel=cancel)
+    assert list(w.cache_dir().iterdir()) == []

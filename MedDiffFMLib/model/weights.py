@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import ChecksumError, WeightsError
-from ..progress import ProgressCallback, no_progress
+from ..progress import CancelToken, ProgressCallback, no_progress
 from ..volume import default_file_mode
 from .config import ModelConfig
 from .network import ControlledNet, MedDiffFMNet
@@ -264,10 +264,11 @@ def installed_path(entry: CatalogueEntry) -> Path:
     return cache_dir() / f"{entry.file_stem}.safetensors"
 
 
-def install(entry: CatalogueEntry, progress: ProgressCallback = no_progress) -> Path:
+def install(entry: CatalogueEntry, progress: ProgressCallback = no_progress, cancel: CancelToken | None = None) -> Path:
     """Download a catalogued model into the cache, verified by SHA-256; returns the weights path.
 
-    An already installed, intact model is not downloaded again.
+    An already installed, intact model is not downloaded again. ``cancel`` stops the download
+    between chunks; nothing is left in the cache then.
     """
     target = installed_path(entry)
     if target.exists() and card_path(target).exists() and sha256_of(target) == entry.sha256:
@@ -275,7 +276,9 @@ def install(entry: CatalogueEntry, progress: ProgressCallback = no_progress) -> 
     cache_dir().mkdir(parents=True, exist_ok=True)
     card_bytes = _download(entry.card_url, progress=no_progress)
     card = ModelCard.from_dict(_parse_json(card_bytes, entry.card_url))
-    _atomic_write(target, lambda temporary: _download(entry.url, temporary, progress), expected_sha256=entry.sha256)
+    _atomic_write(
+        target, lambda temporary: _download(entry.url, temporary, progress, cancel), expected_sha256=entry.sha256
+    )
     if card.sha256 and card.sha256 != entry.sha256:
         target.unlink()
         raise ChecksumError(f"The model card of '{entry.name}' names another file than the catalogue.")
@@ -313,7 +316,9 @@ def _parse_json(data: bytes, source: str) -> object:
         raise WeightsError(f"'{source}' is not a valid JSON model card: {error}.") from error
 
 
-def _download(url: str, target: str | None = None, progress: ProgressCallback = no_progress) -> bytes:
+def _download(
+    url: str, target: str | None = None, progress: ProgressCallback = no_progress, cancel: CancelToken | None = None
+) -> bytes:
     """Fetch ``url`` into ``target`` (returns b"") or into memory (returns the bytes)."""
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
@@ -322,6 +327,8 @@ def _download(url: str, target: str | None = None, progress: ProgressCallback = 
             sink = open(target, "wb") if target else None
             try:
                 for chunk in iter(lambda: response.read(_CHUNK), b""):
+                    if cancel is not None:
+                        cancel.raise_if_cancelled()
                     done += len(chunk)
                     if sink:
                         sink.write(chunk)
