@@ -392,8 +392,11 @@ def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
     from .metrics import psnr
     from .preprocessing import Window
 
-    if not args.model and not args.untrained and not model_weights.list_installed():
-        args.untrained = "demo"
+    if not args.model and not args.untrained:
+        try:
+            model_weights.resolve_weights()
+        except MedDiffFMError:
+            args.untrained = "demo"
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.nii.gz" for name in ("reference", "low_dose", "denoised")}
@@ -450,6 +453,9 @@ def run_models(args: argparse.Namespace, cancel: CancelToken) -> None:
             print(f"  {entry.name}@{entry.version} ({entry.task}) {entry.description}")
         print("installed:")
         for card in model_weights.list_installed():
+            print(f"  {card.identifier} ({card.task}) {card.intended_use}")
+        print(f"shipped with this checkout ({model_weights.BUNDLED_DIR}):")
+        for card, _ in model_weights.list_bundled():
             print(f"  {card.identifier} ({card.task}) {card.intended_use}")
     elif args.action == "install":
         entry = model_weights.find_entry(args.name)

@@ -160,3 +160,17 @@ def test_cancelled_install_leaves_nothing(tmp_path):
     with pytest.raises(CancelledError):
         w.install(_catalogue(tmp_path, path, card.sha256)[0], cancel=cancel)
     assert list(w.cache_dir().iterdir()) == []
+
+
+def test_models_shipped_with_the_checkout_are_found_after_installed_ones(tmp_path, monkeypatch):
+    shipped = tmp_path / "models"
+    shipped.mkdir()
+    path = shipped / "tiny-test-1.0.safetensors"
+    card = w.save_checkpoint(random_tiny_model(), path, _card("tiny-test"))
+    catalogue = _catalogue(tmp_path, path, card.sha256)
+    monkeypatch.setattr(w, "BUNDLED_DIR", shipped)
+    monkeypatch.setenv("MEDDIFFFM_CATALOGUE", str(tmp_path / "catalogue.json"))
+    assert [c.identifier for c, _ in w.list_bundled()] == ["tiny-test@1.0"]
+    assert w.resolve_weights() == path
+    installed = w.install(catalogue[0])
+    assert w.resolve_weights() == installed

@@ -35,6 +35,8 @@ from .network import ControlledNet, MedDiffFMNet
 
 TASKS = ("base", "controlnet-sr", "controlnet-lesion")
 CATALOGUE_PATH = Path(__file__).with_name("catalogue.json")
+BUNDLED_DIR = Path(__file__).resolve().parents[2] / "models"
+"""Weights shipped with a source checkout (the demonstration models)."""
 _CHUNK = 1 << 20
 
 
@@ -257,7 +259,7 @@ def find_entry(name: str, catalogue: list[CatalogueEntry] | None = None) -> Cata
     if not matches:
         known = ", ".join(f"{e.name}@{e.version}" for e in entries) or "none"
         raise WeightsError(f"No model '{name}' in the catalogue. Known models: {known}.")
-    return max(matches, key=lambda e: [int(p) if p.isdigit() else p for p in e.version.split(".")])
+    return max(matches, key=lambda e: _version_key(e.version))
 
 
 def installed_path(entry: CatalogueEntry) -> Path:
@@ -367,22 +369,41 @@ def _atomic_write(target: Path, write, expected_sha256: str | None = None) -> No
             os.remove(temporary)
 
 
-def resolve_weights(spec: str | None = None, task: str = "base") -> Path:
-    """Weights file for ``spec``: a ``.safetensors`` path, or an installed model ``name[@version]``.
+def _version_key(version: str) -> list:
+    return [int(part) if part.isdigit() else part for part in version.split(".")]
 
-    None picks the newest installed model of ``task``.
+
+def list_bundled() -> list[tuple[ModelCard, Path]]:
+    """Catalogued models whose weights ship in this source checkout's ``models/`` folder."""
+    found = []
+    for entry in read_catalogue():
+        path = BUNDLED_DIR / f"{entry.file_stem}.safetensors"
+        if path.exists() and card_path(path).exists():
+            found.append((read_card(path), path))
+    return found
+
+
+def resolve_weights(spec: str | None = None, task: str = "base") -> Path:
+    """Weights file for ``spec``: a ``.safetensors`` path, or a model ``name[@version]``.
+
+    Installed models (the cache) come first, then the models shipped in the checkout's ``models/``
+    folder; None picks the newest model of ``task``.
     """
     if spec and (spec.endswith(".safetensors") or os.sep in spec):
         return Path(spec)
-    cards = [c for c in list_installed() if c.task == task and (not spec or spec in (c.name, c.identifier))]
-    if not cards:
+
+    def matches(card: ModelCard) -> bool:
+        return card.task == task and (not spec or spec in (card.name, card.identifier))
+
+    installed = [(c, cache_dir() / f"{c.name}-{c.version}.safetensors") for c in list_installed() if matches(c)]
+    candidates = installed or [(card, path) for card, path in list_bundled() if matches(card)]
+    if not candidates:
         wanted = f"'{spec}'" if spec else f"a '{task}' model"
         raise WeightsError(
             f"No installed model matches {wanted} in {cache_dir()}. Install one with 'meddiff-fm models install "
             "NAME', import a file with 'meddiff-fm models import FILE', or give the path of a .safetensors file."
         )
-    card = max(cards, key=lambda c: [int(p) if p.isdigit() else p for p in c.version.split(".")])
-    return cache_dir() / f"{card.name}-{card.version}.safetensors"
+    return max(candidates, key=lambda pair: _version_key(pair[0].version))[1]
 
 
 def untrained_model(preset_name: str, seed: int = 0) -> MedDiffFMNet:
