@@ -90,3 +90,39 @@ def test_mask_on_a_distant_grid_is_refused(sample_seg, sample_ct):
     far = Volume(sample_seg.array, sample_seg.spacing, (5000.0, 5000.0, 5000.0), sample_seg.direction)
     with pytest.raises(InputError, match="does not overlap"):
         pp.labels_on_grid(far, sample_ct.geometry)
+
+
+def _write_dicom_series(folder, volume: Volume, series_uid: str) -> None:
+    import SimpleITK as sitk
+
+    image = volume.to_sitk()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        slice_image = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in {
+            "0020|000e": series_uid,
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{p:.4f}" for p in position),
+            "0020|0037": "\\".join(f"{d:.6f}" for d in (*image.GetDirection()[0::3], *image.GetDirection()[1::3])),
+            "0008|0060": "CT",
+            "0028|1052": "0",
+            "0028|1053": "1",
+        }.items():
+            slice_image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{series_uid[-4:]}_{k:03d}.dcm"))
+        writer.Execute(slice_image)
+
+
+def test_dicom_folder_with_several_series_asks_for_a_uid(tmp_path):
+    volume = Volume(np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5) - 30, spacing=(0.5, 0.5, 2.0))
+    _write_dicom_series(tmp_path, volume, "1.2.826.0.1.3680043.2.1125.1.1111")
+    _write_dicom_series(tmp_path, volume.with_array(volume.array + 100), "1.2.826.0.1.3680043.2.1125.1.2222")
+    with pytest.raises(ReadError, match="holds 2 DICOM series.*1111.*2222|holds 2 DICOM series.*2222.*1111"):
+        read_volume(tmp_path)
+    second = read_volume(tmp_path, series_uid="1.2.826.0.1.3680043.2.1125.1.2222")
+    np.testing.assert_array_equal(second.array, volume.array + 100)
+    assert second.geometry.same_grid(volume.geometry)
+    with pytest.raises(ReadError, match="is not in"):
+        read_volume(tmp_path, series_uid="9.9.9")
