@@ -113,3 +113,26 @@ def test_x0_prediction_inverts_forward_noising():
         torch.testing.assert_close(schedule.predict_x0(schedule.q_sample(x0, t, eps), t, eps), x0)
     assert schedule.strided_timesteps(15, 100) == list(range(15, -1, -1))
     assert schedule.strided_timesteps(999, 4) == [999, 666, 333, 0]
+
+
+def test_dpm_solver_follows_the_probability_flow_of_gaussian_data_better_than_ddim():
+    from MedDiffFMLib.device import make_generator, randn
+    from MedDiffFMLib.diffusion.samplers import sample
+
+    schedule, spread, shape = NoiseSchedule(), 0.3, (4000,)
+
+    def exact_eps(x, t):
+        a, s = schedule.abar(t) ** 0.5, (1 - schedule.abar(t)) ** 0.5
+        return (x - a * (a * spread**2 / (a**2 * spread**2 + s**2)) * x) / s
+
+    start = randn(shape, make_generator(7), torch.device("cpu"))
+    a_top, s_top = schedule.abar(999) ** 0.5, (1 - schedule.abar(999)) ** 0.5
+    expected = spread * start / (a_top**2 * spread**2 + s_top**2) ** 0.5
+    errors = {}
+    for sampler in ("ddim", "dpm++2m"):
+        result = sample(
+            exact_eps, schedule, shape, make_generator(7), torch.device("cpu"), sampler=sampler, steps=10, eta=0.0
+        )
+        errors[sampler] = (result - expected.clamp(-1, 1)).abs().max().item()
+    assert errors["dpm++2m"] < 0.25 * errors["ddim"]
+    assert errors["dpm++2m"] < 0.05

@@ -6,6 +6,7 @@ All functions work on whole tensors of any shape; the noise prediction comes fro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -16,7 +17,7 @@ from ..progress import CancelToken, ProgressCallback, no_progress
 from .schedule import NoiseSchedule
 
 NoisePredictor = Callable[[torch.Tensor, int], torch.Tensor]
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 
 
 def ddpm_step(
@@ -57,6 +58,38 @@ def ddim_step(
     return x_prev
 
 
+def dpm_solver_2m_step(
+    schedule: NoiseSchedule,
+    x_t: torch.Tensor,
+    t: int,
+    t_next: int,
+    x0: torch.Tensor,
+    previous: tuple[int, torch.Tensor] | None,
+) -> torch.Tensor:
+    """One DPM-Solver++(2M) step (Lu et al. 2022, data prediction, multistep) from ``t`` to ``t_next``.
+
+    With ``lambda = log(alpha / sigma)``, ``h = lambda_next - lambda_t``: first order
+    ``x_next = (sigma_next / sigma_t) x_t - alpha_next (exp(-h) - 1) x0``; second order replaces
+    ``x0`` by ``(1 + 1/(2r)) x0 - 1/(2r) x0_prev`` with ``r = h_prev / h``, where ``previous`` is
+    ``(t_prev, x0_prev)`` of the step before. ``t_next = -1`` returns ``x0``.
+    """
+    if t_next < 0:
+        return x0
+
+    def log_snr(step: int) -> float:
+        abar = schedule.abar(step)
+        return 0.5 * math.log(abar / (1.0 - abar))
+
+    abar_t, abar_next = schedule.abar(t), schedule.abar(t_next)
+    h = log_snr(t_next) - log_snr(t)
+    estimate = x0
+    if previous is not None:
+        ratio = (log_snr(t) - log_snr(previous[0])) / h
+        estimate = (1.0 + 0.5 / ratio) * x0 - (0.5 / ratio) * previous[1]
+    scale = ((1.0 - abar_next) / (1.0 - abar_t)) ** 0.5
+    return scale * x_t - abar_next**0.5 * math.expm1(-h) * estimate
+
+
 def sample(
     predict: NoisePredictor,
     schedule: NoiseSchedule,
@@ -72,22 +105,33 @@ def sample(
     """Generate a sample of ``shape`` from pure noise; returns x_0 in [-1, 1].
 
     ``ddpm`` runs all T steps; ``ddim`` runs ``steps`` strided steps (default 50) with ``eta``
-    (0 deterministic, 1 stochastic).
+    (0 deterministic, 1 stochastic); ``dpm++2m`` runs ``steps`` steps of the deterministic
+    second-order DPM-Solver++(2M) on timesteps evenly spaced in log-SNR (default 20), which needs
+    far fewer steps than DDIM for the same accuracy.
     """
     if sampler not in SAMPLERS:
         raise InputError(f"Unknown sampler '{sampler}'. Choose one of: {', '.join(SAMPLERS)}.")
     last = schedule.num_timesteps - 1
-    timesteps = schedule.strided_timesteps(last, schedule.num_timesteps if sampler == "ddpm" else steps or 50)
+    if sampler == "dpm++2m":
+        timesteps = schedule.log_snr_timesteps(last, steps or 20)
+    else:
+        timesteps = schedule.strided_timesteps(last, schedule.num_timesteps if sampler == "ddpm" else steps or 50)
     x = randn(shape, generator, device)
+    previous = None
     for index, t in enumerate(timesteps):
         if cancel is not None:
             cancel.raise_if_cancelled()
         eps = predict(x, t)
         t_prev = timesteps[index + 1] if index + 1 < len(timesteps) else -1
-        noise = randn(shape, generator, device) if t_prev >= 0 else None
-        if sampler == "ddpm":
-            x = ddpm_step(schedule, x, t, eps, noise)
+        if sampler == "dpm++2m":
+            x0 = schedule.predict_x0(x, t, eps)
+            x = dpm_solver_2m_step(schedule, x, t, t_prev, x0, previous)
+            previous = (t, x0)
         else:
-            x = ddim_step(schedule, x, t, t_prev, schedule.predict_x0(x, t, eps), eta, noise)
+            noise = randn(shape, generator, device) if t_prev >= 0 and (sampler == "ddpm" or eta > 0) else None
+            if sampler == "ddpm":
+                x = ddpm_step(schedule, x, t, eps, noise)
+            else:
+                x = ddim_step(schedule, x, t, t_prev, schedule.predict_x0(x, t, eps), eta, noise)
         progress(index + 1, len(timesteps), f"t={t}")
     return x.clamp(-1.0, 1.0)

@@ -53,6 +53,14 @@ class NoiseSchedule:
         abar = self.abar(t)
         return (x_t - abar**0.5 * x0) / (1.0 - abar) ** 0.5
 
+    def log_snr_timesteps(self, start: int, steps: int) -> list[int]:
+        """Up to ``steps`` distinct timesteps from ``start`` down to 0, evenly spaced in
+        ``log(alpha / sigma)`` (the spacing DPM-Solver is designed for)."""
+        log_snr = 0.5 * torch.log(self.alphas_cumprod / (1.0 - self.alphas_cumprod))
+        targets = torch.linspace(float(log_snr[start]), float(log_snr[0]), max(1, steps), dtype=torch.float64)
+        nearest = [int(torch.argmin((log_snr - value).abs())) for value in targets]
+        return list(dict.fromkeys(nearest))
+
     def strided_timesteps(self, start: int, steps: int) -> list[int]:
         """``steps`` distinct timesteps from ``start`` down to 0, evenly spaced (uniform skipping)."""
         if not 0 <= start < self.num_timesteps:
