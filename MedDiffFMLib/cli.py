@@ -22,6 +22,7 @@ from .preprocessing import REGIONS
 from .progress import CancelToken, JsonLinesProgress, TqdmProgress, emit_json
 from .tasks import Engine, denoise, detect_anomalies, generate_lesion, inpaint_lesion, super_resolve, synthesize
 from .tasks.anomaly import DEFAULT_TIMESTEP
+from .tasks.engine import PRECISIONS
 from .tasks.denoise import DEFAULT_LAMBDA, DEFAULT_STEPS, DEFAULT_ZETA
 from .tasks.super_resolution import DEFAULT_LAMBDA as SR_LAMBDA
 from .tasks.super_resolution import DEFAULT_SIGMA as SR_SIGMA
@@ -65,6 +66,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction (default 0.5)")
     group.add_argument("--batch-size", type=int, default=4, help="windows per network call (default 4)")
     group.add_argument("--blend", choices=BLEND_MODES, default="gaussian")
+    group.add_argument(
+        "--precision", choices=tuple(PRECISIONS), default="auto", help="network precision (auto: bf16 on CUDA)"
+    )
     group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     group.add_argument("--overwrite", action="store_true", help="replace existing output files")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -204,7 +208,7 @@ def _engine(args: argparse.Namespace, controlnet_task: str | None = None) -> Eng
             weights = model_weights.resolve_weights(args.controlnet, task=controlnet_task)
             model = model_weights.load_controlled_model(model, weights, controlnet_task)
             name = f"{name} + {model.card.identifier}"
-    return Engine(model, args.device, args.overlap, args.batch_size, args.blend, name=name)
+    return Engine(model, args.device, args.overlap, args.batch_size, args.blend, name=name, precision=args.precision)
 
 
 def _progress(args: argparse.Namespace, description: str) -> TqdmProgress | JsonLinesProgress:

@@ -79,3 +79,14 @@ def test_out_of_memory_halves_the_batch_and_then_gives_advice():
     hopeless = WindowedNoisePredictor(_MemoryHungry(limit=0), Conditions(0), shape, 16, 2, batch_size=4)
     with pytest.raises(ResourceError, match="even with one"):
         hopeless(torch.zeros(shape), 10)
+
+
+def test_bf16_autocast_stays_close_to_float32():
+    model = random_tiny_model()
+    shape = (16, 24, 20)
+    x = torch.randn(shape)
+    exact = WindowedNoisePredictor(model, Conditions(3), shape, 16, 2)(x, 100)
+    mixed = WindowedNoisePredictor(model, Conditions(3), shape, 16, 2, autocast=torch.bfloat16)(x, 100)
+    assert mixed.dtype == torch.float32
+    assert (mixed - exact).abs().max() < 0.05 * exact.abs().max()
+    assert not torch.equal(mixed, exact)

@@ -64,6 +64,8 @@ class WindowedNoisePredictor:
         device: where the network runs; volumes stay on this device too.
         frame: ``(offset, whole_shape)`` when the volume is a crop of a larger volume ``whole_shape``
             starting at voxel ``offset``: positions are then coordinates in the whole volume.
+        autocast: run the network under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``
+            on CUDA); estimates are accumulated in float32 either way.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class WindowedNoisePredictor:
         blend: str = "gaussian",
         device: torch.device | str = "cpu",
         frame: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
+        autocast: torch.dtype | None = None,
     ) -> None:
         if not 0.0 <= overlap < 1.0:
             raise InputError(f"Window overlap must be in [0, 1), got {overlap}.")
@@ -89,6 +92,7 @@ class WindowedNoisePredictor:
         self.device = torch.device(device)
         self.shape = tuple(int(n) for n in shape)
         self.offset, self.frame_shape = frame if frame is not None else ((0, 0, 0), self.shape)
+        self.autocast = autocast
         self.window = window_size(self.shape, patch_size, multiple)
         self.padded_shape = tuple(max(n, w) for n, w in zip(self.shape, self.window))
         self.batch_size = batch_size
@@ -171,6 +175,8 @@ class WindowedNoisePredictor:
         timesteps = torch.full((size,), int(t), dtype=torch.long, device=self.device)
         region = torch.full((size,), self.region, dtype=torch.long, device=self.device)
         self.evaluations += size
-        if control is None:
-            return self.model(x, timesteps, coordinates, region, anatomy)
-        return self.model(x, timesteps, coordinates, region, anatomy, control=control)
+        extra = {} if control is None else {"control": control}
+        if self.autocast is None:
+            return self.model(x, timesteps, coordinates, region, anatomy, **extra)
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            return self.model(x, timesteps, coordinates, region, anatomy, **extra).float()

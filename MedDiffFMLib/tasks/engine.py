@@ -35,6 +35,7 @@ class Engine:
         batch_size: windows per network call.
         blend: ``gaussian`` or ``constant`` weighting of overlapping windows.
         name: model identifier written into result metadata.
+        precision: ``auto`` (bfloat16 autocast on CUDA, float32 elsewhere), ``fp32``, ``bf16`` or ``fp16``.
     """
 
     model: nn.Module
@@ -43,12 +44,15 @@ class Engine:
     batch_size: int = 4
     blend: str = "gaussian"
     name: str = ""
+    precision: str = "auto"
     schedule: NoiseSchedule = field(init=False)
 
     def __post_init__(self) -> None:
         self.device = self.device if isinstance(self.device, torch.device) else select_device(self.device)
         self.model = self.model.to(self.device).eval()
         self.schedule = NoiseSchedule(self.config.num_train_timesteps, self.config.schedule)
+        if self.precision not in PRECISIONS:
+            raise InputError(f"Unknown precision '{self.precision}'. Choose one of: {', '.join(PRECISIONS)}.")
         if not self.name:
             card = getattr(self.model, "card", None)
             self.name = card.identifier if card is not None else "unsaved model"
@@ -80,12 +84,27 @@ class Engine:
             blend=self.blend,
             device=self.device,
             frame=frame,
+            autocast=self.autocast_dtype,
         )
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype of network calls (None: float32)."""
+        if self.precision == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else None
+        return PRECISIONS[self.precision]
 
     def working_geometry(self, geometry: Geometry) -> Geometry:
         """The model's isotropic grid over the extent of ``geometry``."""
         return pp.isotropic_geometry(geometry, self.config.spacing_mm)
 
+
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 FULL_VOLUME_TENSORS = 10
 """Float32 volumes of the working grid alive at once while sampling (image, noise estimate,
