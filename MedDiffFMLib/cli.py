@@ -22,8 +22,8 @@ from .preprocessing import REGIONS
 from .progress import CancelToken, JsonLinesProgress, TqdmProgress, emit_json
 from .tasks import Engine, denoise, detect_anomalies, generate_lesion, inpaint_lesion, super_resolve, synthesize
 from .tasks.anomaly import DEFAULT_TIMESTEP
-from .tasks.engine import PRECISIONS
 from .tasks.denoise import DEFAULT_LAMBDA, DEFAULT_STEPS, DEFAULT_ZETA
+from .tasks.engine import PRECISIONS
 from .tasks.super_resolution import DEFAULT_LAMBDA as SR_LAMBDA
 from .tasks.super_resolution import DEFAULT_SIGMA as SR_SIGMA
 from .tasks.super_resolution import DEFAULT_STEPS as SR_STEPS
