@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import CoordinateNet, random_tiny_model
 
-from MedDiffFMLib.diffusion.sliding_window import Conditions, WindowedNoisePredictor
+from MedDiffFMLib.diffusion.sliding_window import Conditions, KnownVoxels, WindowedNoisePredictor
 from MedDiffFMLib.errors import ResourceError
 from MedDiffFMLib.model.embeddings import window_coordinates
 
@@ -90,3 +90,28 @@ def test_bf16_autocast_stays_close_to_float32():
     assert mixed.dtype == torch.float32
     assert (mixed - exact).abs().max() < 0.05 * exact.abs().max()
     assert not torch.equal(mixed, exact)
+
+
+def test_windows_of_known_voxels_are_skipped_and_keep_their_known_values():
+    from MedDiffFMLib.diffusion.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule()
+    shape = (16, 48, 48)
+    known_mask = torch.ones(shape, dtype=torch.bool)
+    known_mask[:, 20:30, 20:30] = False
+    values = torch.full(shape, -1.0)
+    model = random_tiny_model()
+    full = WindowedNoisePredictor(model, Conditions(3), shape, 16, 2)
+    skipping = WindowedNoisePredictor(
+        model, Conditions(3), shape, 16, 2, known=KnownVoxels(known_mask, values, schedule)
+    )
+    assert skipping.skipped_windows > 0 and len(skipping.windows) + skipping.skipped_windows == len(full.windows)
+    x = torch.randn(shape)
+    eps = skipping(x, 300)
+    x0 = schedule.predict_x0(x, 300, eps, clip=False)
+    uncovered = ~skipping.covered
+    assert uncovered.any()
+    torch.testing.assert_close(x0[uncovered], values[uncovered], rtol=0, atol=1e-4)
+    # voxels covered by an evaluated window get exactly the full computation's estimate where all their
+    # windows were evaluated (the unknown core)
+    torch.testing.assert_close(eps[:, 20:30, 20:30], full(x, 300)[:, 20:30, 20:30], rtol=1e-4, atol=1e-5)

@@ -199,3 +199,21 @@ def test_very_large_volumes_are_refused_with_an_estimate(small_ct, tiny_engine, 
     with pytest.raises(ResourceError, match=r"needs about .* GiB"):
         denoise(small_ct, tiny_engine, steps=1)
     assert engine_module.check_memory((10, 10, 10), torch.device("cpu")) == 10**3 * 4 * 10
+
+
+def test_synthesis_sets_outside_body_to_air_and_skips_air_windows(sample_ct, sample_seg, tiny_engine):
+    from MedDiffFMLib.anatomy import from_totalsegmentator
+
+    labels = sample_seg.with_array(from_totalsegmentator(sample_seg.array, sample_ct.array))
+    result = synthesize(labels, "abdomen", tiny_engine, steps=2, seed=0)
+    assert np.all(result.array[labels.array == 0] == -1000.0)
+    inside = labels.array > 0
+    assert result.array[inside].min() >= pp.REGIONS["abdomen"].low - 1e-3
+    assert int(result.metadata["MedDiffFM_skipped_windows"]) > 0
+
+
+def test_denoise_skips_windows_outside_the_body(sample_ct, tiny_engine):
+    result = denoise(sample_ct, tiny_engine, region="abdomen", sigma_n=0.05, steps=1)
+    assert result.skipped_windows > 0
+    outside = sample_ct.array < -900
+    np.testing.assert_array_equal(result.volume.array[outside], sample_ct.array[outside])

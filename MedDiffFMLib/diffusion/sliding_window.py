@@ -24,9 +24,25 @@ from torch import nn
 from ..anatomy import UNKNOWN_LABEL
 from ..errors import InputError, ResourceError
 from ..model.embeddings import window_coordinates
+from .schedule import NoiseSchedule
 
 BLEND_MODES = ("gaussian", "constant")
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KnownVoxels:
+    """Voxels whose clean value is known, so windows made only of them need no network call.
+
+    Attributes:
+        mask: ``(D, H, W)`` bool, True where the clean value is known (e.g. air outside the body).
+        values: ``(D, H, W)`` clean values in [-1, 1] used there when no evaluated window covers a voxel.
+        schedule: turns the known clean value into the noise estimate at each timestep.
+    """
+
+    mask: torch.Tensor
+    values: torch.Tensor
+    schedule: NoiseSchedule
 
 
 @dataclass
@@ -66,6 +82,9 @@ class WindowedNoisePredictor:
             starting at voxel ``offset``: positions are then coordinates in the whole volume.
         autocast: run the network under ``torch.autocast`` with this dtype (e.g. ``torch.bfloat16``
             on CUDA); estimates are accumulated in float32 either way.
+        known: voxels of known clean value: windows holding only such voxels are skipped (counted in
+            ``skipped_windows``), and voxels no evaluated window covers get the noise estimate that
+            makes their x0 prediction exactly the known value.
     """
 
     def __init__(
@@ -81,6 +100,7 @@ class WindowedNoisePredictor:
         device: torch.device | str = "cpu",
         frame: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
         autocast: torch.dtype | None = None,
+        known: KnownVoxels | None = None,
     ) -> None:
         if not 0.0 <= overlap < 1.0:
             raise InputError(f"Window overlap must be in [0, 1), got {overlap}.")
@@ -110,21 +130,33 @@ class WindowedNoisePredictor:
             self.control = self._pad(conditions.control.to(self.device, torch.float32), "replicate")
         interval = [max(1, int(w * (1.0 - overlap))) for w in self.window]
         self.windows: list[tuple[slice, ...]] = dense_patch_slices(self.padded_shape, self.window, interval)
+        self.known = known
+        self.skipped_windows = 0
+        if known is not None:
+            skippable = self._pad(known.mask.to(self.device)[None].float(), "constant", value=1.0)[0] > 0
+            kept = [w for w in self.windows if not bool(skippable[w].all())]
+            self.skipped_windows = len(self.windows) - len(kept)
+            self.windows = kept
+            self.known_values = known.values.to(self.device, torch.float32)
         self.importance = compute_importance_map(self.window, mode=blend, device=self.device)
         total = torch.zeros(self.padded_shape, device=self.device)
         for window in self.windows:
             total[window] += self.importance
-        self.inverse_weight = 1.0 / total
+        self.covered = (total > 0)[: self.shape[0], : self.shape[1], : self.shape[2]]
+        self.inverse_weight = torch.where(total > 0, 1.0 / total.clamp_min(1e-30), torch.zeros_like(total))
         self.evaluations = 0
 
-    def _pad(self, volume: torch.Tensor, mode: str) -> torch.Tensor:
+    def _pad(self, volume: torch.Tensor, mode: str, value: float = 0.0) -> torch.Tensor:
         """Pad a ``(C, D, H, W)`` tensor at the far end of each axis up to ``padded_shape``."""
         pads = [p - n for n, p in zip(self.shape, self.padded_shape)]
         if not any(pads):
             return volume
         if mode == "reflect" and any(p >= n for n, p in zip(self.shape, pads)):
             mode = "replicate"
-        return F.pad(volume[None], (0, pads[2], 0, pads[1], 0, pads[0]), mode=mode)[0]
+        padding = (0, pads[2], 0, pads[1], 0, pads[0])
+        if mode == "constant":
+            return F.pad(volume[None], padding, mode=mode, value=value)[0]
+        return F.pad(volume[None], padding, mode=mode)[0]
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
@@ -143,8 +175,12 @@ class WindowedNoisePredictor:
             for window, estimate in zip(batch, eps):
                 accumulated[window] += estimate[0] * self.importance
             first += len(batch)
-        eps = accumulated.mul_(self.inverse_weight)
-        return eps[: self.shape[0], : self.shape[1], : self.shape[2]]
+        eps = accumulated.mul_(self.inverse_weight)[: self.shape[0], : self.shape[1], : self.shape[2]]
+        if self.known is not None and not bool(self.covered.all()):
+            x = x.to(self.device, torch.float32)
+            fallback = self.known.schedule.predict_eps(x, t, self.known_values)
+            eps = torch.where(self.covered, eps, fallback.to(eps.dtype))
+        return eps
 
     def _shrink_batch(self) -> None:
         """Halve the window batch after an out-of-memory error; at one window, give up with advice."""

@@ -86,7 +86,8 @@ def detect_anomalies(
     working, image, working_labels = to_working(engine, ct, region, labels)
     working_organ = torch.from_numpy(organ_mask_on(working_labels.numpy(), organs)).to(engine.device)
     masked = torch.where(working_organ, image, torch.full_like(image, -1.0))
-    predictor = engine.predictor(Conditions(REGION_CLASS[region], working_labels), working.shape)
+    known = (~working_organ, torch.full_like(masked, -1.0))
+    predictor = engine.predictor(Conditions(REGION_CLASS[region], working_labels), working.shape, known=known)
     generator = make_generator(seed)
     difference = torch.zeros_like(masked)
     with torch.no_grad():

@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..preprocessing import REGION_CLASS, check_region
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..volume import Volume
-from .engine import Engine, anatomy_on, checked_ct, to_input_grid, to_working
+from .engine import Engine, anatomy_on, checked_ct, outside_body_on, to_input_grid, to_working
 from .region import detect_region
 
 DEFAULT_STEPS = 10
@@ -58,6 +58,7 @@ class DenoiseResult:
     sigma_n: float
     t_start: int
     network_evaluations: int
+    skipped_windows: int
 
 
 def denoise(
@@ -72,6 +73,7 @@ def denoise(
     seed: int | None = 0,
     progress: ProgressCallback = no_progress,
     cancel: CancelToken | None = None,
+    skip_air: bool = True,
 ) -> DenoiseResult:
     """Denoise a (low-dose) CT with DiffPIR.
 
@@ -85,6 +87,7 @@ def denoise(
         steps: network evaluations between t_start and 0 (uniform skipping).
         zeta: share of fresh noise when stepping down (0..1).
         seed: random seed (None for a random one).
+        skip_air: skip windows entirely outside the body (those voxels keep the input's values).
 
     Returns:
         A :class:`DenoiseResult`; voxels outside the region window are carried over unchanged.
@@ -102,7 +105,8 @@ def denoise(
     sigma_n = float(sigma_n)
     if not sigma_n > 0:
         raise InputError(f"The noise level must be positive, got {sigma_n}.")
-    predictor = engine.predictor(Conditions(REGION_CLASS[region], working_labels), working.shape)
+    known = (outside_body_on(ct, hu, working), y0) if skip_air else None
+    predictor = engine.predictor(Conditions(REGION_CLASS[region], working_labels), working.shape, known=known)
     with torch.no_grad():
         x0 = diffpir(
             predictor,
@@ -128,5 +132,6 @@ def denoise(
         MedDiffFM_sigma_n=f"{sigma_n:.5f}",
         MedDiffFM_t_start=str(t_start),
         MedDiffFM_seed=str(seed),
+        MedDiffFM_skipped_windows=str(predictor.skipped_windows),
     )
-    return DenoiseResult(volume, region, source, sigma_n, t_start, predictor.evaluations)
+    return DenoiseResult(volume, region, source, sigma_n, t_start, predictor.evaluations, predictor.skipped_windows)

@@ -10,13 +10,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 
 from .. import preprocessing as pp
-from ..anatomy import UNKNOWN_LABEL
+from ..anatomy import UNKNOWN_LABEL, body_mask
 from ..device import select_device
 from ..diffusion.schedule import NoiseSchedule
-from ..diffusion.sliding_window import Conditions, WindowedNoisePredictor
+from ..diffusion.sliding_window import Conditions, KnownVoxels, WindowedNoisePredictor
 from ..errors import InputError, ResourceError
 from ..model.config import ModelConfig
 from ..volume import Geometry, Volume
@@ -66,9 +67,11 @@ class Engine:
         conditions: Conditions,
         shape: tuple[int, int, int],
         frame: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
+        known: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> WindowedNoisePredictor:
         """Whole-volume noise predictor for a volume of ``shape`` on the working grid (``frame``: see
-        :class:`~MedDiffFMLib.diffusion.sliding_window.WindowedNoisePredictor`).
+        :class:`~MedDiffFMLib.diffusion.sliding_window.WindowedNoisePredictor`; ``known``: ``(mask,
+        values)`` of voxels whose clean value is known, whose windows are skipped).
 
         Refuses volumes whose estimated memory exceeds the device's (see :func:`check_memory`).
         """
@@ -85,6 +88,7 @@ class Engine:
             device=self.device,
             frame=frame,
             autocast=self.autocast_dtype,
+            known=None if known is None else KnownVoxels(known[0], known[1], self.schedule),
         )
 
     @property
@@ -207,6 +211,13 @@ def to_input_grid(
         ),
         **metadata,
     )
+
+
+def outside_body_on(ct: Volume, hu: np.ndarray, working: Geometry, margin: int = 2) -> torch.Tensor:
+    """``(D, H, W)`` bool on the working grid: voxels at least ``margin`` working voxels outside the
+    thresholded body of the CT (air and table), whose windows need no network call."""
+    body = pp.resample(ct.with_array(body_mask(hu).astype(np.uint8)), working, labels=True).array > 0
+    return torch.from_numpy(~ndimage.binary_dilation(body, iterations=margin))
 
 
 def unknown_anatomy(shape: tuple[int, ...]) -> torch.Tensor:

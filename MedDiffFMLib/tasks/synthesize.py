@@ -15,6 +15,8 @@ from ..progress import CancelToken, ProgressCallback, no_progress
 from ..volume import Volume
 from .engine import Engine
 
+AIR_HU = -1000.0
+
 
 def synthesize(
     anatomy: Volume,
@@ -35,11 +37,14 @@ def synthesize(
         anatomy: label map in the 118-class scheme (0 outside body, 1..117 TotalSegmentator v2,
             118 body); its grid fixes the output's size, spacing, origin and direction.
         region: ``head_neck``, ``chest`` or ``abdomen`` (selects the HU window).
-        sampler: ``ddpm`` (all T steps) or ``ddim`` (``steps`` strided steps, stochasticity ``eta``).
+        sampler: ``ddpm`` (all T steps), ``ddim`` (``steps`` strided steps, stochasticity ``eta``) or
+            ``dpm++2m`` (``steps`` DPM-Solver++(2M) steps).
+        control: an array on the anatomy's grid (e.g. a lesion mask), the ControlNet task condition
+            when ``engine`` holds a ControlNet.
 
     Every step evaluates all overlapping windows and averages their noise estimates, so any size
-    works without seams. ``control`` (an array on the anatomy's grid, e.g. a lesion mask) is the
-    ControlNet task condition when ``engine`` holds a ControlNet.
+    works without seams. When the label map has the body class, voxels labelled 0 are air: windows
+    made only of them are skipped, and they are -1000 HU in the result.
     """
     window = check_region(region)
     labels = np.asarray(anatomy.array)
@@ -56,7 +61,12 @@ def synthesize(
         condition = resample(anatomy.with_array(control.astype(np.uint8)), working, labels=True).array
         condition = torch.from_numpy(condition.astype(np.float32))[None]
     conditions = Conditions(REGION_CLASS[region], torch.from_numpy(working_labels), condition)
-    predictor = engine.predictor(conditions, working.shape)
+    has_body = bool((labels == BODY_LABEL).any())
+    known = None
+    if has_body:
+        outside = torch.from_numpy(working_labels == 0)
+        known = (outside, torch.full(outside.shape, -1.0))
+    predictor = engine.predictor(conditions, working.shape, known=known)
     with torch.no_grad():
         x0 = sample(
             predictor,
@@ -72,7 +82,11 @@ def synthesize(
         )
     hu = Volume.on_geometry(model_to_hu(x0.cpu().numpy(), region), working)
     result = resample(hu, anatomy.geometry, fill=window.low).array.astype(np.float32)
-    note = "" if (labels == BODY_LABEL).any() else "The label map has no body class (118); quality may suffer."
+    if has_body:
+        result[labels == 0] = AIR_HU
+        note = f"Voxels labelled outside the body (0) are air ({AIR_HU:g} HU)."
+    else:
+        note = "The label map has no body class (118), so nothing is known to be air; quality may suffer."
     return Volume.on_geometry(
         result,
         anatomy.geometry,
@@ -82,4 +96,5 @@ def synthesize(
         MedDiffFM_sampler=sampler,
         MedDiffFM_seed=str(seed),
         MedDiffFM_note=note,
+        MedDiffFM_skipped_windows=str(predictor.skipped_windows),
     )
