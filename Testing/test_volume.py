@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import DATA
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from MedDiffFMLib import preprocessing as pp
 from MedDiffFMLib.errors import InputError, OutputExistsError, ReadError
@@ -126,3 +128,27 @@ def test_dicom_folder_with_several_series_asks_for_a_uid(tmp_path):
     assert second.geometry.same_grid(volume.geometry)
     with pytest.raises(ReadError, match="is not in"):
         read_volume(tmp_path, series_uid="9.9.9")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    angles=st.tuples(*[st.floats(-np.pi, np.pi)] * 3),
+    spacing=st.tuples(*[st.floats(0.3, 5.0)] * 3),
+    origin=st.tuples(*[st.floats(-500.0, 500.0)] * 3),
+    flip=st.booleans(),
+)
+def test_any_geometry_survives_files_and_resampling(tmp_path_factory, angles, spacing, origin, flip):
+    from scipy.spatial.transform import Rotation
+
+    direction = Rotation.from_euler("xyz", angles).as_matrix()
+    if flip:
+        direction[:, 2] *= -1  # left-handed
+    array = np.random.default_rng(0).integers(-1000, 1000, size=(4, 5, 6)).astype(np.int16)
+    volume = Volume(array, spacing, origin, direction.ravel())
+    path = write_volume(volume, tmp_path_factory.mktemp("geometry") / "v.nrrd")
+    back = read_volume(path)
+    np.testing.assert_array_equal(back.array, array)
+    assert back.geometry.same_grid(volume.geometry, tolerance=1e-3)
+    again = pp.resample(back, volume.geometry)
+    assert again.geometry.same_grid(volume.geometry)
+    np.testing.assert_allclose(again.array, array, atol=1e-3)
