@@ -84,21 +84,26 @@ def restore_outside_window(result_hu: np.ndarray, input_hu: np.ndarray, region: 
 
 
 def isotropic_geometry(geometry: Geometry, spacing_mm: float) -> Geometry:
-    """The grid covering the same extent as ``geometry`` with isotropic ``spacing_mm`` voxels.
+    """The grid covering the extent of ``geometry`` with isotropic ``spacing_mm`` voxels.
 
-    Origin and direction are kept, so voxel (0, 0, 0) stays where it was.
+    Origin and direction are kept, so voxel (0, 0, 0) stays where it was; the last voxel along each
+    axis lies at or up to one voxel beyond the input's last voxel, so every input voxel is covered.
     """
     shape_xyz = [
-        max(1, int(math.floor((n - 1) * s / spacing_mm + 1e-6)) + 1)
+        max(1, int(math.ceil((n - 1) * s / spacing_mm - 1e-6)) + 1)
         for n, s in zip(geometry.shape[::-1], geometry.spacing)
     ]
     return Geometry(tuple(shape_xyz[::-1]), (spacing_mm,) * 3, geometry.origin, geometry.direction)
 
 
-def resample(volume: Volume, target: Geometry, labels: bool = False, fill: float | None = None) -> Volume:
+def resample(
+    volume: Volume, target: Geometry, labels: bool = False, fill: float | None = None, extrapolate: bool | None = None
+) -> Volume:
     """Resample ``volume`` onto ``target`` (linear for intensities, nearest neighbour for labels).
 
-    Points outside the input take ``fill`` (default: the input's minimum for intensities, 0 for labels).
+    Points outside the input take the nearest input voxel's value when ``extrapolate`` (default for
+    intensities without an explicit ``fill``), else ``fill`` (default: the input's minimum for
+    intensities, 0 for labels).
     """
     if volume.geometry.same_grid(target):
         return Volume.on_geometry(volume.array.copy(), target, **volume.metadata)
@@ -110,7 +115,15 @@ def resample(volume: Volume, target: Geometry, labels: bool = False, fill: float
     else:
         interpolator = sitk.sitkLinear
         image = sitk.Cast(image, sitk.sitkFloat32)
-    resampled = sitk.Resample(image, target.to_sitk_reference(), sitk.Transform(), interpolator, fill)
+    if extrapolate is None:
+        extrapolate = not labels and fill is None
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetReferenceImage(target.to_sitk_reference())
+    resampler.SetInterpolator(interpolator)
+    resampler.SetDefaultPixelValue(fill)
+    resampler.SetOutputPixelType(image.GetPixelID())
+    resampler.SetUseNearestNeighborExtrapolator(extrapolate)
+    resampled = resampler.Execute(image)
     return Volume.on_geometry(sitk.GetArrayFromImage(resampled), target, **volume.metadata)
 
 

@@ -217,3 +217,24 @@ def test_denoise_skips_windows_outside_the_body(sample_ct, tiny_engine):
     assert result.skipped_windows > 0
     outside = sample_ct.array < -900
     np.testing.assert_array_equal(result.volume.array[outside], sample_ct.array[outside])
+
+
+def test_far_edges_of_the_input_survive_the_working_grid(tiny_engine):
+    rng = np.random.default_rng(0)
+    hu = rng.normal(40, 5, (21, 20, 22)).astype(np.float32)
+    hu[0, 0, 0] = -1000.0
+    ct = Volume(hu, spacing=(1.0, 1.0, 1.0))
+    engine = Engine(OracleNet(torch.from_numpy(pp.hu_to_model(hu[::3, ::3, ::3], "abdomen"))), device="cpu")
+    result = denoise(ct, engine, region="abdomen", sigma_n=0.05, steps=2, skip_air=False)
+    assert np.abs(result.volume.array[-1] - hu[-1]).max() < 60  # no constant fill on the last slice
+    assert np.abs(result.volume.array[:, -1] - hu[:, -1]).max() < 60
+    del tiny_engine
+
+
+def test_anatomy_values_are_checked_and_body_is_added(small_ct, small_seg, tiny_engine):
+    from MedDiffFMLib.tasks.engine import anatomy_on
+
+    labels = anatomy_on(small_seg, small_ct.geometry, small_ct.array)
+    assert (labels == 118).any() and (labels == 5).any()
+    with pytest.raises(InputError, match="0..119"):
+        denoise(small_ct, tiny_engine, anatomy=small_seg.with_array(small_seg.array.astype(np.int32) + 150))

@@ -78,7 +78,7 @@ def detect_anomalies(
     if draws < 1:
         raise InputError(f"draws must be at least 1, got {draws}.")
     hu = checked_ct(ct)
-    labels = anatomy_on(anatomy, ct.geometry)
+    labels = anatomy_on(anatomy, ct.geometry, hu)
     organ = organ_mask(labels, organs)
     if region is None:
         region, _ = detect_region(ct, hu, labels)
@@ -98,8 +98,9 @@ def detect_anomalies(
             reconstruction = engine.schedule.predict_x0(noisy, t, predictor(noisy, t))
             difference += (masked - reconstruction) / draws
             progress(draw + 1, draws, f"draw {draw + 1}/{draws}")
+    difference = torch.where(working_organ, difference, torch.zeros_like(difference))
     difference_hu = (difference * (REGIONS[region].width / 2.0)).cpu().numpy().astype(np.float32)
-    on_input = resample(Volume.on_geometry(difference_hu, working), ct.geometry, fill=0.0).array
+    on_input = resample(Volume.on_geometry(difference_hu, working), ct.geometry).array
     anomaly_map = np.where(organ, on_input, 0.0).astype(np.float32)
     if threshold is None:
         threshold = default_threshold(anomaly_map[organ])

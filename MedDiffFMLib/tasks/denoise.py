@@ -93,7 +93,7 @@ def denoise(
         A :class:`DenoiseResult`; voxels outside the region window are carried over unchanged.
     """
     hu = checked_ct(ct)
-    labels = anatomy_on(anatomy, ct.geometry)
+    labels = anatomy_on(anatomy, ct.geometry, hu)
     if region is None:
         region, source = detect_region(ct, hu, labels)
     else:

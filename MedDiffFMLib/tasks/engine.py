@@ -14,7 +14,7 @@ from scipy import ndimage
 from torch import nn
 
 from .. import preprocessing as pp
-from ..anatomy import UNKNOWN_LABEL, body_mask
+from ..anatomy import BODY_LABEL, UNKNOWN_LABEL, body_mask, with_body
 from ..device import select_device
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.sliding_window import Conditions, KnownVoxels, WindowedNoisePredictor
@@ -165,11 +165,26 @@ def checked_ct(volume: Volume) -> np.ndarray:
     return hu
 
 
-def anatomy_on(anatomy: Volume | None, geometry: Geometry) -> np.ndarray | None:
-    """An anatomy label map brought onto ``geometry`` (nearest neighbour), or None."""
+def anatomy_on(anatomy: Volume | None, geometry: Geometry, hu: np.ndarray) -> np.ndarray | None:
+    """An anatomy label map brought onto the CT's ``geometry`` (nearest neighbour), or None.
+
+    Values must be 0..119 (TotalSegmentator v2 classes, 118 body, 119 unknown). A map without the
+    body class (a plain TotalSegmentator output) gets it from the CT's thresholded body, as in
+    training.
+    """
     if anatomy is None:
         return None
-    return np.asarray(pp.labels_on_grid(anatomy, geometry, "anatomy label map").array)
+    values = np.asarray(anatomy.array)
+    integral = np.issubdtype(values.dtype, np.integer) or bool(np.all(np.mod(values, 1) == 0))
+    if not integral or values.min() < 0 or values.max() > UNKNOWN_LABEL:
+        raise InputError(
+            f"Anatomy label values must be integers in 0..{UNKNOWN_LABEL} (TotalSegmentator v2 'total' classes, "
+            f"{BODY_LABEL} = body); found {values.min()}..{values.max()} ({values.dtype})."
+        )
+    labels = np.asarray(pp.labels_on_grid(anatomy, geometry, "anatomy label map").array).astype(np.uint8)
+    if not (labels == BODY_LABEL).any():
+        with_body(labels, hu)
+    return labels
 
 
 def to_working(
@@ -184,7 +199,7 @@ def to_working(
     image = pp.hu_to_model(pp.resample(ct, working).array, region)
     labels = None
     if anatomy is not None:
-        labels = pp.resample(Volume.on_geometry(anatomy, ct.geometry), working, labels=True).array
+        labels = pp.resample(Volume.on_geometry(anatomy, ct.geometry), working, labels=True, extrapolate=True).array
         labels = torch.from_numpy(labels.astype(np.uint8))
     return working, torch.from_numpy(image).to(engine.device), labels
 
@@ -216,7 +231,7 @@ def to_input_grid(
 def outside_body_on(ct: Volume, hu: np.ndarray, working: Geometry, margin: int = 2) -> torch.Tensor:
     """``(D, H, W)`` bool on the working grid: voxels at least ``margin`` working voxels outside the
     thresholded body of the CT (air and table), whose windows need no network call."""
-    body = pp.resample(ct.with_array(body_mask(hu).astype(np.uint8)), working, labels=True).array > 0
+    body = pp.resample(ct.with_array(body_mask(hu).astype(np.uint8)), working, labels=True, extrapolate=True).array > 0
     return torch.from_numpy(~ndimage.binary_dilation(body, iterations=margin))
 
 

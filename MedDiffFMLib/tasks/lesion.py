@@ -3,7 +3,8 @@
 * :func:`generate_lesion`: whole-volume synthesis from an anatomy label map with the lesion mask
   as the ControlNet condition.
 * :func:`inpaint_lesion`: RePaint on a real CT. Only voxels inside the lesion mask, plus a blended
-  margin, change; every other voxel is returned bit-identical (same values, same dtype). The work
+  margin, change (margin voxels outside the region's HU window, such as gas or bone, are kept too);
+  every other voxel is returned bit-identical (same values, same dtype). The work
   is done on a crop of the model's working grid around the mask (mask plus margin plus half a
   model window of context), whose windows keep their position coordinates in the whole CT, so a
   small lesion in a large CT is fast.
@@ -98,22 +99,26 @@ def inpaint_lesion(
     """
     hu = checked_ct(ct)
     mask = lesion_mask_on(lesion, ct)
-    labels = anatomy_on(anatomy, ct.geometry)
+    labels = anatomy_on(anatomy, ct.geometry, hu)
     if region is None:
         region, _ = detect_region(ct, hu, labels)
     weights = blend_weights(mask, ct.spacing, margin_mm)
     changed = weights > 0
     whole = engine.working_geometry(ct.geometry)
-    changed_working = pp.resample(ct.with_array(changed.astype(np.uint8)), whole, labels=True).array > 0
+    changed_working = (
+        pp.resample(ct.with_array(changed.astype(np.uint8)), whole, labels=True, extrapolate=True).array > 0
+    )
     if not changed_working.any():
         raise MaskError("The lesion is smaller than one voxel at the model's spacing; draw a larger lesion.")
     box = bounding_box(changed_working, (engine.config.patch_size // 2,) * 3)
     working = whole.subgrid(box)
     known = torch.from_numpy(pp.hu_to_model(pp.resample(ct, working).array, region)).to(engine.device)
-    control = pp.resample(ct.with_array(mask.astype(np.uint8)), working, labels=True).array
+    control = pp.resample(ct.with_array(mask.astype(np.uint8)), working, labels=True, extrapolate=True).array
     working_labels = None
     if labels is not None:
-        working_labels = torch.from_numpy(pp.resample(ct.with_array(labels), working, labels=True).array)
+        working_labels = torch.from_numpy(
+            pp.resample(ct.with_array(labels), working, labels=True, extrapolate=True).array
+        )
     conditions = Conditions(pp.REGION_CLASS[region], working_labels, torch.from_numpy(control.astype(np.float32))[None])
     frame = (tuple(s.start for s in box), whole.shape)
     predictor = engine.predictor(conditions, working.shape, frame)
@@ -135,7 +140,8 @@ def inpaint_lesion(
     generated = pp.resample(
         Volume.on_geometry(pp.model_to_hu(x0.cpu().numpy(), region), working), ct.geometry.subgrid(target)
     ).array
-    inside, weight = changed[target], weights[target]
+    margin_outside_window = ~mask[target] & pp.outside_window(hu[target], region)
+    inside, weight = changed[target] & ~margin_outside_window, weights[target]
     blended = weight * generated + (1.0 - weight) * hu[target]
     result = ct.array.copy()
     if np.issubdtype(result.dtype, np.integer):

@@ -46,7 +46,7 @@ def synthesize(
     works without seams. When the label map has the body class, voxels labelled 0 are air: windows
     made only of them are skipped, and they are -1000 HU in the result.
     """
-    window = check_region(region)
+    check_region(region)
     labels = np.asarray(anatomy.array)
     if labels.min() < 0 or labels.max() >= NUM_ANATOMY_VALUES or not np.issubdtype(labels.dtype, np.integer):
         raise InputError(
@@ -55,10 +55,10 @@ def synthesize(
     if not (labels > 0).any():
         raise InputError("The anatomy label map is empty; it must label the body to synthesise.")
     working = engine.working_geometry(anatomy.geometry)
-    working_labels = resample(anatomy, working, labels=True).array.astype(np.uint8)
+    working_labels = resample(anatomy, working, labels=True, extrapolate=True).array.astype(np.uint8)
     condition = None
     if control is not None:
-        condition = resample(anatomy.with_array(control.astype(np.uint8)), working, labels=True).array
+        condition = resample(anatomy.with_array(control.astype(np.uint8)), working, labels=True, extrapolate=True).array
         condition = torch.from_numpy(condition.astype(np.float32))[None]
     conditions = Conditions(REGION_CLASS[region], torch.from_numpy(working_labels), condition)
     has_body = bool((labels == BODY_LABEL).any())
@@ -81,7 +81,7 @@ def synthesize(
             cancel=cancel,
         )
     hu = Volume.on_geometry(model_to_hu(x0.cpu().numpy(), region), working)
-    result = resample(hu, anatomy.geometry, fill=window.low).array.astype(np.float32)
+    result = resample(hu, anatomy.geometry).array.astype(np.float32)
     if has_body:
         result[labels == 0] = AIR_HU
         note = f"Voxels labelled outside the body (0) are air ({AIR_HU:g} HU)."
