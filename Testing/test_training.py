@@ -190,3 +190,25 @@ def test_config_validation(tmp_path):
     bad.write_text("model: tiny\nlearning_rat: 0.1\n")
     with pytest.raises(InputError, match="learning_rat"):
         load_config(bad)
+
+
+def test_checkpoints_round_trip_without_pickle_and_survive_a_crash_between_renames(tmp_path):
+    from Training.checkpointing import load_training_state, save_training_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    save_training_state(tmp_path, model, None, optimizer, {"step": 7})
+    assert not list(tmp_path.rglob("*.pt"))
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")  # crash after the first rename
+    restored_model = torch.nn.Linear(3, 2)
+    restored_optimizer = torch.optim.Adam(restored_model.parameters(), lr=1e-3)
+    assert load_training_state(tmp_path, restored_model, None, restored_optimizer, torch.device("cpu")) == {"step": 7}
+    assert torch.equal(restored_model.weight, model.weight)
+    expected, actual = optimizer.state_dict(), restored_optimizer.state_dict()
+    for index, values in expected["state"].items():
+        for name, value in values.items():
+            assert torch.equal(actual["state"][index][name], value)
+    assert actual["param_groups"][0]["lr"] == expected["param_groups"][0]["lr"]

@@ -67,6 +67,14 @@ class Distributed:
     def main(self) -> bool:
         return self.rank == 0
 
+    def any(self, flag: bool) -> bool:
+        """True when ``flag`` is True on any process (so every process takes the same branch)."""
+        if self.world == 1:
+            return flag
+        tensor = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item() > 0)
+
     def mean(self, value: float) -> float:
         """Average of ``value`` over all processes."""
         if self.world == 1:
@@ -139,9 +147,14 @@ class Trainer:
             seed=config.seed,
         )
         self.network = DistributedDataParallel(self.model) if env.world > 1 else self.model
-        self.state = {"step": 0, "epoch": 0, "batch": 0, "elapsed_seconds": 0.0}
+        base_sha256 = self.model.base.card.sha256 if task != "base" else ""
+        self.state = {"step": 0, "epoch": 0, "batch": 0, "elapsed_seconds": 0.0, "base_sha256": base_sha256}
         restored = load_training_state(output, self.model, self.ema, self.optimizer, env.device)
         if restored is not None:
+            if restored.get("base_sha256", "") != base_sha256:
+                raise InputError(
+                    f"'{output}' holds a run on another base model; resume with the same --base or use a new --output."
+                )
             self.state = restored
             logger.info("resumed from step %d", self.state["step"])
         if env.main:
@@ -178,7 +191,14 @@ class Trainer:
         elapsed_before = self.state["elapsed_seconds"]
         while self.state["step"] < config.steps:
             epoch = self.state["epoch"]
-            for index, batch in enumerate(self.loader(epoch)):
+            loader = self.loader(epoch)
+            if len(loader) < config.accumulation:
+                raise InputError(
+                    f"An epoch holds {len(loader)} batches per process, fewer than the {config.accumulation} "
+                    "accumulated per step: add data or lower 'accumulation' / 'batch_size'."
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            for index, batch in enumerate(loader):
                 if index < self.state["batch"]:
                     continue
                 seed = np.random.SeedSequence([config.seed, env.rank, epoch, index]).generate_state(1)[0]
@@ -224,7 +244,9 @@ class Trainer:
                         step,
                         env.device,
                     )
-                out_of_time = stop_after_minutes is not None and time.time() - started > stop_after_minutes * 60
+                out_of_time = env.any(
+                    stop_after_minutes is not None and time.time() - started > stop_after_minutes * 60
+                )
                 if step % config.checkpoint_every == 0 or step == config.steps or out_of_time:
                     self.checkpoint()
                 if step >= config.steps or out_of_time:
