@@ -15,7 +15,7 @@ from . import __version__
 from .device import DEVICE_CHOICES
 from .diffusion.samplers import SAMPLERS
 from .diffusion.sliding_window import BLEND_MODES
-from .errors import CancelledError, MedDiffFMError, OutputExistsError
+from .errors import CancelledError, InputError, MedDiffFMError, OutputExistsError
 from .model import weights as model_weights
 from .model.network import ControlledNet
 from .preprocessing import REGIONS
@@ -27,6 +27,7 @@ from .tasks.engine import PRECISIONS
 from .tasks.super_resolution import DEFAULT_LAMBDA as SR_LAMBDA
 from .tasks.super_resolution import DEFAULT_SIGMA as SR_SIGMA
 from .tasks.super_resolution import DEFAULT_STEPS as SR_STEPS
+from .tasks.super_resolution import DEFAULT_ZETA as SR_ZETA
 from .volume import Volume, check_writable, read_volume, write_volume
 
 logger = logging.getLogger("meddiff-fm")
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=SR_STEPS, help=f"network evaluations (default {SR_STEPS})")
     p.add_argument("--sigma", type=float, default=SR_SIGMA, help=f"DiffPIR noise level (default {SR_SIGMA:g})")
     p.add_argument("--lam", type=float, default=SR_LAMBDA, help=f"DiffPIR lambda (default {SR_LAMBDA:g})")
+    p.add_argument("--zeta", type=float, default=SR_ZETA, help=f"fresh-noise share (default {SR_ZETA:g})")
     _add_controlnet_option(p, "controlnet-sr")
     _add_input_options(p)
     _add_engine_options(p)
@@ -293,6 +295,8 @@ def run_synthesize(args: argparse.Namespace, cancel: CancelToken) -> None:
 
 def run_detect(args: argparse.Namespace, cancel: CancelToken) -> None:
     mask_output = Path(args.mask_output) if args.mask_output else _mask_path(args.output)
+    if mask_output.resolve() == Path(args.output).resolve():
+        raise InputError("The anomaly map and the anomaly mask need two different output files.")
     check_writable(args.output, args.overwrite)
     check_writable(mask_output, args.overwrite)
     ct = read_volume(args.input, args.series_uid)
@@ -330,6 +334,7 @@ def run_super_resolve(args: argparse.Namespace, cancel: CancelToken) -> None:
         args.steps,
         args.sigma,
         args.lam,
+        args.zeta,
         region=args.region,
         seed=args.seed,
         progress=_progress(args, "super-resolve"),

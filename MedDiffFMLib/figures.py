@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageDraw
 
 from .preprocessing import Window
-from .volume import Volume
+from .volume import Volume, default_file_mode
 
 
 def comparison_png(
@@ -44,4 +46,13 @@ def comparison_png(
         figure.paste(panel, (x, caption_height))
         draw.text((x + 4, 4), caption, fill=255)
         x += panel.width
-    figure.save(path)
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part.png", dir=path.parent)
+    os.close(handle)
+    try:
+        figure.save(temporary)
+        os.chmod(temporary, default_file_mode())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

@@ -197,9 +197,18 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
 
 
 def default_file_mode() -> int:
-    """Permissions a newly created file gets under the current umask (temporary files start at 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    """Permissions a newly created file gets under the process's umask (temporary files start at 0600).
+
+    The umask is read from ``/proc/self/status`` where available, so it is never changed (changing it,
+    even briefly, races with other threads); elsewhere 0o022 is assumed.
+    """
+    umask = 0o022
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    except OSError:
+        pass
     return 0o666 & ~umask
 
 

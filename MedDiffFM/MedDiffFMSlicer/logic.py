@@ -437,6 +437,7 @@ class TaskLogic:
                     "--steps": steps,
                     "--sigma": None if p.sigma in (None, "auto") else p.sigma,
                     "--lam": p.lam,
+                    "--zeta": p.zeta,
                     "--controlnet": p.controlnet,
                     "--region": inputs.region,
                 }

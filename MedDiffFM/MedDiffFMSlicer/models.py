@@ -32,10 +32,12 @@ def set_cache_folder(path: str | os.PathLike | None) -> None:
 
 
 def installed(task: str = "base") -> list[str]:
-    """Identifiers (``name@version``) of the installed models of ``task``, newest version first per name."""
-    cards = [card for card in weights.list_installed() if card.task == task]
-    cards.sort(key=lambda c: (c.name, [int(p) if p.isdigit() else p for p in c.version.split(".")]), reverse=True)
-    return [card.identifier for card in cards]
+    """Identifiers (``name@version``) of the usable models of ``task`` (installed in the cache, or
+    shipped with the source checkout), newest version first per name."""
+    cards = {card.identifier: card for card, _ in weights.list_bundled() if card.task == task}
+    cards.update({card.identifier: card for card in weights.list_installed() if card.task == task})
+    ordered = sorted(cards.values(), key=lambda c: (c.name, weights.version_key(c.version)), reverse=True)
+    return [card.identifier for card in ordered]
 
 
 def catalogue() -> list[str]:

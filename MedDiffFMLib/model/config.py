@@ -40,8 +40,36 @@ class ModelConfig:
     schedule: str = "cosine"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        object.__setattr__(self, "attention_levels", tuple(bool(a) for a in self.attention_levels))
+        for name in (
+            "patch_size",
+            "num_res_blocks",
+            "num_head_channels",
+            "norm_num_groups",
+            "position_frequencies",
+            "anatomy_channels",
+            "control_channels",
+            "num_train_timesteps",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise WeightsError(f"ModelConfig: '{name}' must be a positive integer, got {value!r}.")
+        if (
+            isinstance(self.spacing_mm, bool)
+            or not isinstance(self.spacing_mm, (int, float))
+            or not self.spacing_mm > 0
+        ):
+            raise WeightsError(f"ModelConfig: 'spacing_mm' must be a positive number, got {self.spacing_mm!r}.")
+        if not isinstance(self.schedule, str):
+            raise WeightsError(f"ModelConfig: 'schedule' must be a name, got {self.schedule!r}.")
+        sequences = (self.channels, self.attention_levels)
+        if not all(isinstance(v, (list, tuple)) and v for v in sequences):
+            raise WeightsError("ModelConfig: 'channels' and 'attention_levels' must be non-empty lists.")
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.channels):
+            raise WeightsError(f"ModelConfig: 'channels' must be positive integers, got {self.channels!r}.")
+        if not all(isinstance(a, bool) for a in self.attention_levels):
+            raise WeightsError(f"ModelConfig: 'attention_levels' must be true/false, got {self.attention_levels!r}.")
+        object.__setattr__(self, "channels", tuple(self.channels))
+        object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
         if len(self.channels) != len(self.attention_levels):
             raise WeightsError("ModelConfig: channels and attention_levels must have the same length.")
         if any(c % self.norm_num_groups for c in self.channels):

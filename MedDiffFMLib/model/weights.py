@@ -259,7 +259,7 @@ def find_entry(name: str, catalogue: list[CatalogueEntry] | None = None) -> Cata
     if not matches:
         known = ", ".join(f"{e.name}@{e.version}" for e in entries) or "none"
         raise WeightsError(f"No model '{name}' in the catalogue. Known models: {known}.")
-    return max(matches, key=lambda e: _version_key(e.version))
+    return max(matches, key=lambda e: version_key(e.version))
 
 
 def installed_path(entry: CatalogueEntry) -> Path:
@@ -278,12 +278,14 @@ def install(entry: CatalogueEntry, progress: ProgressCallback = no_progress, can
     cache_dir().mkdir(parents=True, exist_ok=True)
     card_bytes = _download(entry.card_url, progress=no_progress)
     card = ModelCard.from_dict(_parse_json(card_bytes, entry.card_url))
+    if card.sha256 and card.sha256 != entry.sha256:
+        raise ChecksumError(
+            f"Checksum mismatch for '{entry.name}': its model card names SHA-256 {card.sha256}, the catalogue "
+            f"{entry.sha256}. Nothing was installed; the catalogue or the published files are wrong."
+        )
     _atomic_write(
         target, lambda temporary: _download(entry.url, temporary, progress, cancel), expected_sha256=entry.sha256
     )
-    if card.sha256 and card.sha256 != entry.sha256:
-        target.unlink()
-        raise ChecksumError(f"The model card of '{entry.name}' names another file than the catalogue.")
     _atomic_write(card_path(target), lambda temporary: Path(temporary).write_bytes(card_bytes))
     return target
 
@@ -369,8 +371,9 @@ def _atomic_write(target: Path, write, expected_sha256: str | None = None) -> No
             os.remove(temporary)
 
 
-def _version_key(version: str) -> list:
-    return [int(part) if part.isdigit() else part for part in version.split(".")]
+def version_key(version: str) -> list[tuple[int, int | str]]:
+    """Sort key of a version string: numeric parts compare as numbers, others as text (never mixed)."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in version.split(".")]
 
 
 def list_bundled() -> list[tuple[ModelCard, Path]]:
@@ -403,7 +406,7 @@ def resolve_weights(spec: str | None = None, task: str = "base") -> Path:
             f"No installed model matches {wanted} in {cache_dir()}. Install one with 'meddiff-fm models install "
             "NAME', import a file with 'meddiff-fm models import FILE', or give the path of a .safetensors file."
         )
-    return max(candidates, key=lambda pair: _version_key(pair[0].version))[1]
+    return max(candidates, key=lambda pair: version_key(pair[0].version))[1]
 
 
 def untrained_model(preset_name: str, seed: int = 0) -> MedDiffFMNet:

@@ -28,6 +28,7 @@ from .region import detect_region
 DEFAULT_STEPS = 100
 DEFAULT_SIGMA = 1.0
 DEFAULT_LAMBDA = 1.0
+DEFAULT_ZETA = 0.3
 
 
 def thin_geometry(thick: Geometry, factor: int) -> Geometry:
@@ -65,7 +66,7 @@ def super_resolve(
     steps: int = DEFAULT_STEPS,
     sigma_n: float = DEFAULT_SIGMA,
     lam: float = DEFAULT_LAMBDA,
-    zeta: float = 0.3,
+    zeta: float = DEFAULT_ZETA,
     region: str | None = None,
     seed: int | None = 0,
     progress: ProgressCallback = no_progress,
