@@ -11,6 +11,9 @@
    needs trained weights (--model, or the newest installed model).
 4. Peak memory of denoising a 512 x 512 x 300 CT (synthetic content) with the ``demo`` network,
    measured in a child process.
+5. Seams: synthesis at 50 % and 25 % window overlap (Gaussian blending) and, as the control that
+   shows what seams look like, 0 % overlap with constant blending; the seam ratio is the mean
+   absolute intensity step across window borders divided by the mean step elsewhere.
 
 Nothing here is asserted: the numbers are for people. Results of a run are in benchmarks/README.md.
 """
@@ -172,6 +175,56 @@ def bench_work_per_result(weights: Path | None) -> None:
     )
 
 
+def seam_ratio(volume: np.ndarray, predictor: WindowedNoisePredictor) -> float:
+    """Mean absolute finite difference across window borders divided by that elsewhere (1 = no seams).
+
+    Borders are the planes where a window starts or ends, along each axis, inside the volume.
+    """
+    ratios = []
+    for axis in range(3):
+        difference = np.abs(np.diff(volume.astype(np.float64), axis=axis))
+        edges = {w[axis].start - 1 for w in predictor.windows} | {w[axis].stop - 1 for w in predictor.windows}
+        edges = sorted(e for e in edges if 0 <= e < difference.shape[axis])
+        if not edges:
+            continue
+        border = np.take(difference, edges, axis=axis).mean()
+        inside = np.delete(difference, edges, axis=axis).mean()
+        ratios.append(border / inside)
+    return float(np.mean(ratios))
+
+
+def bench_seams(weights: Path | None) -> None:
+    from MedDiffFMLib.anatomy import from_totalsegmentator
+    from MedDiffFMLib.tasks import Engine, synthesize
+    from MedDiffFMLib.volume import read_volume
+
+    try:
+        model = load_model(weights or resolve_weights())
+    except Exception as error:  # noqa: BLE001 - reported in the table
+        table("5. Seams", ["note"], [[f"skipped: {error}"]])
+        return
+    data = ROOT / "Testing" / "Data" / "totalsegmentator_example"
+    ct, seg = read_volume(data / "example_ct_sm.nii.gz"), read_volume(data / "example_seg.nii.gz")
+    labels = seg.with_array(from_totalsegmentator(seg.array, ct.array))
+    rows = []
+    for overlap, blend in ((0.5, "gaussian"), (0.25, "gaussian"), (0.0, "constant")):
+        engine = Engine(model, device="auto", overlap=overlap, blend=blend, batch_size=8)
+        start = time.perf_counter()
+        volume = synthesize(labels, "abdomen", engine, sampler="dpm++2m", steps=20, seed=0)
+        seconds = time.perf_counter() - start
+        predictor = engine.predictor(Conditions(3), volume.array.shape)
+        inside = np.where(labels.array > 0, volume.array, np.nan)
+        body = np.nan_to_num(inside, nan=float(np.nanmean(inside)))
+        rows.append(
+            [f"{overlap:.2f}", blend, len(predictor.windows), f"{seconds:.1f}", f"{seam_ratio(body, predictor):.3f}"]
+        )
+    table(
+        "5. Seams: synthesis of the sample's anatomy (DPM-Solver++ 20 steps); gradient at window borders / elsewhere",
+        ["overlap", "blend", "windows", "s", "seam ratio"],
+        rows,
+    )
+
+
 MEMORY_CHILD = """
 import resource, sys, time, numpy as np
 sys.path.insert(0, {root!r})
@@ -219,6 +272,7 @@ def main() -> int:
     bench_throughput(sizes, repeats)
     bench_sampler_efficiency(2 if args.quick else 3, repeats)
     bench_work_per_result(args.model)
+    bench_seams(args.model)
     bench_memory()
     return 0
 
