@@ -350,14 +350,15 @@ class ChildJob:
         else:
             detail = "\n".join(lines[-5:]) or "it printed nothing"
         killed = returncode is not None and returncode < 0
+        out_of_memory = killed and -returncode == getattr(signal, "SIGKILL", 9)
         if killed:
             reason = f"was killed by signal {-returncode}"
-            if -returncode == getattr(signal, "SIGKILL", 9):
+            if out_of_memory:
                 reason += " (the operating system does this when memory runs out)"
         else:
             reason = f"failed (exit code {returncode})"
         message = f"The MedDiffFM process {reason}: {detail}"
-        advice = advice_for("out of memory" if killed else message)
+        advice = advice_for("out of memory" if out_of_memory else message)
         return f"{message}\n{advice}" if advice else message
 
     def wait(self, timeout: float | None = None, on_event: Callable[[dict], None] | None = None) -> RunOutcome:
