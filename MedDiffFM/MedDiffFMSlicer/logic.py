@@ -73,7 +73,7 @@ class TaskParameters:
     eta: float = 1.0
     sigma: float | str | None = None
     lam: float | None = None
-    zeta: float = 0.3
+    zeta: float | None = None
     t: int = 950
     threshold: float | None = None
     draws: int = 1
@@ -308,7 +308,7 @@ class TaskLogic:
                 sigma_n="auto" if p.sigma is None else p.sigma,
                 lam=10.0 if p.lam is None else p.lam,
                 steps=steps,
-                zeta=p.zeta,
+                **({} if p.zeta is None else {"zeta": p.zeta}),
                 **common,
             )
             summary = (
@@ -338,7 +338,7 @@ class TaskLogic:
                 steps=steps,
                 sigma_n=1.0 if p.sigma in (None, "auto") else p.sigma,
                 lam=1.0 if p.lam is None else p.lam,
-                zeta=p.zeta,
+                **({} if p.zeta is None else {"zeta": p.zeta}),
                 region=inputs.region,
                 **common,
             )

@@ -20,7 +20,7 @@ from .region import detect_region
 
 DEFAULT_STEPS = 10
 DEFAULT_LAMBDA = 10.0
-DEFAULT_ZETA = 0.3
+DEFAULT_ZETA = 0.0
 NEIGHBOURHOOD = 7
 
 
