@@ -104,3 +104,18 @@ def test_mask_errors_name_the_problem(small_ct):
     engine = Engine(randomise_zero_parameters(ControlledNet(random_tiny_model())), device="cpu")
     with pytest.raises(MaskError, match="empty"):
         inpaint_lesion(small_ct, small_ct.with_array(np.zeros(small_ct.array.shape, np.uint8)), engine)
+
+
+def test_the_input_file_is_never_modified(tmp_path, small_ct):
+    import hashlib
+
+    source = write_volume(small_ct, tmp_path / "ct.nii.gz")
+    before = hashlib.sha256(source.read_bytes()).hexdigest()
+    assert (
+        cli.main(
+            ["denoise", str(source), str(tmp_path / "out.nii.gz"), "--untrained", "tiny", "--steps", "1", "--quiet"]
+        )
+        == 0
+    )
+    assert cli.main(["denoise", str(source), str(source), "--untrained", "tiny", "--steps", "1", "--quiet"]) == 2
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == before
