@@ -20,9 +20,13 @@ DATA = Path(__file__).parent / "Data" / "totalsegmentator_example"
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own empty model cache and the shipped catalogue."""
+    """Every test gets its own empty model cache, the shipped catalogue, and no models shipped in the
+    checkout (tests that want them say so)."""
+    from MedDiffFMLib.model import weights
+
     monkeypatch.setenv("MEDDIFFFM_HOME", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.delenv("MEDDIFFFM_CATALOGUE", raising=False)
+    monkeypatch.setattr(weights, "BUNDLED_DIR", tmp_path_factory.mktemp("no_shipped_models"))
 
 
 @pytest.fixture(scope="session")
