@@ -191,7 +191,7 @@ def from_totalsegmentator(labels: np.ndarray, hu: np.ndarray | None = None) -> n
             f"Label values must lie in 0..{len(TOTALSEGMENTATOR_CLASSES)} (TotalSegmentator v2 'total'); "
             f"found {labels.min()}..{labels.max()}. For another label scheme pass its name table."
         )
-    return with_body(labels.astype(np.uint8), hu)
+    return _with_body(labels.astype(np.uint8), hu)
 
 
 def from_named_labels(labels: np.ndarray, names: Mapping[int, str], hu: np.ndarray | None = None) -> np.ndarray:
@@ -205,10 +205,10 @@ def from_named_labels(labels: np.ndarray, names: Mapping[int, str], hu: np.ndarr
         lookup[int(value)] = label_of(name)
     labels = np.asarray(labels)
     valid = (labels >= 0) & (labels < lookup.size)
-    return with_body(np.where(valid, lookup[np.clip(labels, 0, lookup.size - 1)], 0).astype(np.uint8), hu)
+    return _with_body(np.where(valid, lookup[np.clip(labels, 0, lookup.size - 1)], 0).astype(np.uint8), hu)
 
 
-def with_body(anatomy: np.ndarray, hu: np.ndarray | None) -> np.ndarray:
+def _with_body(anatomy: np.ndarray, hu: np.ndarray | None) -> np.ndarray:
     """Set unlabelled voxels inside the body (thresholded from ``hu``) to :data:`BODY_LABEL`, in place."""
     if hu is not None:
         anatomy[(anatomy == 0) & body_mask(hu)] = BODY_LABEL

@@ -49,9 +49,10 @@ class Geometry:
 
     def subgrid(self, box: tuple[slice, slice, slice]) -> Geometry:
         """The grid of the voxels ``[box]`` (``[z, y, x]`` slices with steps of 1), same positions."""
-        start = np.array([box[2].start, box[1].start, box[0].start, 1.0])
+        ranges = [range(*s.indices(n)) for s, n in zip(box, self.shape)]
+        start = np.array([ranges[2].start, ranges[1].start, ranges[0].start, 1.0])
         origin = (self.index_to_physical() @ start)[:3]
-        shape = tuple(len(range(*s.indices(n))) for s, n in zip(box, self.shape))
+        shape = tuple(len(r) for r in ranges)
         return Geometry(shape, self.spacing, tuple(float(o) for o in origin), self.direction)
 
     def to_sitk_reference(self) -> sitk.Image:

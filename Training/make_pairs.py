@@ -119,12 +119,11 @@ def make_msd_lesions(
                 anatomy[labels == value] = label_of(organ)
             lesion = (labels == lesion_label).astype(np.uint8)
             working = pp.isotropic_geometry(ct.geometry, spacing)
+            resampled = pp.resample(ct, working, fill=-1024.0)
             entry = _write_entry(
                 output,
                 name,
-                pp.resample(ct, working, fill=-1024.0).with_array(
-                    np.round(pp.resample(ct, working, fill=-1024.0).array).astype(np.int16)
-                ),
+                resampled.with_array(np.round(resampled.array).astype(np.int16)),
                 pp.resample(ct.with_array(anatomy), working, labels=True),
                 pp.resample(ct.with_array(lesion), working, labels=True),
                 "mask",

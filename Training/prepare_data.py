@@ -143,8 +143,7 @@ def region_slices(anatomy: np.ndarray, spacing_z: float) -> dict[str, slice]:
 
 def crop_z(volume: Volume, z: slice) -> Volume:
     """Slices ``z`` of a volume, with the origin moved so every voxel keeps its position."""
-    origin = (volume.geometry.index_to_physical() @ np.array([0.0, 0.0, z.start or 0, 1.0]))[:3]
-    return Volume(volume.array[z].copy(), volume.spacing, tuple(origin), volume.direction)
+    return Volume.on_geometry(volume.array[z].copy(), volume.geometry.subgrid((z, slice(None), slice(None))))
 
 
 def prepare_case(case: Case, output: Path, spacing: float, threshold_labels: bool) -> list[dict]:

@@ -57,6 +57,11 @@ def available_tasks() -> list[str]:
     return [key for key in TASKS if task_available(key)]
 
 
+def _given(**settings: Any) -> dict[str, Any]:
+    """The settings that are not None: the others are left to the library's defaults."""
+    return {name: value for name, value in settings.items() if value is not None}
+
+
 @dataclass
 class TaskParameters:
     """Inputs and settings of one task run (``None`` means "the task's default" or "automatic")."""
@@ -305,10 +310,8 @@ class TaskLogic:
                 engine,
                 region=inputs.region,
                 anatomy=inputs.anatomy,
-                sigma_n="auto" if p.sigma is None else p.sigma,
-                lam=10.0 if p.lam is None else p.lam,
                 steps=steps,
-                **({} if p.zeta is None else {"zeta": p.zeta}),
+                **_given(sigma_n=p.sigma, lam=p.lam, zeta=p.zeta),
                 **common,
             )
             summary = (
@@ -336,9 +339,7 @@ class TaskLogic:
                 engine,
                 spacing=p.spacing,
                 steps=steps,
-                sigma_n=1.0 if p.sigma in (None, "auto") else p.sigma,
-                lam=1.0 if p.lam is None else p.lam,
-                **({} if p.zeta is None else {"zeta": p.zeta}),
+                **_given(sigma_n=None if p.sigma == "auto" else p.sigma, lam=p.lam, zeta=p.zeta),
                 region=inputs.region,
                 **common,
             )

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..anatomy import body_mask
 from ..device import make_generator
 from ..diffusion.diffpir import diffpir
 from ..diffusion.sliding_window import Conditions
@@ -93,9 +94,10 @@ def denoise(
         A :class:`DenoiseResult`; voxels outside the region window are carried over unchanged.
     """
     hu = checked_ct(ct)
-    labels = anatomy_on(anatomy, ct.geometry, hu)
+    body = body_mask(hu)
+    labels = anatomy_on(anatomy, ct.geometry, hu, body)
     if region is None:
-        region, source = detect_region(ct, hu, labels)
+        region, source = detect_region(ct, hu, labels, body)
     else:
         check_region(region)
         source = "given"
@@ -105,7 +107,7 @@ def denoise(
     sigma_n = float(sigma_n)
     if not sigma_n > 0:
         raise InputError(f"The noise level must be positive, got {sigma_n}.")
-    known = (outside_body_on(ct, hu, working), y0) if skip_air else None
+    known = (outside_body_on(ct, body, working), y0) if skip_air else None
     predictor = engine.predictor(Conditions(REGION_CLASS[region], working_labels), working.shape, known=known)
     with torch.no_grad():
         x0 = diffpir(

@@ -14,7 +14,7 @@ from scipy import ndimage
 from torch import nn
 
 from .. import preprocessing as pp
-from ..anatomy import BODY_LABEL, UNKNOWN_LABEL, body_mask, with_body
+from ..anatomy import BODY_LABEL, UNKNOWN_LABEL, body_mask
 from ..device import select_device
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.sliding_window import Conditions, KnownVoxels, WindowedNoisePredictor
@@ -165,12 +165,14 @@ def checked_ct(volume: Volume) -> np.ndarray:
     return hu
 
 
-def anatomy_on(anatomy: Volume | None, geometry: Geometry, hu: np.ndarray) -> np.ndarray | None:
+def anatomy_on(
+    anatomy: Volume | None, geometry: Geometry, hu: np.ndarray, body: np.ndarray | None = None
+) -> np.ndarray | None:
     """An anatomy label map brought onto the CT's ``geometry`` (nearest neighbour), or None.
 
     Values must be 0..119 (TotalSegmentator v2 classes, 118 body, 119 unknown). A map without the
-    body class (a plain TotalSegmentator output) gets it from the CT's thresholded body, as in
-    training.
+    body class (a plain TotalSegmentator output) gets it from the CT's thresholded body (``body``,
+    computed from ``hu`` when not given), as in training.
     """
     if anatomy is None:
         return None
@@ -183,7 +185,7 @@ def anatomy_on(anatomy: Volume | None, geometry: Geometry, hu: np.ndarray) -> np
         )
     labels = np.asarray(pp.labels_on_grid(anatomy, geometry, "anatomy label map").array).astype(np.uint8)
     if not (labels == BODY_LABEL).any():
-        with_body(labels, hu)
+        labels[(labels == 0) & (body_mask(hu) if body is None else body)] = BODY_LABEL
     return labels
 
 
@@ -228,11 +230,11 @@ def to_input_grid(
     )
 
 
-def outside_body_on(ct: Volume, hu: np.ndarray, working: Geometry, margin: int = 2) -> torch.Tensor:
-    """``(D, H, W)`` bool on the working grid: voxels at least ``margin`` working voxels outside the
-    thresholded body of the CT (air and table), whose windows need no network call."""
-    body = pp.resample(ct.with_array(body_mask(hu).astype(np.uint8)), working, labels=True, extrapolate=True).array > 0
-    return torch.from_numpy(~ndimage.binary_dilation(body, iterations=margin))
+def outside_body_on(ct: Volume, body: np.ndarray, working: Geometry, margin: int = 2) -> torch.Tensor:
+    """``(D, H, W)`` bool on the working grid: voxels at least ``margin`` working voxels outside
+    ``body`` (the CT's thresholded body mask on its grid), whose windows need no network call."""
+    on_working = pp.resample(ct.with_array(body.astype(np.uint8)), working, labels=True, extrapolate=True).array > 0
+    return torch.from_numpy(~ndimage.binary_dilation(on_working, iterations=margin))
 
 
 def unknown_anatomy(shape: tuple[int, ...]) -> torch.Tensor:

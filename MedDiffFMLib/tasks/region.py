@@ -54,9 +54,10 @@ def region_from_anatomy(anatomy: np.ndarray) -> str | None:
     return best if scores[best] > 0 else None
 
 
-def region_from_image(ct: Volume, hu: np.ndarray) -> str:
-    """The region guessed from HU content and body size (see the module docstring)."""
-    body = body_mask(hu)
+def region_from_image(ct: Volume, hu: np.ndarray, body: np.ndarray | None = None) -> str:
+    """The region guessed from HU content and body size (see the module docstring); ``body`` is the
+    thresholded body mask when the caller already has it."""
+    body = body_mask(hu) if body is None else body
     if body.sum() == 0:
         return "abdomen"
     lung = ((hu > -950) & (hu < -500) & body).sum() / body.sum()
@@ -70,10 +71,12 @@ def region_from_image(ct: Volume, hu: np.ndarray) -> str:
     return "abdomen"
 
 
-def detect_region(ct: Volume, hu: np.ndarray, anatomy: np.ndarray | None = None) -> tuple[str, str]:
+def detect_region(
+    ct: Volume, hu: np.ndarray, anatomy: np.ndarray | None = None, body: np.ndarray | None = None
+) -> tuple[str, str]:
     """The region of a CT and how it was chosen (``"anatomy label map"`` or ``"image heuristic"``)."""
     if anatomy is not None:
         region = region_from_anatomy(anatomy)
         if region is not None:
             return region, "anatomy label map"
-    return region_from_image(ct, hu), "image heuristic"
+    return region_from_image(ct, hu, body), "image heuristic"
