@@ -106,6 +106,7 @@ class MedDiffFMParameterNode:
     device: Annotated[str, Choice(list(DEVICE_LABELS)), Default("Auto")]
     overlap: Annotated[float, WithinRange(0.0, 0.9), Default(0.5)]
     batchSize: Annotated[int, WithinRange(1, 64), Default(4)]
+    compileNetwork: Annotated[bool, Default(False)]
     model: str
     controlNet: str
 
@@ -532,6 +533,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             device=DEVICE_LABELS[p.device],
             overlap=p.overlap,
             batch_size=p.batchSize,
+            compile=p.compileNetwork,
             model=None if model == UNTRAINED_CHOICE else (model or None),
             controlnet=self.ui.controlNetComboBox.currentText or None,
             untrained="tiny" if model == UNTRAINED_CHOICE else None,

@@ -23,7 +23,7 @@ from .progress import CancelToken, JsonLinesProgress, TqdmProgress, emit_json
 from .tasks import Engine, denoise, detect_anomalies, generate_lesion, inpaint_lesion, super_resolve, synthesize
 from .tasks.anomaly import DEFAULT_TIMESTEP
 from .tasks.denoise import DEFAULT_LAMBDA, DEFAULT_STEPS, DEFAULT_ZETA
-from .tasks.engine import PRECISIONS
+from .tasks.engine import MEMORY_FORMATS, PRECISIONS
 from .tasks.super_resolution import DEFAULT_LAMBDA as SR_LAMBDA
 from .tasks.super_resolution import DEFAULT_SIGMA as SR_SIGMA
 from .tasks.super_resolution import DEFAULT_STEPS as SR_STEPS
@@ -69,6 +69,17 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--blend", choices=BLEND_MODES, default="gaussian")
     group.add_argument(
         "--precision", choices=tuple(PRECISIONS), default="auto", help="network precision (auto: bf16 on CUDA)"
+    )
+    group.add_argument(
+        "--memory-format",
+        choices=MEMORY_FORMATS,
+        default="auto",
+        help="layout of the network's weights (auto: channels-last on CPU and CUDA; same results either way)",
+    )
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the network with torch.compile: slower first step, faster afterwards (long runs)",
     )
     group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     group.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -210,7 +221,17 @@ def _engine(args: argparse.Namespace, controlnet_task: str | None = None) -> Eng
             weights = model_weights.resolve_weights(args.controlnet, task=controlnet_task)
             model = model_weights.load_controlled_model(model, weights, controlnet_task)
             name = f"{name} + {model.card.identifier}"
-    return Engine(model, args.device, args.overlap, args.batch_size, args.blend, name=name, precision=args.precision)
+    return Engine(
+        model,
+        args.device,
+        args.overlap,
+        args.batch_size,
+        args.blend,
+        name=name,
+        precision=args.precision,
+        memory_format=args.memory_format,
+        compile=args.compile,
+    )
 
 
 def _progress(args: argparse.Namespace, description: str) -> TqdmProgress | JsonLinesProgress:

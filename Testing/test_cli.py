@@ -143,3 +143,13 @@ def test_models_list_and_import(saved_model, capsys):
     assert cli.main(["models", "import", saved_model]) == 0
     assert cli.main(["models", "list"]) == 0
     assert "tiny@1 (base)" in capsys.readouterr().out
+
+
+def test_compute_options_reach_the_engine(saved_model):
+    parser = cli.build_parser()
+    default = cli._engine(parser.parse_args(["denoise", "ct.nrrd", "out.nrrd", "--model", saved_model]))
+    assert (default.memory_format, default.compile) == ("auto", False)
+    arguments = ["denoise", "ct.nrrd", "out.nrrd", "--model", saved_model, "--memory-format", "contiguous", "--compile"]
+    engine = cli._engine(parser.parse_args(arguments))
+    assert (engine.memory_format, engine.compile) == ("contiguous", True)
+    assert engine.network is not engine.model and engine.network.model is engine.model

@@ -779,3 +779,18 @@ def test_child_command_lines_are_accepted_by_the_library_cli(
         )
     if task in ("denoise", "super_resolve"):
         assert parsed.sigma == 0.05 and parsed.lam == 2.0
+
+
+def test_compiling_the_network_reaches_both_ways_of_running(scene, ct_node, tmp_path):
+    logic = TaskLogic(scene)
+    parameters = TaskParameters("denoise", volume=ct_node, untrained="tiny", device="cpu", compile=True)
+    assert logic.engine(parameters).compile
+    assert not logic.engine(TaskParameters("denoise", volume=ct_node, untrained="tiny", device="cpu")).compile
+
+    def finish_at_once(arguments, environment):
+        return subprocess.Popen([sys.executable, "-c", "pass"], stdout=subprocess.PIPE, text=True)
+
+    running = logic.start(parameters, launcher=finish_at_once, temp_parent=tmp_path)
+    assert "--compile" in running.job.arguments
+    running.job.wait(timeout=60)
+    running.job.cleanup()

@@ -1,19 +1,25 @@
 """MedDiffFM benchmarks: one command, one table per benchmark (issue 7).
 
-    python benchmarks/run.py [--quick] [--model PATH]
+    python benchmarks/run.py [--quick] [--large] [--no-compile] [--only 1 2 ...] [--model PATH]
 
 1. Bare network throughput: forward passes/s and voxel-steps/s of the ``paper`` and ``demo``
-   networks at 32^3 / 64^3 (/ 128^3 with --large), peak memory.
-2. Sampler efficiency: wall time of whole-volume noise estimation divided by (window batches x
-   the bare forward time of one window batch, measured in the same run).
+   networks at 32^3 / 64^3 (/ 128^3 with --large) on the current device, for the contiguous and
+   the channels-last-3D weight layout and for channels-last + ``torch.compile``, each as a ratio
+   to the contiguous eager network measured in the same run; peak memory.
+2. Sampler efficiency: a whole-volume sampling run (strided DDIM through the windowed noise
+   predictor, as synthesis runs it) versus the bare forward time of the same window batches,
+   measured just before and after it in the same run; also the share of the run spent inside
+   network calls, timed during the run itself.
 3. Work per result: network evaluations and PSNR when denoising the bundled sample (projection-
    domain low dose at 23 dB) with the paper's setting (every timestep from t_start) and ours;
-   needs trained weights (--model, or the newest installed model).
+   needs trained weights (--model, or the newest installed or shipped model).
 4. Peak memory of denoising a 512 x 512 x 300 CT (synthetic content) with the ``demo`` network,
    measured in a child process.
 5. Seams: synthesis at 50 % and 25 % window overlap (Gaussian blending) and, as the control that
    shows what seams look like, 0 % overlap with constant blending; the seam ratio is the mean
    absolute intensity step across window borders divided by the mean step elsewhere.
+6. Steps for synthesis: DDIM and DPM-Solver++(2M) at 5 to 100 steps against the same probability-
+   flow ODE solved with every one of the 1000 timesteps (DDIM, eta 0) from the same noise.
 
 Nothing here is asserted: the numbers are for people. Results of a run are in benchmarks/README.md.
 """
@@ -37,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from MedDiffFMLib.diffusion.sliding_window import Conditions, WindowedNoisePredictor  # noqa: E402
 from MedDiffFMLib.model import load_model, resolve_weights, untrained_model  # noqa: E402
 from MedDiffFMLib.model.embeddings import window_coordinates  # noqa: E402
+from MedDiffFMLib.tasks import Engine  # noqa: E402
 
 
 def table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -48,79 +55,138 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |")
 
 
-def peak_rss_mb() -> float:
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_mb() -> float:
+    """Peak memory so far: the GPU's allocated peak on CUDA, the process's peak resident set on CPU."""
+    if DEVICE.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_memory() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def engine_for(model: torch.nn.Module, **options) -> Engine:
+    return Engine(model, device=DEVICE, **options)
 
 
 def forward_inputs(size: int, batch: int) -> dict:
     shape = (size,) * 3
     window = tuple(slice(0, size) for _ in range(3))
     return dict(
-        x=torch.randn(batch, 1, *shape),
-        t=torch.full((batch,), 500),
-        coordinates=window_coordinates(window, shape)[None].repeat(batch, 1, 1, 1, 1),
-        region=torch.full((batch,), 3),
-        anatomy=torch.full((batch, *shape), 119, dtype=torch.uint8),
+        x=torch.randn(batch, 1, *shape, device=DEVICE),
+        t=torch.full((batch,), 500, device=DEVICE),
+        coordinates=window_coordinates(window, shape)[None].repeat(batch, 1, 1, 1, 1).to(DEVICE),
+        region=torch.full((batch,), 3, device=DEVICE),
+        anatomy=torch.full((batch, *shape), 119, dtype=torch.uint8, device=DEVICE),
     )
 
 
 @torch.no_grad()
-def time_forward(model: torch.nn.Module, size: int, batch: int, repeats: int) -> float:
-    """Median seconds of one forward pass of ``batch`` windows of ``size``^3."""
+def time_forward(network, size: int, batch: int, repeats: int, autocast: torch.dtype | None = None) -> float:
+    """Median seconds of one forward pass of ``batch`` windows of ``size``^3 (after one warm-up call)."""
     inputs = forward_inputs(size, batch)
-    model(**inputs)
+
+    def call() -> None:
+        if autocast is None:
+            network(**inputs)
+        else:
+            with torch.autocast(DEVICE.type, dtype=autocast):
+                network(**inputs)
+        synchronize()
+
+    call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model(**inputs)
+        call()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
 
-def bench_throughput(sizes: list[int], repeats: int) -> None:
+def bench_throughput(sizes: list[int], repeats: int, compile_network: bool) -> None:
+    layouts = [("contiguous", "contiguous", False), ("channels-last", "channels_last", False)]
+    if compile_network:
+        layouts.append(("channels-last + compile", "channels_last", True))
     rows = []
     for name in ("demo", "paper"):
-        model = untrained_model(name)
         for size in sizes:
-            seconds = time_forward(model, size, 1, repeats)
-            rows.append(
-                [
-                    name,
-                    f"{size}^3",
-                    f"{seconds:.3f}",
-                    f"{1 / seconds:.2f}",
-                    f"{size**3 / seconds / 1e6:.2f}",
-                    f"{peak_rss_mb():.0f}",
-                ]
-            )
+            baseline = None
+            for label, memory_format, compiled in layouts:
+                engine = engine_for(untrained_model(name), memory_format=memory_format, compile=compiled)
+                reset_peak_memory()
+                seconds = time_forward(engine.network, size, 1, repeats, engine.autocast_dtype)
+                baseline = baseline or seconds
+                rows.append(
+                    [
+                        name,
+                        f"{size}^3",
+                        label,
+                        f"{seconds:.3f}",
+                        f"{1 / seconds:.2f}",
+                        f"{size**3 / seconds / 1e6:.2f}",
+                        f"{baseline / seconds:.2f}",
+                        f"{peak_memory_mb():.0f}",
+                    ]
+                )
+                torch._dynamo.reset()
     table(
-        "1. Bare network throughput (batch 1, no grad)",
-        ["network", "window", "s / forward", "forwards / s", "Mvoxel-steps / s", "process peak RSS MB"],
+        f"1. Bare network throughput (batch 1, no grad, {DEVICE.type}; speed-up vs contiguous eager)",
+        ["network", "window", "layout", "s / forward", "forwards / s", "Mvoxel-steps / s", "speed-up", "peak MB"],
         rows,
     )
 
 
+class TimedNetwork:
+    """Calls a network and adds up the wall time spent inside the calls."""
+
+    def __init__(self, network) -> None:
+        self.network = network
+        self.seconds = 0.0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        result = self.network(*args, **kwargs)
+        synchronize()
+        self.seconds += time.perf_counter() - start
+        return result
+
+
+def bare_time(engine: Engine, batch_sizes: list[int], repeats: int) -> float:
+    """Seconds the bare network needs for window batches of these sizes (one timestep)."""
+    size = engine.config.patch_size
+    per_size = {b: time_forward(engine.network, size, b, repeats, engine.autocast_dtype) for b in set(batch_sizes)}
+    return sum(per_size[b] for b in batch_sizes)
+
+
 def bench_sampler_efficiency(steps: int, repeats: int) -> None:
+    from MedDiffFMLib.device import make_generator
+    from MedDiffFMLib.diffusion.samplers import sample
+
     rows = []
     for name, shape, batch in (("demo", (40, 96, 96), 4), ("demo", (64, 128, 128), 8)):
-        model = untrained_model(name)
-        predictor = WindowedNoisePredictor(
-            model,
-            Conditions(3),
-            shape,
-            model.config.patch_size,
-            model.config.downsampling_factor,
-            overlap=0.5,
-            batch_size=batch,
-        )
-        x = torch.randn(shape)
-        predictor(x, 500)
+        engine = engine_for(untrained_model(name), batch_size=batch)
+        predictor = engine.predictor(Conditions(3), shape)
+        timed = TimedNetwork(engine.network)
+        predictor.model = timed
+        predictor(torch.randn(shape, device=DEVICE), 500)  # warm-up
+        batch_sizes = [len(predictor.windows[i : i + batch]) for i in range(0, len(predictor.windows), batch)]
+        before = bare_time(engine, batch_sizes, repeats) * steps
+        timed.seconds = 0.0
         start = time.perf_counter()
-        for t in range(steps):
-            predictor(x, 999 - t)
+        sample(predictor, engine.schedule, shape, make_generator(0), DEVICE, sampler="ddim", steps=steps, eta=0.0)
+        synchronize()
         total = time.perf_counter() - start
-        batches = -(-len(predictor.windows) // batch) * steps
-        bare = time_forward(model, model.config.patch_size, batch, repeats)
+        network_only = 0.5 * (before + bare_time(engine, batch_sizes, repeats) * steps)
         rows.append(
             [
                 name,
@@ -129,48 +195,78 @@ def bench_sampler_efficiency(steps: int, repeats: int) -> None:
                 batch,
                 steps,
                 f"{total:.2f}",
-                f"{batches * bare:.2f}",
-                f"{batches * bare / total:.3f}",
+                f"{network_only:.2f}",
+                f"{network_only / total:.3f}",
+                f"{timed.seconds / total:.3f}",
             ]
         )
     table(
-        "2. Sampler efficiency (window batches x bare batch time / sampling time)",
-        ["network", "volume", "windows", "batch", "steps", "sampling s", "network-only s", "efficiency"],
+        "2. Sampler efficiency: bare network time of the same window batches / whole-volume DDIM sampling time",
+        [
+            "network",
+            "volume",
+            "windows",
+            "batch",
+            "steps",
+            "sampling s",
+            "network-only s",
+            "efficiency",
+            "in-run network share",
+        ],
         rows,
     )
+
+
+def trained_model(weights: Path | None) -> torch.nn.Module | str:
+    """The model for benchmarks that need trained weights, or why there is none."""
+    try:
+        return load_model(weights or resolve_weights())
+    except Exception as error:  # noqa: BLE001 - reported in the table
+        return f"skipped: {error}"
 
 
 def bench_work_per_result(weights: Path | None) -> None:
     from MedDiffFMLib.lowdose import simulate
     from MedDiffFMLib.metrics import psnr
     from MedDiffFMLib.preprocessing import Window
-    from MedDiffFMLib.tasks import Engine, denoise
+    from MedDiffFMLib.tasks import denoise
     from MedDiffFMLib.volume import read_volume
 
-    try:
-        model = load_model(weights or resolve_weights())
-    except Exception as error:  # noqa: BLE001 - reported in the table
-        table("3. Work per result", ["note"], [[f"skipped: {error}"]])
+    model = trained_model(weights)
+    if isinstance(model, str):
+        table("3. Work per result", ["note"], [[model]])
         return
     sample = read_volume(ROOT / "Testing" / "Data" / "totalsegmentator_example" / "example_ct_sm.nii.gz")
     simulated = simulate(sample, target_psnr=23.0, seed=0)
     window = Window(40.0, 400.0)
-    engine = Engine(model, device="auto", batch_size=8)
+    engine = engine_for(model, batch_size=8)
     baseline = psnr(simulated.reference.array, simulated.low_dose.array, window)
-    rows = [["low-dose input", "-", "0", f"{baseline:.2f}", "-"]]
-    t_start = denoise(simulated.low_dose, engine, "abdomen", steps=10, seed=0).t_start
-    settings = (("paper: every timestep from t_start", t_start + 1), ("ours: 10 steps", 10), ("ours: 5 steps", 5))
+    rows = [["low-dose input", "-", "0", "-", f"{baseline:.2f}", "-", "-"]]
+    t_start = denoise(simulated.low_dose, engine, "abdomen", steps=1, seed=0).t_start
+    settings = [("paper: every timestep from t_start", t_start + 1)]
+    settings += [(f"ours: {n} steps" + (" (default)" if n == 10 else ""), n) for n in (10, 5, 4, 3, 2)]
+    paper = None
     for label, steps in settings:
         start = time.perf_counter()
         result = denoise(simulated.low_dose, engine, "abdomen", steps=steps, seed=0)
+        seconds = time.perf_counter() - start
         value = psnr(simulated.reference.array, result.volume.array, window)
+        paper = paper or (result.network_evaluations, value)
         rows.append(
-            [label, str(steps), str(result.network_evaluations), f"{value:.2f}", f"{time.perf_counter() - start:.1f}"]
+            [
+                label,
+                str(steps),
+                str(result.network_evaluations),
+                f"{paper[0] / result.network_evaluations:.1f}",
+                f"{value:.2f}",
+                f"{value - paper[1]:+.2f}",
+                f"{seconds:.1f}",
+            ]
         )
     table(
         f"3. Work per result: denoising the bundled sample (t_start {t_start}; PSNR in [-160, 240] HU vs the "
         "noise-free reference)",
-        ["setting", "steps", "window evaluations", "PSNR dB", "s"],
+        ["setting", "steps", "window evaluations", "x fewer", "PSNR dB", "vs paper dB", "s"],
         rows,
     )
 
@@ -195,20 +291,19 @@ def seam_ratio(volume: np.ndarray, predictor: WindowedNoisePredictor) -> float:
 
 def bench_seams(weights: Path | None) -> None:
     from MedDiffFMLib.anatomy import from_totalsegmentator
-    from MedDiffFMLib.tasks import Engine, synthesize
+    from MedDiffFMLib.tasks import synthesize
     from MedDiffFMLib.volume import read_volume
 
-    try:
-        model = load_model(weights or resolve_weights())
-    except Exception as error:  # noqa: BLE001 - reported in the table
-        table("5. Seams", ["note"], [[f"skipped: {error}"]])
+    model = trained_model(weights)
+    if isinstance(model, str):
+        table("5. Seams", ["note"], [[model]])
         return
     data = ROOT / "Testing" / "Data" / "totalsegmentator_example"
     ct, seg = read_volume(data / "example_ct_sm.nii.gz"), read_volume(data / "example_seg.nii.gz")
     labels = seg.with_array(from_totalsegmentator(seg.array, ct.array))
     rows = []
     for overlap, blend in ((0.5, "gaussian"), (0.25, "gaussian"), (0.0, "constant")):
-        engine = Engine(model, device="auto", overlap=overlap, blend=blend, batch_size=8)
+        engine = engine_for(model, overlap=overlap, blend=blend, batch_size=8)
         start = time.perf_counter()
         volume = synthesize(labels, "abdomen", engine, sampler="dpm++2m", steps=20, seed=0)
         seconds = time.perf_counter() - start
@@ -221,6 +316,51 @@ def bench_seams(weights: Path | None) -> None:
     table(
         "5. Seams: synthesis of the sample's anatomy (DPM-Solver++ 20 steps); gradient at window borders / elsewhere",
         ["overlap", "blend", "windows", "s", "seam ratio"],
+        rows,
+    )
+
+
+def bench_steps(weights: Path | None, steps_list: tuple[int, ...]) -> None:
+    from MedDiffFMLib import preprocessing as pp
+    from MedDiffFMLib.anatomy import from_totalsegmentator, label_of
+    from MedDiffFMLib.device import make_generator
+    from MedDiffFMLib.diffusion.samplers import sample
+    from MedDiffFMLib.metrics import psnr
+    from MedDiffFMLib.volume import read_volume
+
+    model = trained_model(weights)
+    if isinstance(model, str):
+        table("6. Steps for synthesis", ["note"], [[model]])
+        return
+    data = ROOT / "Testing" / "Data" / "totalsegmentator_example"
+    ct, seg = read_volume(data / "example_ct_sm.nii.gz"), read_volume(data / "example_seg.nii.gz")
+    labels = from_totalsegmentator(seg.array, ct.array)
+    engine = engine_for(model, batch_size=8)
+    size = engine.config.patch_size
+    _, y, x = np.argwhere(labels == label_of("liver")).mean(axis=0).astype(int)
+    y0, x0 = (int(np.clip(c - size // 2, 0, n - size)) for c, n in zip((y, x), labels.shape[1:]))
+    crop = labels[:, y0 : y0 + size, x0 : x0 + size]
+    predictor = engine.predictor(Conditions(3, torch.from_numpy(crop.astype(np.uint8))), crop.shape)
+    window = pp.REGIONS["abdomen"]
+
+    def run(sampler: str, steps: int) -> tuple[np.ndarray, int, float]:
+        before, start = predictor.evaluations, time.perf_counter()
+        x = sample(predictor, engine.schedule, crop.shape, make_generator(0), DEVICE, sampler, steps, eta=0.0)
+        seconds = time.perf_counter() - start
+        return pp.model_to_hu(x.cpu().numpy(), "abdomen"), predictor.evaluations - before, seconds
+
+    reference, evaluations, seconds = run("ddim", engine.schedule.num_timesteps)
+    rows = [["ddim (reference)", str(engine.schedule.num_timesteps), str(evaluations), "-", f"{seconds:.1f}"]]
+    for steps in steps_list:
+        for sampler in ("ddim", "dpm++2m"):
+            result, evaluations, seconds = run(sampler, steps)
+            rows.append(
+                [sampler, str(steps), str(evaluations), f"{psnr(reference, result, window):.2f}", f"{seconds:.1f}"]
+            )
+    table(
+        f"6. Steps for synthesis: {'x'.join(map(str, crop.shape))} crop of the sample's anatomy (liver), same "
+        "noise; PSNR in the abdomen window vs the 1000-step solution of the same ODE",
+        ["sampler", "steps", "window evaluations", "PSNR dB vs reference", "s"],
         rows,
     )
 
@@ -255,11 +395,16 @@ def bench_memory() -> None:
     )
 
 
+BENCHMARKS = (1, 2, 3, 4, 5, 6)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, 32^3 only")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes")
     parser.add_argument("--large", action="store_true", help="also 128^3 windows (about 30 s per paper forward on CPU)")
-    parser.add_argument("--model", type=Path, help="trained weights for benchmark 3")
+    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out of benchmark 1")
+    parser.add_argument("--only", type=int, nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
+    parser.add_argument("--model", type=Path, help="trained weights for benchmarks 3, 5 and 6")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(
@@ -267,13 +412,21 @@ def main() -> int:
         f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}, "
         f"torch {torch.__version__}, Python {platform.python_version()}"
     )
+    selected = set(args.only or BENCHMARKS)
     repeats = 2 if args.quick else 5
     sizes = [32] if args.quick else [32, 64] + ([128] if args.large else [])
-    bench_throughput(sizes, repeats)
-    bench_sampler_efficiency(2 if args.quick else 3, repeats)
-    bench_work_per_result(args.model)
-    bench_seams(args.model)
-    bench_memory()
+    if 1 in selected:
+        bench_throughput(sizes, repeats, not args.no_compile)
+    if 2 in selected:
+        bench_sampler_efficiency(2 if args.quick else 3, repeats)
+    if 3 in selected:
+        bench_work_per_result(args.model)
+    if 4 in selected:
+        bench_memory()
+    if 5 in selected:
+        bench_seams(args.model)
+    if 6 in selected:
+        bench_steps(args.model, (5, 10) if args.quick else (5, 10, 20, 50, 100))
     return 0
 
 

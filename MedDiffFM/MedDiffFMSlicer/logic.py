@@ -90,6 +90,7 @@ class TaskParameters:
     device: str = "auto"
     overlap: float = 0.5
     batch_size: int = 4
+    compile: bool = False
     model: str | None = None
     controlnet: str | None = None
     untrained: str | None = None
@@ -258,6 +259,7 @@ class TaskLogic:
             info.controlnet_task,
             parameters.overlap,
             parameters.batch_size,
+            parameters.compile,
             parameters.seed if parameters.untrained else None,
         )
         if key not in self._engines:
@@ -277,7 +279,12 @@ class TaskLogic:
                     name = model.card.identifier
             self._engines.clear()
             self._engines[key] = library_tasks.Engine(
-                model, parameters.device, parameters.overlap, parameters.batch_size, name=name
+                model,
+                parameters.device,
+                parameters.overlap,
+                parameters.batch_size,
+                name=name,
+                compile=parameters.compile,
             )
         return self._engines[key]
 
@@ -476,6 +483,7 @@ class TaskLogic:
                 "--device": p.device,
                 "--overlap": p.overlap,
                 "--batch-size": p.batch_size,
+                "--compile": p.compile,
                 "--seed": p.seed,
             }
         )

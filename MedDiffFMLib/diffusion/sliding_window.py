@@ -14,12 +14,12 @@ anatomy, edge values for the task condition) up to it; results are cropped back.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from monai.data.utils import compute_importance_map, dense_patch_slices
-from torch import nn
 
 from ..anatomy import UNKNOWN_LABEL
 from ..errors import InputError, ResourceError
@@ -69,7 +69,8 @@ class WindowedNoisePredictor:
     """Callable ``(x_t (D, H, W), t) -> eps (D, H, W)`` over a whole volume.
 
     Args:
-        model: a MedDiff-FM network (see :mod:`..model.network` for its inputs).
+        model: a MedDiff-FM network, or anything called like one (e.g. its ``torch.compile``); see
+            :mod:`..model.network` for its inputs.
         conditions: the conditions of the whole volume.
         shape: volume shape ``(D, H, W)``.
         patch_size: window edge in voxels (the model's training patch size).
@@ -89,7 +90,7 @@ class WindowedNoisePredictor:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: Callable[..., torch.Tensor],
         conditions: Conditions,
         shape: tuple[int, int, int],
         patch_size: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +38,13 @@ class Engine:
         blend: ``gaussian`` or ``constant`` weighting of overlapping windows.
         name: model identifier written into result metadata.
         precision: ``auto`` (bfloat16 autocast on CUDA, float32 elsewhere), ``fp32``, ``bf16`` or ``fp16``.
+        memory_format: ``auto`` (channels-last-3D on CPU and CUDA, contiguous elsewhere),
+            ``channels_last`` or ``contiguous``: the layout of the network's 5-D weights, which
+            convolutions follow. Results are the same either way; channels-last measured 1.08-1.21x
+            faster on CPU (benchmarks/README.md). The model is converted in place.
+        compile: run the network through ``torch.compile`` (compiled on the first call of each
+            window shape, then faster; falls back to eager mode with a warning if compilation fails,
+            e.g. without a C++ compiler).
     """
 
     model: nn.Module
@@ -46,14 +54,22 @@ class Engine:
     blend: str = "gaussian"
     name: str = ""
     precision: str = "auto"
+    memory_format: str = "auto"
+    compile: bool = False
     schedule: NoiseSchedule = field(init=False)
+    network: Callable[..., torch.Tensor] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.device = self.device if isinstance(self.device, torch.device) else select_device(self.device)
-        self.model = self.model.to(self.device).eval()
-        self.schedule = NoiseSchedule(self.config.num_train_timesteps, self.config.schedule)
         if self.precision not in PRECISIONS:
             raise InputError(f"Unknown precision '{self.precision}'. Choose one of: {', '.join(PRECISIONS)}.")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise InputError(
+                f"Unknown memory format '{self.memory_format}'. Choose one of: {', '.join(MEMORY_FORMATS)}."
+            )
+        self.device = self.device if isinstance(self.device, torch.device) else select_device(self.device)
+        self.model = self.model.to(self.device, memory_format=self.torch_memory_format).eval()
+        self.network = CompiledNetwork(self.model) if self.compile else self.model
+        self.schedule = NoiseSchedule(self.config.num_train_timesteps, self.config.schedule)
         if not self.name:
             card = getattr(self.model, "card", None)
             self.name = card.identifier if card is not None else "unsaved model"
@@ -77,7 +93,7 @@ class Engine:
         """
         check_memory(shape, self.device)
         return WindowedNoisePredictor(
-            self.model,
+            self.network,
             conditions,
             shape,
             patch_size=self.config.patch_size,
@@ -98,6 +114,14 @@ class Engine:
             return torch.bfloat16 if self.device.type == "cuda" else None
         return PRECISIONS[self.precision]
 
+    @property
+    def torch_memory_format(self) -> torch.memory_format:
+        """The layout the network's weights are kept in."""
+        channels_last = self.memory_format == "channels_last" or (
+            self.memory_format == "auto" and self.device.type in ("cpu", "cuda")
+        )
+        return torch.channels_last_3d if channels_last else torch.contiguous_format
+
     def working_geometry(self, geometry: Geometry) -> Geometry:
         """The model's isotropic grid over the extent of ``geometry``."""
         return pp.isotropic_geometry(geometry, self.config.spacing_mm)
@@ -109,6 +133,27 @@ PRECISIONS: dict[str, torch.dtype | None] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
+
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
+
+class CompiledNetwork:
+    """``torch.compile`` of a network that falls back to eager mode, with a warning, when the
+    compiler fails (no C++ compiler, unsupported platform). Called like the network itself."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(model)
+
+    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch._dynamo.exc.BackendCompilerFailed as error:
+                logger.warning("torch.compile failed (%s); continuing without compilation.", error)
+                self.compiled = None
+        return self.model(*args, **kwargs)
+
 
 FULL_VOLUME_TENSORS = 10
 """Float32 volumes of the working grid alive at once while sampling (image, noise estimate,

@@ -1,0 +1,75 @@
+"""How the engine runs the network: memory layout and torch.compile change speed, never results."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import random_tiny_model
+
+from MedDiffFMLib.diffusion.sliding_window import Conditions
+from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.tasks import Engine
+
+SHAPE = (16, 24, 20)
+CLOSE = dict(rtol=1e-3, atol=1e-4)  # float32 summation order differs between layouts and kernels
+
+
+def conv_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [parameter for parameter in model.parameters() if parameter.dim() == 5]
+
+
+def noise_estimate(engine: Engine, x: torch.Tensor) -> torch.Tensor:
+    anatomy = torch.randint(0, 120, SHAPE, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return engine.predictor(Conditions(3, anatomy), SHAPE)(x, 100)
+
+
+def test_channels_last_weights_give_the_contiguous_result():
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    contiguous = Engine(random_tiny_model(), device="cpu", memory_format="contiguous")
+    channels_last = Engine(random_tiny_model(), device="cpu", memory_format="channels_last")
+    assert all(w.is_contiguous() for w in conv_weights(contiguous.model))
+    weights = conv_weights(channels_last.model)
+    assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights)
+    assert sum(not w.is_contiguous() for w in weights) > len(weights) // 2
+    expected = noise_estimate(contiguous, x)
+    assert expected.abs().mean() > 1e-3
+    torch.testing.assert_close(noise_estimate(channels_last, x), expected, **CLOSE)
+
+
+def test_auto_memory_format_is_channels_last_on_the_cpu():
+    assert Engine(random_tiny_model(), device="cpu").torch_memory_format == torch.channels_last_3d
+    with pytest.raises(InputError, match="memory format"):
+        Engine(random_tiny_model(), device="cpu", memory_format="nhwc")
+
+
+def test_compiled_network_gives_the_eager_result():
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    eager = noise_estimate(Engine(random_tiny_model(), device="cpu"), x)
+    engine = Engine(random_tiny_model(), device="cpu", compile=True)
+    compiled = noise_estimate(engine, x)
+    assert engine.network.compiled is not None  # compiled, not fallen back to eager mode
+    torch.testing.assert_close(compiled, eager, **CLOSE)
+
+
+def test_a_failing_compiler_falls_back_to_eager_mode_with_a_warning(monkeypatch, caplog):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    calls = []
+
+    def broken_compile(model):
+        def run(*args, **kwargs):
+            calls.append(1)
+            raise BackendCompilerFailed(broken_compile, RuntimeError("no C++ compiler found"), None)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    eager = noise_estimate(Engine(random_tiny_model(), device="cpu"), x)
+    with caplog.at_level(logging.WARNING):
+        result = noise_estimate(Engine(random_tiny_model(), device="cpu", compile=True), x)
+    torch.testing.assert_close(result, eager, rtol=0, atol=0)
+    assert calls == [1]  # tried once, then never again
+    assert "torch.compile failed" in caplog.text and "no C++ compiler" in caplog.text
