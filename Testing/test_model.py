@@ -115,6 +115,25 @@ def test_x0_prediction_inverts_forward_noising():
     assert schedule.strided_timesteps(999, 4) == [999, 666, 333, 0]
 
 
+def test_log_snr_timesteps_jump_to_the_floor_then_step_evenly_in_log_snr():
+    from MedDiffFMLib.diffusion.schedule import LOG_SNR_FLOOR
+
+    schedule = NoiseSchedule()
+    log_snr = 0.5 * torch.log(schedule.alphas_cumprod / (1 - schedule.alphas_cumprod))
+    timesteps = schedule.log_snr_timesteps(999, 10)
+    assert len(timesteps) == 10 and timesteps[0] == 999 and timesteps[-1] == 0
+    assert all(a > b for a, b in zip(timesteps, timesteps[1:]))
+    assert log_snr[999] < LOG_SNR_FLOOR
+    assert abs(float(log_snr[timesteps[1]]) - LOG_SNR_FLOOR) < 0.1
+    gaps = torch.diff(log_snr[timesteps[1:]].double())
+    torch.testing.assert_close(gaps, torch.full_like(gaps, float(gaps.mean())), rtol=0.15, atol=0)
+    assert schedule.log_snr_timesteps(999, 1) == [999]
+    above = schedule.log_snr_timesteps(400, 6)  # starts above the floor: evenly spaced from the start
+    assert above[0] == 400 and log_snr[400] > LOG_SNR_FLOOR
+    gaps = torch.diff(log_snr[above].double())
+    torch.testing.assert_close(gaps, torch.full_like(gaps, float(gaps.mean())), rtol=0.15, atol=0)
+
+
 def test_dpm_solver_follows_the_probability_flow_of_gaussian_data_better_than_ddim():
     from MedDiffFMLib.device import make_generator, randn
     from MedDiffFMLib.diffusion.samplers import sample

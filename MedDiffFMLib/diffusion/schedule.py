@@ -12,6 +12,9 @@ from monai.networks.schedulers import DDPMScheduler
 
 from ..errors import InputError
 
+LOG_SNR_FLOOR = -3.0
+"""log(alpha / sigma) below which DPM-Solver++ takes a single step (signal 5 % of the noise)."""
+
 
 class NoiseSchedule:
     """Cumulative signal rates ``abar_t`` and conversions between x_t, x_0 and eps."""
@@ -53,13 +56,21 @@ class NoiseSchedule:
         abar = self.abar(t)
         return (x_t - abar**0.5 * x0) / (1.0 - abar) ** 0.5
 
-    def log_snr_timesteps(self, start: int, steps: int) -> list[int]:
+    def log_snr_timesteps(self, start: int, steps: int, floor: float = LOG_SNR_FLOOR) -> list[int]:
         """Up to ``steps`` distinct timesteps from ``start`` down to 0, evenly spaced in
-        ``log(alpha / sigma)`` (the spacing DPM-Solver is designed for)."""
+        ``lambda = log(alpha / sigma)`` (the spacing DPM-Solver is designed for) from ``floor`` up.
+
+        Below ``floor`` the image is almost pure noise and the probability flow almost linear, so
+        when ``start`` lies below it the first step goes straight from ``start`` to ``floor``;
+        evenly spaced steps from the cosine schedule's own end (lambda = -9.9 at t = 999) would
+        spend a third of a 10-step budget there (benchmarks/README.md, benchmark 6).
+        """
         log_snr = 0.5 * torch.log(self.alphas_cumprod / (1.0 - self.alphas_cumprod))
-        targets = torch.linspace(float(log_snr[start]), float(log_snr[0]), max(1, steps), dtype=torch.float64)
-        nearest = [int(torch.argmin((log_snr - value).abs())) for value in targets]
-        return list(dict.fromkeys(nearest))
+        first = float(log_snr[start])
+        head, low = ([start], floor) if first < floor and steps > 1 else ([], first)
+        targets = torch.linspace(low, float(log_snr[0]), max(1, steps - len(head)), dtype=torch.float64)
+        nearest = [int(torch.argmin((log_snr[: start + 1] - value).abs())) for value in targets]
+        return list(dict.fromkeys(head + nearest))
 
     def strided_timesteps(self, start: int, steps: int) -> list[int]:
         """``steps`` distinct timesteps from ``start`` down to 0, evenly spaced (uniform skipping)."""
