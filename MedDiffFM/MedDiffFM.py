@@ -25,7 +25,7 @@ import qt
 import slicer
 import vtk
 from MedDiffFMSlicer import dependencies
-from MedDiffFMSlicer.taskinfo import DEVICE_LABELS, REGION_LABELS, TASKS, task_for_label
+from MedDiffFMSlicer.taskinfo import DEVICE_LABELS, REGION_LABELS, SAMPLER_LABELS, TASKS, task_for_label
 from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -91,7 +91,7 @@ class MedDiffFMParameterNode:
     region: Annotated[str, Choice(list(REGION_LABELS)), Default("Auto")]
     spacing: Annotated[float, WithinRange(0.25, 10.0), Default(1.0)]
     steps: Annotated[int, WithinRange(0, 1000), Default(0)]
-    sampler: Annotated[str, Choice(["DDIM", "DDPM"]), Default("DDIM")]
+    sampler: Annotated[str, Choice(list(SAMPLER_LABELS)), Default("DDIM")]
     eta: Annotated[float, WithinRange(0.0, 1.0), Default(1.0)]
     sigmaAuto: Annotated[bool, Default(True)]
     sigma: Annotated[float, WithinRange(0.0001, 2.0), Default(0.03)]
@@ -519,7 +519,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             organs=list(p.organs),
             region=REGION_LABELS[p.region],
             steps=p.steps or None,
-            sampler=p.sampler.lower(),
+            sampler=SAMPLER_LABELS[p.sampler],
             eta=p.eta,
             sigma=None if (p.sigmaAuto and task != "super_resolve") else p.sigma,
             lam=p.lam or None,

@@ -9,6 +9,7 @@ from monai.networks.schedulers import DDPMScheduler
 
 from MedDiffFMLib.diffusion.samplers import ddim_step, ddpm_step
 from MedDiffFMLib.diffusion.schedule import NoiseSchedule
+from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.model.config import ModelConfig, preset
 from MedDiffFMLib.model.embeddings import fourier_features, window_coordinates
 from MedDiffFMLib.model.network import ControlledNet, MedDiffFMNet
@@ -134,7 +135,18 @@ def test_log_snr_timesteps_jump_to_the_floor_then_step_evenly_in_log_snr():
     torch.testing.assert_close(gaps, torch.full_like(gaps, float(gaps.mean())), rtol=0.15, atol=0)
 
 
-def test_dpm_solver_follows_the_probability_flow_of_gaussian_data_better_than_ddim():
+def test_monai_plms_runs_on_our_noise_schedule():
+    from MedDiffFMLib.diffusion.samplers import monai_plms
+
+    schedule = NoiseSchedule()
+    plms = monai_plms(schedule, 10)
+    torch.testing.assert_close(plms.alphas_cumprod.double(), schedule.alphas_cumprod, rtol=1e-6, atol=1e-7)
+    assert plms.timesteps.tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    with pytest.raises(InputError):
+        monai_plms(schedule, 0)
+
+
+def test_higher_order_samplers_follow_the_probability_flow_of_gaussian_data_better_than_ddim():
     from MedDiffFMLib.device import make_generator, randn
     from MedDiffFMLib.diffusion.samplers import sample
 
@@ -147,11 +159,19 @@ def test_dpm_solver_follows_the_probability_flow_of_gaussian_data_better_than_dd
     start = randn(shape, make_generator(7), torch.device("cpu"))
     a_top, s_top = schedule.abar(999) ** 0.5, (1 - schedule.abar(999)) ** 0.5
     expected = spread * start / (a_top**2 * spread**2 + s_top**2) ** 0.5
-    errors = {}
-    for sampler in ("ddim", "dpm++2m"):
+    errors, calls = {}, []
+
+    def counted(x, t):
+        calls.append(t)
+        return exact_eps(x, t)
+
+    for sampler in ("ddim", "dpm++2m", "plms"):
+        calls.clear()
         result = sample(
-            exact_eps, schedule, shape, make_generator(7), torch.device("cpu"), sampler=sampler, steps=10, eta=0.0
+            counted, schedule, shape, make_generator(7), torch.device("cpu"), sampler=sampler, steps=10, eta=0.0
         )
         errors[sampler] = (result - expected.clamp(-1, 1)).abs().max().item()
+        assert len(calls) == 10
     assert errors["dpm++2m"] < 0.25 * errors["ddim"]
     assert errors["dpm++2m"] < 0.05
+    assert errors["plms"] < 0.25 * errors["ddim"]

@@ -23,7 +23,7 @@ WIDGET_SOURCE = MODULE / "MedDiffFM.py"
 
 sys.path.insert(0, str(MODULE))
 
-from MedDiffFMSlicer.taskinfo import TASKS  # noqa: E402
+from MedDiffFMSlicer.taskinfo import SAMPLER_LABELS, TASKS  # noqa: E402
 
 
 def cmake_sets(path: Path) -> dict[str, list[str]]:
@@ -189,6 +189,12 @@ def test_task_rows_name_ui_widgets_and_cover_every_task():
         assert ("lesion" in shown) == info.needs_lesion, task
         assert ("organs" in shown) == info.needs_organs, task
         assert ("controlNet" in shown) == bool(info.controlnet_task), task
+
+
+def test_the_panel_offers_every_sampler_of_the_library():
+    from MedDiffFMLib.diffusion.samplers import SAMPLERS
+
+    assert sorted(SAMPLER_LABELS.values()) == sorted(SAMPLERS)
 
 
 def test_parameter_names_in_the_ui_are_parameter_node_fields():

@@ -184,6 +184,16 @@ def test_synthesis_returns_the_label_maps_grid_and_is_reproducible(small_seg, ti
     assert first.array.min() >= window.low - 1e-3 and first.array.max() <= window.high + 1e-3
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m", "plms"])
+def test_every_few_step_sampler_synthesises_on_the_label_maps_grid(small_seg, tiny_engine, sampler):
+    result = synthesize(small_seg, "abdomen", tiny_engine, sampler=sampler, steps=3, eta=0.0, seed=1)
+    assert result.geometry.same_grid(small_seg.geometry)
+    assert result.metadata["MedDiffFM_sampler"] == sampler
+    window = pp.REGIONS["abdomen"]
+    inside = result.array[small_seg.array > 0]
+    assert inside.min() >= window.low - 1e-3 and inside.max() <= window.high + 1e-3 and inside.std() > 0
+
+
 def test_synthesis_handles_any_size_by_padding(sample_seg, tiny_engine):
     thin = crop(sample_seg, slice(10, 13), slice(20, 60), slice(20, 40))
     assert synthesize(thin, "abdomen", tiny_engine, steps=2).array.shape == (3, 40, 20)

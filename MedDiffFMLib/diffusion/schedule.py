@@ -22,6 +22,7 @@ class NoiseSchedule:
     def __init__(self, num_timesteps: int = 1000, schedule: str = "cosine") -> None:
         scheduler = DDPMScheduler(num_train_timesteps=num_timesteps, schedule=schedule)
         self.num_timesteps = num_timesteps
+        self.name = schedule
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
 
     def abar(self, t: int) -> float:
