@@ -13,7 +13,9 @@ from monai.networks.schedulers import DDPMScheduler
 from ..errors import InputError
 
 LOG_SNR_FLOOR = -3.0
-"""log(alpha / sigma) below which DPM-Solver++ takes a single step (signal 5 % of the noise)."""
+"""log(alpha / sigma) below which the image is almost pure noise (signal 5 % of the noise)."""
+NOISE_STRETCH_WEIGHT = 0.25
+"""DPM-Solver++ steps below :data:`LOG_SNR_FLOOR` are 1 / this times wider than above it."""
 
 
 class NoiseSchedule:
@@ -57,21 +59,25 @@ class NoiseSchedule:
         abar = self.abar(t)
         return (x_t - abar**0.5 * x0) / (1.0 - abar) ** 0.5
 
-    def log_snr_timesteps(self, start: int, steps: int, floor: float = LOG_SNR_FLOOR) -> list[int]:
+    def log_snr_timesteps(
+        self, start: int, steps: int, floor: float = LOG_SNR_FLOOR, weight: float = NOISE_STRETCH_WEIGHT
+    ) -> list[int]:
         """Up to ``steps`` distinct timesteps from ``start`` down to 0, evenly spaced in
-        ``lambda = log(alpha / sigma)`` (the spacing DPM-Solver is designed for) from ``floor`` up.
+        ``lambda = log(alpha / sigma)`` (the spacing DPM-Solver is designed for), except that the
+        noise-dominated stretch below ``floor`` gets steps ``1 / weight`` times wider.
 
-        Below ``floor`` the image is almost pure noise and the probability flow almost linear, so
-        when ``start`` lies below it the first step goes straight from ``start`` to ``floor``;
-        evenly spaced steps from the cosine schedule's own end (lambda = -9.9 at t = 999) would
-        spend a third of a 10-step budget there (benchmarks/README.md, benchmark 6).
+        There the image is almost pure noise and the probability flow almost linear; even spacing
+        from the cosine schedule's own end (lambda = -9.9 at t = 999) spends 4 of 10 steps on it
+        (benchmarks/README.md, benchmark 6b).
         """
         log_snr = 0.5 * torch.log(self.alphas_cumprod / (1.0 - self.alphas_cumprod))
-        first = float(log_snr[start])
-        head, low = ([start], floor) if first < floor and steps > 1 else ([], first)
-        targets = torch.linspace(low, float(log_snr[0]), max(1, steps - len(head)), dtype=torch.float64)
+        first, last = float(log_snr[start]), float(log_snr[0])
+        head = max(floor - first, 0.0) * weight
+        length = head + last - max(first, floor)
+        u = torch.linspace(0.0, length, max(1, steps), dtype=torch.float64)
+        targets = torch.where(u < head, first + u / weight, max(first, floor) + (u - head))
         nearest = [int(torch.argmin((log_snr[: start + 1] - value).abs())) for value in targets]
-        return list(dict.fromkeys(head + nearest))
+        return list(dict.fromkeys(nearest))
 
     def strided_timesteps(self, start: int, steps: int) -> list[int]:
         """``steps`` distinct timesteps from ``start`` down to 0, evenly spaced (uniform skipping)."""
