@@ -129,9 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha)")
     p.add_argument("--region", choices=tuple(REGIONS), required=True)
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument(
-        "--steps", type=int, default=50, help="steps of ddim, dpm++2m or plms (default 50; ddpm always uses all)"
-    )
+    p.add_argument("--steps", type=int, default=50, help="steps of ddim or dpm++2m (default 50; ddpm always uses all)")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity (0 deterministic, default 1)")
     _add_engine_options(p)
 
@@ -165,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesion", required=True, help="lesion mask (non-zero = lesion)")
     p.add_argument("--region", choices=tuple(REGIONS), required=True)
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="steps of ddim, dpm++2m or plms (default 50)")
+    p.add_argument("--steps", type=int, default=50, help="steps of ddim or dpm++2m (default 50)")
     p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity (default 1)")
     _add_controlnet_option(p, "controlnet-lesion")
     _add_engine_options(p)

@@ -19,7 +19,7 @@
    shows what seams look like, 0 % overlap with constant blending; the seam ratio is the mean
    absolute intensity step across window borders divided by the mean step elsewhere.
 6. Steps for synthesis: (a) DDIM, our DPM-Solver++(2M) and MONAI's PNDM on Gaussian data, whose
-   probability flow is known exactly; (b) DDIM, DPM-Solver++(2M) and PLMS at 5 to 100 steps with the
+   probability flow is known exactly; (b) DDIM, DPM-Solver++(2M) and MONAI's PLMS at 5 to 100 steps with the
    trained network against the same probability-flow ODE solved with every one of the 1000
    timesteps (DDIM, eta 0) from the same noise.
 
@@ -245,10 +245,12 @@ def bench_work_per_result(weights: Path | None) -> None:
     baseline = psnr(simulated.reference.array, simulated.low_dose.array, window)
     rows = [["low-dose input", "-", "0", "-", f"{baseline:.2f}", "-", "-"]]
     t_start = denoise(simulated.low_dose, engine, "abdomen", steps=1, seed=0).t_start
-    settings = [("paper: every timestep from t_start", t_start + 1)]
-    settings += [(f"ours: {n} steps" + (" (default)" if n == 10 else ""), n) for n in (10, 5, 4, 3, 2)]
+    settings = [("paper: every timestep from t_start", t_start + 1, 0.5)]
+    settings += [(f"ours: {n} steps" + (" (default)" if n == 10 else ""), n, 0.5) for n in (10, 5, 4, 3, 2)]
+    settings += [(f"ours: {n} steps, 25 % window overlap", n, 0.25) for n in (10, 4)]
     paper = None
-    for label, steps in settings:
+    for label, steps, overlap in settings:
+        engine.overlap = overlap
         start = time.perf_counter()
         result = denoise(simulated.low_dose, engine, "abdomen", steps=steps, seed=0)
         seconds = time.perf_counter() - start
@@ -356,7 +358,7 @@ def bench_solvers_on_gaussian_data(steps_list: tuple[int, ...]) -> None:
             row.append(f"{(x - expected).abs().max().item():.4f}")
         for skip_prk in (True, False):
             pndm = PNDMScheduler(
-                schedule.num_timesteps, schedule="cosine", skip_prk_steps=skip_prk, set_alpha_to_one=True
+                schedule.num_timesteps, schedule=schedule.name, skip_prk_steps=skip_prk, set_alpha_to_one=True
             )
             pndm.set_timesteps(steps)
             x = start.clone()
@@ -369,6 +371,21 @@ def bench_solvers_on_gaussian_data(steps_list: tuple[int, ...]) -> None:
         ["steps", "DDIM", "DPM-Solver++(2M) (ours)", "MONAI PNDM, PLMS only", "MONAI PNDM, PRK + PLMS"],
         rows,
     )
+
+
+def monai_plms(predict, schedule, shape: tuple[int, ...], generator: torch.Generator, steps: int) -> torch.Tensor:
+    """Synthesis with MONAI's PNDMScheduler in PLMS mode (its only higher-order scheduler), set up
+    as MONAI documents it, on our noise schedule; for comparison only (benchmark 6b)."""
+    from monai.networks.schedulers import PNDMScheduler
+
+    from MedDiffFMLib.device import randn
+
+    plms = PNDMScheduler(schedule.num_timesteps, schedule=schedule.name, skip_prk_steps=True, set_alpha_to_one=True)
+    plms.set_timesteps(steps)
+    x = randn(shape, generator, DEVICE)
+    for t in plms.timesteps.tolist():
+        x, _ = plms.step(predict(x, t), t, x)
+    return x.clamp(-1.0, 1.0)
 
 
 def bench_steps(weights: Path | None, steps_list: tuple[int, ...]) -> None:
@@ -396,7 +413,10 @@ def bench_steps(weights: Path | None, steps_list: tuple[int, ...]) -> None:
 
     def run(sampler: str, steps: int) -> tuple[np.ndarray, int, float]:
         before, start = predictor.evaluations, time.perf_counter()
-        x = sample(predictor, engine.schedule, crop.shape, make_generator(0), DEVICE, sampler, steps, eta=0.0)
+        if sampler == "plms":
+            x = monai_plms(predictor, engine.schedule, crop.shape, make_generator(0), steps)
+        else:
+            x = sample(predictor, engine.schedule, crop.shape, make_generator(0), DEVICE, sampler, steps, eta=0.0)
         seconds = time.perf_counter() - start
         return pp.model_to_hu(x.cpu().numpy(), "abdomen"), predictor.evaluations - before, seconds
 

@@ -104,7 +104,7 @@ TASKS: dict[str, TaskInfo] = {
 REGION_LABELS = {"Auto": None, "Head & neck": "head_neck", "Chest": "chest", "Abdomen": "abdomen"}
 DEVICE_LABELS = {"Auto": "auto", "GPU (CUDA)": "cuda", "Apple GPU (MPS)": "mps", "CPU": "cpu"}
 
-SAMPLER_LABELS = {"DDIM": "ddim", "DDPM": "ddpm", "DPM-Solver++": "dpm++2m", "PLMS": "plms"}
+SAMPLER_LABELS = {"DDIM": "ddim", "DDPM": "ddpm", "DPM-Solver++": "dpm++2m"}
 
 REGION_KEYS = ("head_neck", "chest", "abdomen")
 

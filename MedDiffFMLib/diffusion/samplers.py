@@ -10,7 +10,6 @@ import math
 from collections.abc import Callable
 
 import torch
-from monai.networks.schedulers import PNDMScheduler
 
 from ..device import randn
 from ..errors import InputError
@@ -18,7 +17,7 @@ from ..progress import CancelToken, ProgressCallback, no_progress
 from .schedule import NoiseSchedule
 
 NoisePredictor = Callable[[torch.Tensor, int], torch.Tensor]
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "plms")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 
 
 def ddpm_step(
@@ -91,16 +90,6 @@ def dpm_solver_2m_step(
     return scale * x_t - abar_next**0.5 * math.expm1(-h) * estimate
 
 
-def monai_plms(schedule: NoiseSchedule, steps: int) -> PNDMScheduler:
-    """MONAI's PNDM scheduler on ``schedule``'s noise levels, set up for ``steps`` PLMS steps that
-    end on the clean image."""
-    if not 1 <= steps <= schedule.num_timesteps:
-        raise InputError(f"The number of steps must be in 1..{schedule.num_timesteps}, got {steps}.")
-    plms = PNDMScheduler(schedule.num_timesteps, schedule=schedule.name, skip_prk_steps=True, set_alpha_to_one=True)
-    plms.set_timesteps(steps)
-    return plms
-
-
 def sample(
     predict: NoisePredictor,
     schedule: NoiseSchedule,
@@ -119,17 +108,13 @@ def sample(
     (0 deterministic, 1 stochastic); ``dpm++2m`` runs ``steps`` steps of the deterministic
     second-order DPM-Solver++(2M) (default 20) on the timesteps of
     :meth:`~.schedule.NoiseSchedule.log_snr_timesteps`, which needs far fewer steps than DDIM for
-    the same accuracy; ``plms`` runs ``steps`` steps (default 20) of MONAI's ``PNDMScheduler`` in
-    its pseudo linear multistep mode (Liu et al. 2022) on MONAI's own timesteps.
+    the same accuracy.
     """
     if sampler not in SAMPLERS:
         raise InputError(f"Unknown sampler '{sampler}'. Choose one of: {', '.join(SAMPLERS)}.")
     last = schedule.num_timesteps - 1
     if sampler == "dpm++2m":
         timesteps = schedule.log_snr_timesteps(last, steps or 20)
-    elif sampler == "plms":
-        plms = monai_plms(schedule, steps or 20)
-        timesteps = plms.timesteps.tolist()
     else:
         timesteps = schedule.strided_timesteps(last, schedule.num_timesteps if sampler == "ddpm" else steps or 50)
     x = randn(shape, generator, device)
@@ -143,8 +128,6 @@ def sample(
             x0 = schedule.predict_x0(x, t, eps)
             x = dpm_solver_2m_step(schedule, x, t, t_prev, x0, previous)
             previous = (t, x0)
-        elif sampler == "plms":
-            x, _ = plms.step(eps, t, x)
         else:
             noise = randn(shape, generator, device) if t_prev >= 0 and (sampler == "ddpm" or eta > 0) else None
             if sampler == "ddpm":
