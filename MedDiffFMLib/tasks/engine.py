@@ -40,8 +40,8 @@ class Engine:
         precision: ``auto`` (bfloat16 autocast on CUDA, float32 elsewhere), ``fp32``, ``bf16`` or ``fp16``.
         memory_format: ``auto`` (channels-last-3D on CPU and CUDA, contiguous elsewhere),
             ``channels_last`` or ``contiguous``: the layout of the network's 5-D weights, which
-            convolutions follow. Results are the same either way; channels-last measured 1.08-1.21x
-            faster on CPU (benchmarks/README.md). The model is converted in place.
+            convolutions follow. Results are the same either way; on CPU channels-last measured 0.99x
+            to 1.24x the contiguous speed (benchmarks/README.md). The model is converted in place.
         compile: run the network through ``torch.compile`` (compiled on the first call of each
             window shape, then faster; falls back to eager mode with a warning if compilation fails,
             e.g. without a C++ compiler).
