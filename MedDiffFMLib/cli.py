@@ -103,6 +103,12 @@ def _add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region", choices=tuple(REGIONS), help="anatomical region (default: detected)")
 
 
+SAMPLER_STEPS_HELP = (
+    "steps of ddim (default 50) or dpm++2m (default 20); ddpm always runs all 1000. Above about 40, dpm++2m "
+    "merges steps that fall on the same integer timestep"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meddiff-fm", description="MedDiff-FM diffusion foundation model for CT.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -129,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha)")
     p.add_argument("--region", choices=tuple(REGIONS), required=True)
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="steps of ddim or dpm++2m (default 50; ddpm always uses all)")
+    p.add_argument("--steps", type=int, help=SAMPLER_STEPS_HELP)
     p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity (0 deterministic, default 1)")
     _add_engine_options(p)
 
@@ -163,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesion", required=True, help="lesion mask (non-zero = lesion)")
     p.add_argument("--region", choices=tuple(REGIONS), required=True)
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="steps of ddim or dpm++2m (default 50)")
+    p.add_argument("--steps", type=int, help=SAMPLER_STEPS_HELP)
     p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity (default 1)")
     _add_controlnet_option(p, "controlnet-lesion")
     _add_engine_options(p)
@@ -203,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     imported = actions.add_parser("import", help="install a local .safetensors file with its .json card (offline)")
     imported.add_argument("file")
     imported.add_argument("--sha256", help="expected SHA-256 of the file")
+    imported.add_argument("--overwrite", action="store_true", help="replace an installed model of the same name")
     return parser
 
 
@@ -492,7 +499,7 @@ def run_models(args: argparse.Namespace, cancel: CancelToken) -> None:
         path = model_weights.install(entry, TqdmProgress(f"download {entry.name}"))
         print(f"installed {entry.name}@{entry.version} at {path}")
     else:
-        path = model_weights.import_checkpoint(args.file, args.sha256)
+        path = model_weights.import_checkpoint(args.file, args.sha256, overwrite=args.overwrite)
         print(f"imported into {path}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import pytest
 import torch
@@ -44,6 +45,14 @@ def test_auto_memory_format_is_channels_last_on_the_cpu():
         Engine(random_tiny_model(), device="cpu", memory_format="nhwc")
 
 
+def test_channels_last_is_refused_where_it_is_not_supported():
+    with pytest.raises(InputError, match="not on mps"):
+        Engine(random_tiny_model(), device=torch.device("mps"), memory_format="channels_last")
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")), reason="torch.compile needs a C++ compiler on CPU"
+)
 def test_compiled_network_gives_the_eager_result():
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     eager = noise_estimate(Engine(random_tiny_model(), device="cpu"), x)
@@ -73,3 +82,38 @@ def test_a_failing_compiler_falls_back_to_eager_mode_with_a_warning(monkeypatch,
     torch.testing.assert_close(result, eager, rtol=0, atol=0)
     assert calls == [1]  # tried once, then never again
     assert "torch.compile failed" in caplog.text and "no C++ compiler" in caplog.text
+
+
+def test_torch_compile_unavailable_at_construction_runs_eagerly(monkeypatch, caplog):
+    def unsupported(model):
+        raise RuntimeError("torch.compile is not supported on Python 3.15+")
+
+    monkeypatch.setattr(torch, "compile", unsupported)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    eager = noise_estimate(Engine(random_tiny_model(), device="cpu"), x)
+    with caplog.at_level(logging.WARNING):
+        engine = Engine(random_tiny_model(), device="cpu", compile=True)
+    assert engine.network.compiled is None and "not supported on Python 3.15+" in caplog.text
+    torch.testing.assert_close(noise_estimate(engine, x), eager, rtol=0, atol=0)
+
+
+def test_out_of_memory_while_compiling_halves_the_window_batch(monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def compile_needing_memory(model):
+        def run(x, *args, **kwargs):
+            if x.shape[0] > 1:
+                oom = torch.OutOfMemoryError("out of memory while autotuning (simulated)")
+                raise BackendCompilerFailed(compile_needing_memory, oom, None)
+            return model(x, *args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", compile_needing_memory)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    eager = noise_estimate(Engine(random_tiny_model(), device="cpu", batch_size=4), x)
+    engine = Engine(random_tiny_model(), device="cpu", batch_size=4, compile=True)
+    anatomy = torch.randint(0, 120, SHAPE, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    predictor = engine.predictor(Conditions(3, anatomy), SHAPE)
+    torch.testing.assert_close(predictor(x, 100), eager, **CLOSE)
+    assert predictor.batch_size == 1 and engine.network.compiled is not None  # still compiled

@@ -9,6 +9,7 @@ from monai.networks.schedulers import DDPMScheduler
 
 from MedDiffFMLib.diffusion.samplers import ddim_step, ddpm_step
 from MedDiffFMLib.diffusion.schedule import NoiseSchedule
+from MedDiffFMLib.errors import InputError
 from MedDiffFMLib.model.config import ModelConfig, preset
 from MedDiffFMLib.model.embeddings import fourier_features, window_coordinates
 from MedDiffFMLib.model.network import ControlledNet, MedDiffFMNet
@@ -131,6 +132,8 @@ def test_log_snr_timesteps_are_even_above_the_floor_and_sparse_below_it():
         below = len(timesteps) - len(above)
         assert 0 < below <= 0.25 * steps  # plain even spacing from lambda(999) would put ~40 % there
     assert schedule.log_snr_timesteps(999, 1) == [999]
+    with pytest.raises(InputError, match="weight"):
+        schedule.log_snr_timesteps(999, 10, weight=0.0)
     above = schedule.log_snr_timesteps(400, 6)  # starts above the floor: evenly spaced from the start
     assert above[0] == 400 and log_snr[400] > LOG_SNR_FLOOR
     gaps = torch.diff(log_snr[above].double())

@@ -790,7 +790,9 @@ def test_compiling_the_network_reaches_both_ways_of_running(scene, ct_node, tmp_
     def finish_at_once(arguments, environment):
         return subprocess.Popen([sys.executable, "-c", "pass"], stdout=subprocess.PIPE, text=True)
 
-    running = logic.start(parameters, launcher=finish_at_once, temp_parent=tmp_path)
-    assert "--compile" in running.job.arguments
-    running.job.wait(timeout=60)
-    running.job.cleanup()
+    for compile_network in (True, False):
+        parameters.compile = compile_network
+        running = logic.start(parameters, launcher=finish_at_once, temp_parent=tmp_path)
+        assert ("--compile" in running.job.arguments) == compile_network
+        running.job.wait(timeout=60)
+        running.job.cleanup()

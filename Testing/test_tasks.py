@@ -194,6 +194,14 @@ def test_every_few_step_sampler_synthesises_on_the_label_maps_grid(small_seg, ti
     assert inside.min() >= window.low - 1e-3 and inside.max() <= window.high + 1e-3 and inside.std() > 0
 
 
+def test_synthesis_steps_default_to_the_samplers_own(small_seg, tiny_engine):
+    def evaluations(**options) -> int:
+        return int(synthesize(small_seg, "abdomen", tiny_engine, **options).metadata["MedDiffFM_network_evaluations"])
+
+    per_step = evaluations(sampler="ddim", steps=1)
+    assert evaluations(sampler="dpm++2m") == 20 * per_step
+
+
 def test_synthesis_handles_any_size_by_padding(sample_seg, tiny_engine):
     thin = crop(sample_seg, slice(10, 13), slice(20, 60), slice(20, 40))
     assert synthesize(thin, "abdomen", tiny_engine, steps=2).array.shape == (3, 40, 20)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 
 import pytest
 import torch
 from conftest import random_tiny_model
 
-from MedDiffFMLib.errors import ChecksumError, WeightsError
+from MedDiffFMLib.errors import ChecksumError, OutputExistsError, WeightsError
 from MedDiffFMLib.model import weights as w
 from MedDiffFMLib.model.network import ControlledNet
 
@@ -148,6 +149,25 @@ def test_offline_import(tmp_path):
     assert [c.identifier for c in w.list_installed()] == ["tiny-test@1.0"]
     with pytest.raises(ChecksumError):
         w.import_checkpoint(path, expected_sha256="0" * 64)
+
+
+def test_import_never_replaces_a_different_installed_model_silently(tmp_path, monkeypatch, caplog):
+    _, path, card = _save(tmp_path)
+    installed = w.import_checkpoint(path)
+    assert w.import_checkpoint(path) == installed  # the same file again: harmless
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    _, other, other_card = _save(other_dir, seed=1)  # same name and version, other weights
+    assert other_card.sha256 != card.sha256
+    with pytest.raises(OutputExistsError, match="A different tiny-test@1.0 is already installed"):
+        w.import_checkpoint(other)
+    assert w.sha256_of(installed) == card.sha256
+    _catalogue(tmp_path, path, card.sha256)  # publishes tiny-test@1.0 with the first file's checksum
+    monkeypatch.setenv("MEDDIFFFM_CATALOGUE", str(tmp_path / "catalogue.json"))
+    with caplog.at_level(logging.WARNING):
+        assert w.import_checkpoint(other, overwrite=True) == installed
+    assert w.sha256_of(installed) == other_card.sha256
+    assert "is not the published tiny-test@1.0" in caplog.text
 
 
 def test_cancelled_install_leaves_nothing(tmp_path):

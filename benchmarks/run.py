@@ -96,6 +96,13 @@ def forward_inputs(size: int, batch: int) -> dict:
 @torch.no_grad()
 def time_forward(network, size: int, batch: int, repeats: int, autocast: torch.dtype | None = None) -> float:
     """Median seconds of one forward pass of ``batch`` windows of ``size``^3 (after one warm-up call)."""
+    return time_calls(network, size, batch, repeats, autocast)[1]
+
+
+@torch.no_grad()
+def time_calls(network, size: int, batch: int, repeats: int, autocast: torch.dtype | None) -> tuple[float, float]:
+    """Seconds of the first call (compilation included, if any) and median seconds of the next
+    ``repeats`` calls of ``network`` on ``batch`` windows ``(batch, 1, size, size, size)`` on DEVICE."""
     inputs = forward_inputs(size, batch)
 
     def call() -> None:
@@ -106,13 +113,15 @@ def time_forward(network, size: int, batch: int, repeats: int, autocast: torch.d
                 network(**inputs)
         synchronize()
 
+    start = time.perf_counter()
     call()
+    first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return first, float(np.median(times))
 
 
 def bench_throughput(sizes: list[int], repeats: int, compile_network: bool) -> None:
@@ -126,13 +135,16 @@ def bench_throughput(sizes: list[int], repeats: int, compile_network: bool) -> N
             for label, memory_format, compiled in layouts:
                 engine = engine_for(untrained_model(name), memory_format=memory_format, compile=compiled)
                 reset_peak_memory()
-                seconds = time_forward(engine.network, size, 1, repeats, engine.autocast_dtype)
+                first, seconds = time_calls(engine.network, size, 1, repeats, engine.autocast_dtype)
                 baseline = baseline or seconds
+                if compiled and engine.network.compiled is None:
+                    label += " (fell back to eager)"
                 rows.append(
                     [
                         name,
                         f"{size}^3",
                         label,
+                        f"{first:.1f}",
                         f"{seconds:.3f}",
                         f"{1 / seconds:.2f}",
                         f"{size**3 / seconds / 1e6:.2f}",
@@ -143,7 +155,17 @@ def bench_throughput(sizes: list[int], repeats: int, compile_network: bool) -> N
                 torch._dynamo.reset()
     table(
         f"1. Bare network throughput (batch 1, no grad, {DEVICE.type}; speed-up vs contiguous eager)",
-        ["network", "window", "layout", "s / forward", "forwards / s", "Mvoxel-steps / s", "speed-up", "peak MB"],
+        [
+            "network",
+            "window",
+            "layout",
+            "first call s",
+            "s / forward",
+            "forwards / s",
+            "Mvoxel-steps / s",
+            "speed-up",
+            "peak MB" + (" (allocated)" if DEVICE.type == "cuda" else " (process RSS)"),
+        ],
         rows,
     )
 
@@ -406,7 +428,7 @@ def bench_steps(weights: Path | None, steps_list: tuple[int, ...]) -> None:
     engine = engine_for(model, batch_size=8)
     size = engine.config.patch_size
     _, y, x = np.argwhere(labels == label_of("liver")).mean(axis=0).astype(int)
-    y0, x0 = (int(np.clip(c - size // 2, 0, n - size)) for c, n in zip((y, x), labels.shape[1:]))
+    y0, x0 = (max(0, min(c - size // 2, n - size)) for c, n in zip((y, x), labels.shape[1:]))
     crop = labels[:, y0 : y0 + size, x0 : x0 + size]
     predictor = engine.predictor(Conditions(3, torch.from_numpy(crop.astype(np.uint8))), crop.shape)
     window = pp.REGIONS["abdomen"]

@@ -24,7 +24,7 @@ class TaskInfo:
     needs_organs: bool = False
     region_required: bool = False
     controlnet_task: str | None = None
-    default_steps: int = 10
+    default_steps: int | None = 10  # None: the sampler's own default (DDIM 50, DPM-Solver++ 20)
     description: str = ""
 
 
@@ -39,7 +39,7 @@ TASKS: dict[str, TaskInfo] = {
             volume_is_grid_only=True,
             anatomy="required",
             region_required=True,
-            default_steps=50,
+            default_steps=None,
             description="Generate a CT from an anatomy segmentation (its grid, or the chosen volume's grid).",
         ),
         TaskInfo(
@@ -83,7 +83,7 @@ TASKS: dict[str, TaskInfo] = {
             needs_lesion=True,
             region_required=True,
             controlnet_task="controlnet-lesion",
-            default_steps=50,
+            default_steps=None,
             description="Synthesize a CT with a lesion where the lesion segment is (lesion ControlNet).",
         ),
         TaskInfo(

@@ -19,7 +19,13 @@ NOISE_STRETCH_WEIGHT = 0.25
 
 
 class NoiseSchedule:
-    """Cumulative signal rates ``abar_t`` and conversions between x_t, x_0 and eps."""
+    """Cumulative signal rates ``abar_t`` and conversions between x_t, x_0 and eps.
+
+    Attributes:
+        num_timesteps: T.
+        name: MONAI's name of the schedule (``cosine``, ``linear_beta``, ...).
+        alphas_cumprod: ``(T,)`` float64, ``abar_t`` for t = 0..T-1.
+    """
 
     def __init__(self, num_timesteps: int = 1000, schedule: str = "cosine") -> None:
         scheduler = DDPMScheduler(num_train_timesteps=num_timesteps, schedule=schedule)
@@ -66,10 +72,13 @@ class NoiseSchedule:
         ``lambda = log(alpha / sigma)`` (the spacing DPM-Solver is designed for), except that the
         noise-dominated stretch below ``floor`` gets steps ``1 / weight`` times wider.
 
-        There the image is almost pure noise and the probability flow almost linear; even spacing
-        from the cosine schedule's own end (lambda = -9.9 at t = 999) spends 4 of 10 steps on it
-        (benchmarks/README.md, benchmark 6b).
+        ``floor`` is in lambda's units (natural log). There the image is almost pure noise and the
+        probability flow almost linear; even spacing from the cosine schedule's own end (lambda =
+        -9.9 at t = 999) puts 4 of its 9 distinct timesteps for 10 steps there (benchmarks/README.md,
+        benchmark 6). Above about 40 steps, steps that fall on the same integer timestep merge.
         """
+        if not 0.0 < weight <= 1.0:
+            raise InputError(f"The weight of the noise-dominated stretch must be in (0, 1], got {weight}.")
         log_snr = 0.5 * torch.log(self.alphas_cumprod / (1.0 - self.alphas_cumprod))
         first, last = float(log_snr[start]), float(log_snr[0])
         head = max(floor - first, 0.0) * weight

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,11 +28,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..errors import ChecksumError, WeightsError
+from ..errors import ChecksumError, OutputExistsError, WeightsError
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..volume import default_file_mode
 from .config import ModelConfig
 from .network import ControlledNet, MedDiffFMNet
+
+logger = logging.getLogger(__name__)
 
 TASKS = ("base", "controlnet-sr", "controlnet-lesion")
 CATALOGUE_PATH = Path(__file__).with_name("catalogue.json")
@@ -290,19 +293,43 @@ def install(entry: CatalogueEntry, progress: ProgressCallback = no_progress, can
     return target
 
 
-def import_checkpoint(weights: str | os.PathLike, expected_sha256: str | None = None) -> Path:
+def import_checkpoint(weights: str | os.PathLike, expected_sha256: str | None = None, overwrite: bool = False) -> Path:
     """Copy a local checkpoint (.safetensors + .json card) into the cache after verifying it.
 
-    This is the offline way to install a model downloaded elsewhere.
+    This is the offline way to install a model downloaded elsewhere. Re-importing the same file
+    is harmless; a *different* file under an installed model's name and version is refused unless
+    ``overwrite``, and one whose name and version the catalogue publishes with another checksum
+    is installed with a warning.
     """
     weights = Path(weights)
     card = read_card(weights)
     _verified_tensors(weights, card, expected_sha256)
-    cache_dir().mkdir(parents=True, exist_ok=True)
     target = cache_dir() / f"{card.name}-{card.version}.safetensors"
+    if not overwrite and target.exists() and card_path(target).exists() and read_card(target).sha256 != card.sha256:
+        raise OutputExistsError(
+            f"A different {card.identifier} is already installed ({target}). Export your model under another "
+            "name or version, or replace the installed one (overwrite=True; command line: --overwrite)."
+        )
+    _warn_if_not_published(card, weights)
+    cache_dir().mkdir(parents=True, exist_ok=True)
     _atomic_write(target, lambda temporary: shutil.copyfile(weights, temporary), expected_sha256=card.sha256)
     _atomic_write(card_path(target), lambda temporary: Path(temporary).write_text(card.to_json()))
     return target
+
+
+def _warn_if_not_published(card: ModelCard, weights: Path) -> None:
+    """Warn when the catalogue publishes ``card``'s name and version with another checksum."""
+    try:
+        published = [e for e in read_catalogue() if (e.name, e.version) == (card.name, card.version)]
+    except WeightsError:
+        return
+    if published and published[0].sha256 != card.sha256:
+        logger.warning(
+            "'%s' is not the published %s (its SHA-256 differs from the catalogue's); it is installed under "
+            "that name all the same.",
+            weights,
+            card.identifier,
+        )
 
 
 def list_installed() -> list[ModelCard]:

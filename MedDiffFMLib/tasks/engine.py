@@ -42,6 +42,7 @@ class Engine:
             ``channels_last`` or ``contiguous``: the layout of the network's 5-D weights, which
             convolutions follow. Results are the same either way; on CPU channels-last measured 0.99x
             to 1.24x the contiguous speed (benchmarks/README.md). The model is converted in place.
+            ``channels_last`` on another device (MPS) is refused.
         compile: run the network through ``torch.compile`` (compiled on the first call of each
             window shape, then faster; falls back to eager mode with a warning if compilation fails,
             e.g. without a C++ compiler).
@@ -67,6 +68,11 @@ class Engine:
                 f"Unknown memory format '{self.memory_format}'. Choose one of: {', '.join(MEMORY_FORMATS)}."
             )
         self.device = self.device if isinstance(self.device, torch.device) else select_device(self.device)
+        if self.memory_format == "channels_last" and self.device.type not in CHANNELS_LAST_DEVICES:
+            raise InputError(
+                f"Channels-last weights are supported on {' and '.join(CHANNELS_LAST_DEVICES)} only, not on "
+                f"{self.device.type}. Use memory format 'auto' or 'contiguous'."
+            )
         self.model = self.model.to(self.device, memory_format=self.torch_memory_format).eval()
         self.network = CompiledNetwork(self.model) if self.compile else self.model
         self.schedule = NoiseSchedule(self.config.num_train_timesteps, self.config.schedule)
@@ -117,9 +123,7 @@ class Engine:
     @property
     def torch_memory_format(self) -> torch.memory_format:
         """The layout the network's weights are kept in."""
-        channels_last = self.memory_format == "channels_last" or (
-            self.memory_format == "auto" and self.device.type in ("cpu", "cuda")
-        )
+        channels_last = self.memory_format != "contiguous" and self.device.type in CHANNELS_LAST_DEVICES
         return torch.channels_last_3d if channels_last else torch.contiguous_format
 
     def working_geometry(self, geometry: Geometry) -> Geometry:
@@ -135,21 +139,34 @@ PRECISIONS: dict[str, torch.dtype | None] = {
 }
 
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+CHANNELS_LAST_DEVICES = ("cpu", "cuda")
 
 
 class CompiledNetwork:
     """``torch.compile`` of a network that falls back to eager mode, with a warning, when the
-    compiler fails (no C++ compiler, unsupported platform). Called like the network itself."""
+    compiler fails (no C++ compiler, unsupported Python or platform). Called like the network.
+
+    Compilation happens on the first call and again for a new input shape (a different window
+    size, or the smaller last batch of windows, after which the batch size is treated as dynamic).
+    Out-of-memory errors pass through, also when raised while compiling, so that the caller can
+    retry with fewer windows.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(model)
+        self.compiled: Callable[..., torch.Tensor] | None = None
+        try:
+            self.compiled = torch.compile(model)
+        except RuntimeError as error:
+            logger.warning("torch.compile is not available here (%s); running without compilation.", error)
 
     def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         if self.compiled is not None:
             try:
                 return self.compiled(*args, **kwargs)
             except torch._dynamo.exc.BackendCompilerFailed as error:
+                if isinstance(error.inner_exception, torch.OutOfMemoryError):
+                    raise error.inner_exception from error
                 logger.warning("torch.compile failed (%s); continuing without compilation.", error)
                 self.compiled = None
         return self.model(*args, **kwargs)

@@ -42,7 +42,7 @@ def generate_lesion(
     region: str,
     engine: Engine,
     sampler: str = "ddim",
-    steps: int | None = 50,
+    steps: int | None = None,
     eta: float = 1.0,
     seed: int | None = 0,
     progress: ProgressCallback = no_progress,

@@ -23,7 +23,7 @@ def synthesize(
     region: str,
     engine: Engine,
     sampler: str = "ddim",
-    steps: int | None = 50,
+    steps: int | None = None,
     eta: float = 1.0,
     seed: int | None = 0,
     progress: ProgressCallback = no_progress,
@@ -39,6 +39,7 @@ def synthesize(
         region: ``head_neck``, ``chest`` or ``abdomen`` (selects the HU window).
         sampler: ``ddpm`` (all T steps), ``ddim`` (``steps`` strided steps, stochasticity ``eta``) or
             ``dpm++2m`` (``steps`` DPM-Solver++(2M) steps).
+        steps: number of steps; None: the sampler's default (``ddim`` 50, ``dpm++2m`` 20).
         control: an array on the anatomy's grid (e.g. a lesion mask), the ControlNet task condition
             when ``engine`` holds a ControlNet.
 
@@ -97,4 +98,5 @@ def synthesize(
         MedDiffFM_seed=str(seed),
         MedDiffFM_note=note,
         MedDiffFM_skipped_windows=str(predictor.skipped_windows),
+        MedDiffFM_network_evaluations=str(predictor.evaluations),
     )
