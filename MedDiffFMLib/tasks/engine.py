@@ -40,7 +40,7 @@ class Engine:
         precision: ``auto`` (bfloat16 autocast on CUDA, float32 elsewhere), ``fp32``, ``bf16`` or ``fp16``.
         memory_format: ``auto`` (channels-last-3D on CPU and CUDA, contiguous elsewhere),
             ``channels_last`` or ``contiguous``: the layout of the network's 5-D weights, which
-            convolutions follow. Results are the same either way; on CPU channels-last measured 0.99x
+            convolutions follow. Results are the same either way; on CPU channels-last measured 0.96x
             to 1.24x the contiguous speed (benchmarks/README.md). The model is converted in place.
             ``channels_last`` on another device (MPS) is refused.
         compile: run the network through ``torch.compile`` (compiled on the first call of each
