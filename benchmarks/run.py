@@ -249,6 +249,18 @@ def trained_model(weights: Path | None) -> torch.nn.Module | str:
         return f"skipped: {error}"
 
 
+SAMPLE = ROOT / "Testing" / "Data" / "totalsegmentator_example"
+
+
+def sample_anatomy():
+    """The bundled sample CT and its anatomy label map (TotalSegmentator labels plus the body class)."""
+    from MedDiffFMLib.anatomy import from_totalsegmentator
+    from MedDiffFMLib.volume import read_volume
+
+    ct, seg = read_volume(SAMPLE / "example_ct_sm.nii.gz"), read_volume(SAMPLE / "example_seg.nii.gz")
+    return ct, seg.with_array(from_totalsegmentator(seg.array, ct.array))
+
+
 def bench_work_per_result(weights: Path | None) -> None:
     from MedDiffFMLib.lowdose import simulate
     from MedDiffFMLib.metrics import psnr
@@ -260,7 +272,7 @@ def bench_work_per_result(weights: Path | None) -> None:
     if isinstance(model, str):
         table("3. Work per result", ["note"], [[model]])
         return
-    sample = read_volume(ROOT / "Testing" / "Data" / "totalsegmentator_example" / "example_ct_sm.nii.gz")
+    sample = read_volume(SAMPLE / "example_ct_sm.nii.gz")
     simulated = simulate(sample, target_psnr=23.0, seed=0)
     window = Window(40.0, 400.0)
     engine = engine_for(model, batch_size=8)
@@ -323,17 +335,13 @@ def seam_ratio(volume: np.ndarray, inside: np.ndarray, predictor: WindowedNoiseP
 
 
 def bench_seams(weights: Path | None) -> None:
-    from MedDiffFMLib.anatomy import from_totalsegmentator
     from MedDiffFMLib.tasks import synthesize
-    from MedDiffFMLib.volume import read_volume
 
     model = trained_model(weights)
     if isinstance(model, str):
         table("5. Seams", ["note"], [[model]])
         return
-    data = ROOT / "Testing" / "Data" / "totalsegmentator_example"
-    ct, seg = read_volume(data / "example_ct_sm.nii.gz"), read_volume(data / "example_seg.nii.gz")
-    labels = seg.with_array(from_totalsegmentator(seg.array, ct.array))
+    _, labels = sample_anatomy()
     rows = []
     for overlap, blend in ((0.5, "gaussian"), (0.25, "gaussian"), (0.0, "constant")):
         engine = engine_for(model, overlap=overlap, blend=blend, batch_size=8)
@@ -412,19 +420,16 @@ def monai_plms(predict, schedule, shape: tuple[int, ...], generator: torch.Gener
 
 def bench_steps(weights: Path | None, steps_list: tuple[int, ...]) -> None:
     from MedDiffFMLib import preprocessing as pp
-    from MedDiffFMLib.anatomy import from_totalsegmentator, label_of
+    from MedDiffFMLib.anatomy import label_of
     from MedDiffFMLib.device import make_generator
     from MedDiffFMLib.diffusion.samplers import sample
     from MedDiffFMLib.metrics import psnr
-    from MedDiffFMLib.volume import read_volume
 
     model = trained_model(weights)
     if isinstance(model, str):
         table("6. Steps for synthesis", ["note"], [[model]])
         return
-    data = ROOT / "Testing" / "Data" / "totalsegmentator_example"
-    ct, seg = read_volume(data / "example_ct_sm.nii.gz"), read_volume(data / "example_seg.nii.gz")
-    labels = from_totalsegmentator(seg.array, ct.array)
+    labels = sample_anatomy()[1].array
     engine = engine_for(model, batch_size=8)
     size = engine.config.patch_size
     _, y, x = np.argwhere(labels == label_of("liver")).mean(axis=0).astype(int)
