@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 from scipy import ndimage
+from skimage.morphology import convex_hull_image
 
 from .errors import InputError, MaskError
 
@@ -161,6 +162,11 @@ def label_of(name: str) -> int:
         ) from None
 
 
+DERIVED_BODY_MARGIN_MM = 15.0
+"""How far the body outline is taken to extend beyond the labelled structures (subcutaneous fat
+and skin), when it has to be derived from a label map alone."""
+
+
 def body_mask(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU) -> np.ndarray:
     """Boolean body mask of a CT in HU (array ``[z, y, x]``).
 
@@ -177,6 +183,32 @@ def body_mask(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU) -> np.ndarra
     for index in range(mask.shape[0]):
         mask[index] = ndimage.binary_fill_holes(mask[index])
     return mask
+
+
+def derived_body(
+    labels: np.ndarray, spacing: tuple[float, float, float], margin_mm: float = DERIVED_BODY_MARGIN_MM
+) -> np.ndarray:
+    """A body mask ``[z, y, x]`` derived from a label map that has no body class.
+
+    TotalSegmentator labels organs, bones and muscles but not the subcutaneous fat and skin around
+    them, and its label 0 means both air and unlabelled tissue. Slice by slice, the body is taken
+    as the convex hull of the labelled voxels grown by ``margin_mm`` in-plane (``spacing`` is the
+    grid's ``(x, y, z)`` spacing in mm); slices without labels get the nearest labelled slice's.
+    """
+    labelled = np.asarray(labels) > 0
+    body = np.zeros(labelled.shape, dtype=bool)
+    filled = [z for z in range(labelled.shape[0]) if labelled[z].any()]
+    if not filled:
+        return body
+    sampling = (spacing[1], spacing[0])
+    for z in filled:
+        hull = convex_hull_image(labelled[z])
+        body[z] = ndimage.distance_transform_edt(~hull, sampling=sampling) <= margin_mm
+    nearest = np.asarray(filled)
+    for z in range(labelled.shape[0]):
+        if not labelled[z].any():
+            body[z] = body[int(nearest[np.argmin(np.abs(nearest - z))])]
+    return body
 
 
 def from_totalsegmentator(labels: np.ndarray, hu: np.ndarray | None = None) -> np.ndarray:

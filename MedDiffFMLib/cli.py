@@ -68,7 +68,10 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=4, help="windows per network call (default 4)")
     group.add_argument("--blend", choices=BLEND_MODES, default="gaussian")
     group.add_argument(
-        "--precision", choices=tuple(PRECISIONS), default="auto", help="network precision (auto: bf16 on CUDA)"
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default="auto",
+        help="network precision (auto: bf16 where the GPU or CPU computes it natively, else fp32)",
     )
     group.add_argument(
         "--memory-format",

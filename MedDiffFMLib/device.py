@@ -39,6 +39,18 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (fast autocast): a CUDA GPU that supports it, or
+    a CPU with AMX-BF16 or AVX512-BF16 (bfloat16 on other CPUs is emulated and slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(cpu, name, lambda: False)() for name in checks)
+    return False
+
+
 def make_generator(seed: int | None) -> torch.Generator:
     """A CPU random generator seeded with ``seed`` (random seed if None).
 

@@ -28,8 +28,8 @@ def noise_estimate(engine: Engine, x: torch.Tensor) -> torch.Tensor:
 
 def test_channels_last_weights_give_the_contiguous_result():
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    contiguous = Engine(random_tiny_model(), device="cpu", memory_format="contiguous")
-    channels_last = Engine(random_tiny_model(), device="cpu", memory_format="channels_last")
+    contiguous = Engine(random_tiny_model(), device="cpu", memory_format="contiguous", precision="fp32")
+    channels_last = Engine(random_tiny_model(), device="cpu", memory_format="channels_last", precision="fp32")
     assert all(w.is_contiguous() for w in conv_weights(contiguous.model))
     weights = conv_weights(channels_last.model)
     assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in weights)
@@ -117,3 +117,29 @@ def test_out_of_memory_while_compiling_halves_the_window_batch(monkeypatch):
     predictor = engine.predictor(Conditions(3, anatomy), SHAPE)
     torch.testing.assert_close(predictor(x, 100), eager, **CLOSE)
     assert predictor.batch_size == 1 and engine.network.compiled is not None  # still compiled
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_exactly_where_the_device_computes_it_natively(monkeypatch, native):
+    monkeypatch.setattr("MedDiffFMLib.tasks.engine.native_bf16", lambda device: native)
+    engine = Engine(random_tiny_model(), device="cpu")
+    assert engine.autocast_dtype == (torch.bfloat16 if native else None)
+    assert Engine(random_tiny_model(), device="cpu", precision="fp32").autocast_dtype is None
+
+
+def test_bf16_denoising_agrees_with_float32_within_two_hu():
+    import numpy as np
+
+    from MedDiffFMLib.tasks import denoise
+    from MedDiffFMLib.volume import Volume
+
+    rng = np.random.default_rng(0)
+    hu = np.full((12, 40, 40), -1000.0, dtype=np.float32)
+    hu[:, 6:34, 6:34] = rng.normal(40.0, 30.0, (12, 28, 28))
+    ct = Volume(hu, (3.0, 3.0, 3.0))
+    results = [
+        denoise(ct, Engine(random_tiny_model(), device="cpu", precision=p), "abdomen", sigma_n=0.1, steps=4).volume
+        for p in ("fp32", "bf16")
+    ]
+    difference = np.abs(results[0].array - results[1].array)
+    assert 0 < difference.max() < 2.0

@@ -9,7 +9,7 @@ from conftest import OracleNet, crop
 from scipy import ndimage
 
 from MedDiffFMLib import preprocessing as pp
-from MedDiffFMLib.anatomy import label_of
+from MedDiffFMLib.anatomy import derived_body, label_of
 from MedDiffFMLib.device import make_generator
 from MedDiffFMLib.diffusion.diffpir import diffpir, identity_data_step
 from MedDiffFMLib.diffusion.schedule import NoiseSchedule
@@ -181,7 +181,36 @@ def test_synthesis_returns_the_label_maps_grid_and_is_reproducible(small_seg, ti
     np.testing.assert_array_equal(first.array, second.array)
     assert not np.array_equal(first.array, other.array)
     window = pp.REGIONS["abdomen"]
-    assert first.array.min() >= window.low - 1e-3 and first.array.max() <= window.high + 1e-3
+    body = derived_body(small_seg.array, small_seg.spacing)
+    assert first.array[body].min() >= window.low - 1e-3 and first.array[body].max() <= window.high + 1e-3
+    assert (first.array[~body] == -1000.0).all()
+
+
+def test_synthesis_derives_the_body_of_a_map_without_body_class_and_takes_a_given_one(tiny_engine):
+    labels = np.zeros((6, 40, 40), dtype=np.uint8)
+    labels[:, 15:25, 15:25] = label_of("liver")
+    anatomy = Volume(labels, (2.0, 2.0, 5.0))
+    derived = synthesize(anatomy, "abdomen", tiny_engine, steps=2, seed=0)
+    body = derived_body(labels, anatomy.spacing)
+    assert body[:, 20, 20].all() and body[:, 20, 30].all() and not body[:, 20, 39].any()
+    assert (derived.array[~body] == -1000.0).all() and (derived.array[body] > -1000.0).all()
+    assert "derived from the labelled structures" in derived.metadata["MedDiffFM_note"]
+    given_body = np.zeros_like(labels, dtype=bool)
+    given_body[:, 10:30, 10:30] = True
+    given = synthesize(anatomy, "abdomen", tiny_engine, steps=2, seed=0, body=given_body)
+    assert (given.array[~given_body] == -1000.0).all() and (given.array[given_body] > -1000.0).all()
+    assert "the given body mask" in given.metadata["MedDiffFM_note"]
+
+
+def test_derived_body_grows_the_labelled_hull_by_the_margin_and_fills_unlabelled_slices():
+    labels = np.zeros((3, 50, 50), dtype=np.uint8)
+    labels[0, 20:30, 10:14] = 5
+    labels[0, 20:30, 30:34] = 6
+    body = derived_body(labels, (1.0, 1.0, 3.0), margin_mm=4.0)
+    assert body[0, 25, 20]  # between the two blocks: inside their convex hull, though unlabelled
+    assert body[0, 25, 37] and not body[0, 25, 39]  # 4 mm beyond the hull's edge at x = 33, not 6 mm
+    np.testing.assert_array_equal(body[1], body[0])
+    np.testing.assert_array_equal(body[2], body[0])
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])

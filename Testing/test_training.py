@@ -212,3 +212,69 @@ def test_checkpoints_round_trip_without_pickle_and_survive_a_crash_between_renam
         for name, value in values.items():
             assert torch.equal(actual["state"][index][name], value)
     assert actual["param_groups"][0]["lr"] == expected["param_groups"][0]["lr"]
+
+
+def _trainer(prepared: Path, output: Path, init: Path | None = None, **settings):
+    from dataclasses import replace
+
+    from Training.pretrain import Distributed, Trainer
+
+    return Trainer(replace(load_config(TINY), **settings), prepared, output, Distributed(), init_weights=init)
+
+
+def test_bf16_training_with_channels_last_weights_keeps_float32_weights_and_learns(prepared, tmp_path):
+    trainer = _trainer(prepared, tmp_path, mixed_precision="bf16", memory_format="channels_last", steps=3)
+    assert trainer.bf16 and trainer.memory_format == torch.channels_last_3d
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run()
+    weights = trainer.model.state_dict()
+    assert all(v.dtype == torch.float32 for v in weights.values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], weights[k]) for k in weights)
+    rows = (tmp_path / "log.csv").read_text().splitlines()[1:]
+    assert len(rows) == 3 and all(np.isfinite(float(row.split(",")[2])) for row in rows)
+
+
+def test_auto_precision_follows_the_devices_native_bf16(prepared, tmp_path, monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr("Training.pretrain.native_bf16", lambda device, native=native: native)
+        assert _trainer(prepared, tmp_path / str(native), mixed_precision="auto").bf16 is native
+    assert not _trainer(prepared, tmp_path / "no", mixed_precision="no").bf16
+
+
+def test_warm_start_from_a_saved_model_and_export_before_the_last_step(prepared, tmp_path):
+    _pretrain(prepared, tmp_path / "first", "--export", "tiny@0")
+    saved = load_model(tmp_path / "first" / "tiny-0.safetensors")
+    warm = _trainer(prepared, tmp_path / "warm", init=tmp_path / "first" / "tiny-0.safetensors")
+    for key, value in saved.state_dict().items():
+        assert torch.equal(warm.model.state_dict()[key], value), key
+        assert torch.equal(warm.ema.module.state_dict()[key], value), key
+    with pytest.raises(InputError, match="another architecture"):
+        _trainer(
+            prepared,
+            tmp_path / "other",
+            init=tmp_path / "first" / "tiny-0.safetensors",
+            model_overrides={"channels": [16, 16]},
+        )
+    _pretrain(prepared, tmp_path / "partial", "--stop-after-minutes", "0")
+    _pretrain(prepared, tmp_path / "partial", "--export", "partial@1", "--export-only")
+    exported = load_model(tmp_path / "partial" / "partial-1.safetensors")
+    assert "1 optimiser steps" in exported.card.training
+    assert json.loads((tmp_path / "partial" / "checkpoint" / "state.json").read_text())["step"] == 1
+
+
+def test_foreground_patches_are_centred_inside_the_body(tmp_path):
+    from MedDiffFMLib.volume import Volume, write_volume
+
+    hu = np.full((40, 64, 64), -1000, dtype=np.int16)
+    anatomy = np.zeros(hu.shape, dtype=np.uint8)
+    hu[30:36, 50:58, 4:12], anatomy[30:36, 50:58, 4:12] = 40, BODY_LABEL  # a small body in one corner
+    write_volume(Volume(hu, (1.0, 1.0, 1.0)), tmp_path / "ct.nii.gz")
+    write_volume(Volume(anatomy, (1.0, 1.0, 1.0)), tmp_path / "anatomy.nii.gz")
+    entry = dict(region="abdomen", image=str(tmp_path / "ct.nii.gz"), anatomy=str(tmp_path / "anatomy.nii.gz"))
+
+    def with_body(foreground: float) -> int:
+        dataset = MultiLevelDataset([entry], 16, (0.0, 0.0, 1.0), foreground=foreground, seed=5)
+        return sum(bool((dataset[index]["anatomy"] > 0).any()) for index in range(16))
+
+    assert with_body(1.0) == 16
+    assert with_body(0.0) < 8

@@ -20,13 +20,18 @@ class TrainingConfig:
         model_overrides: architecture fields that differ from the preset.
         level_probabilities: chances of the three multi-level inputs (whole region resized to the
             patch, 2x-patch crop resized, patch crop; DESIGN.md 1.2).
+        foreground: chance that a patch is centred on a voxel inside the body (else placed uniformly).
         region_dropout / anatomy_dropout: chances of replacing the region by the null class and the
             anatomy by "unknown" (classifier-free conditioning, unconditioned use).
         learning_rate, batch_size, accumulation: Adam step size, samples per step per process, and
             micro-batches accumulated per optimiser step.
         ema_decay: decay of the exponential moving average of the weights (0 disables it).
         grad_clip: maximum gradient norm (0 disables clipping).
-        mixed_precision: ``bf16`` autocast on CUDA, or ``no``.
+        mixed_precision: ``auto`` (bfloat16 autocast where the device computes it natively: CUDA
+            GPUs that support it, CPUs with AMX-BF16 or AVX512-BF16; float32 elsewhere), ``bf16``
+            (always, emulated where not native) or ``no`` (float32).
+        memory_format: ``auto`` (channels-last-3D weights on CPU and CUDA), ``channels_last`` or
+            ``contiguous``.
         steps: optimiser steps in total.
         checkpoint_every, log_every, preview_every: intervals in optimiser steps.
         seed: seed of the model initialisation and of the data order.
@@ -36,6 +41,7 @@ class TrainingConfig:
     model: str = "demo"
     model_overrides: dict = field(default_factory=dict)
     level_probabilities: tuple[float, float, float] = (0.2, 0.3, 0.5)
+    foreground: float = 0.0
     region_dropout: float = 0.1
     anatomy_dropout: float = 0.2
     learning_rate: float = 1e-4
@@ -43,7 +49,8 @@ class TrainingConfig:
     accumulation: int = 4
     ema_decay: float = 0.999
     grad_clip: float = 1.0
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "auto"
+    memory_format: str = "auto"
     steps: int = 1000
     checkpoint_every: int = 200
     log_every: int = 10
@@ -54,8 +61,12 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if len(self.level_probabilities) != 3 or abs(sum(self.level_probabilities) - 1.0) > 1e-6:
             raise InputError("level_probabilities must be three numbers that sum to 1.")
-        if self.mixed_precision not in ("bf16", "no"):
-            raise InputError("mixed_precision must be 'bf16' or 'no'.")
+        if not 0.0 <= self.foreground <= 1.0:
+            raise InputError("foreground must be between 0 and 1.")
+        if self.mixed_precision not in ("auto", "bf16", "no"):
+            raise InputError("mixed_precision must be 'auto', 'bf16' or 'no'.")
+        if self.memory_format not in ("auto", "channels_last", "contiguous"):
+            raise InputError("memory_format must be 'auto', 'channels_last' or 'contiguous'.")
         for name in ("batch_size", "accumulation", "steps", "checkpoint_every", "log_every", "preview_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1.")

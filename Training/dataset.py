@@ -69,6 +69,13 @@ def _load(image: str, anatomy: str, region: str, condition: str | None, kind: st
     return tensors
 
 
+@functools.lru_cache(maxsize=32)
+def _body_voxels(anatomy: str, stride: int = 4) -> np.ndarray:
+    """``[z, y, x]`` indices ``(K, 3)`` of every ``stride``-th voxel per axis inside the body (label > 0)."""
+    labels = read_volume(anatomy).array[::stride, ::stride, ::stride]
+    return np.argwhere(labels > 0) * stride
+
+
 def _nearest(key: str, kind: str) -> bool:
     """Whether a tensor is resized by nearest neighbour (labels, masks) rather than linearly."""
     return key == "anatomy" or (key == "condition" and kind == "mask")
@@ -89,6 +96,8 @@ class MultiLevelDataset(Dataset):
         region_dropout / anatomy_dropout: chances of the null region / unknown anatomy.
         samples_per_volume: how many samples of each crop one epoch holds.
         seed: base seed of all randomness.
+        foreground: chance that a patch (levels 1 and 2) is centred on a random voxel inside the
+            body (anatomy label > 0) rather than placed uniformly, so fewer patches are all air.
     """
 
     def __init__(
@@ -100,6 +109,7 @@ class MultiLevelDataset(Dataset):
         anatomy_dropout: float = 0.0,
         samples_per_volume: int = 16,
         seed: int = 0,
+        foreground: float = 0.0,
     ) -> None:
         self.entries = entries
         self.patch = patch_size
@@ -108,6 +118,7 @@ class MultiLevelDataset(Dataset):
         self.anatomy_dropout = anatomy_dropout
         self.samples_per_volume = samples_per_volume
         self.seed = seed
+        self.foreground = foreground
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -120,7 +131,13 @@ class MultiLevelDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         entry = self.entries[index % len(self.entries)]
         level = int(rng.choice(3, p=self.levels))
-        sample = self.view(load_entry(entry), level, rng, entry.get("condition_kind", "image"))
+        volumes = load_entry(entry)
+        centre = None
+        if level > 0 and self.foreground > 0 and rng.random() < self.foreground:
+            inside = _body_voxels(entry["anatomy"])
+            if len(inside):
+                centre = inside[int(rng.integers(len(inside)))]
+        sample = self.view(volumes, level, rng, entry.get("condition_kind", "image"), centre)
         region = 0 if rng.random() < self.region_dropout else REGION_CLASS[entry["region"]]
         if rng.random() < self.anatomy_dropout:
             sample["anatomy"] = torch.full_like(sample["anatomy"], UNKNOWN_LABEL)
@@ -128,16 +145,25 @@ class MultiLevelDataset(Dataset):
         return sample
 
     def view(
-        self, volumes: dict[str, torch.Tensor], level: int, rng: np.random.Generator, kind: str = "image"
+        self,
+        volumes: dict[str, torch.Tensor],
+        level: int,
+        rng: np.random.Generator,
+        kind: str = "image",
+        centre: np.ndarray | None = None,
     ) -> dict[str, torch.Tensor]:
         """One multi-level view (0 image level, 1 coarse patch, 2 fine patch) of a region crop.
 
         ``volumes`` maps names to ``(D, H, W)`` tensors of one crop; image-like tensors come back as
-        ``(1, P, P, P)``, the anatomy as ``(P, P, P)``, plus ``coordinates (3, P, P, P)``.
+        ``(1, P, P, P)``, the anatomy as ``(P, P, P)``, plus ``coordinates (3, P, P, P)``. A patch
+        is placed uniformly, or around the voxel ``centre`` (``[z, y, x]``) when given.
         """
         shape = tuple(volumes["image"].shape)
         extent = [n if level == 0 else min(n, self.patch * (2 if level == 1 else 1)) for n in shape]
-        starts = [int(rng.integers(0, n - e + 1)) for n, e in zip(shape, extent)]
+        if centre is None:
+            starts = [int(rng.integers(0, n - e + 1)) for n, e in zip(shape, extent)]
+        else:
+            starts = [int(np.clip(c - e // 2, 0, n - e)) for c, n, e in zip(centre, shape, extent)]
         window = tuple(slice(s, s + e) for s, e in zip(starts, extent))
         if level == 2:
             return self._fine_patch(volumes, window, kind)

@@ -34,10 +34,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from MedDiffFMLib.device import native_bf16
 from MedDiffFMLib.diffusion.schedule import NoiseSchedule
 from MedDiffFMLib.errors import InputError, MedDiffFMError
 from MedDiffFMLib.model.network import ControlledNet, MedDiffFMNet
-from MedDiffFMLib.model.weights import ModelCard, load_model, save_checkpoint
+from MedDiffFMLib.model.weights import ModelCard, load_controlled_model, load_model, save_checkpoint
 
 from .checkpointing import load_training_state, save_training_state
 from .config import TrainingConfig, load_config
@@ -105,7 +106,14 @@ class Trainer:
     With ``task = "base"`` it pre-trains a :class:`MedDiffFMNet` of ``config.model_config``; with a
     ControlNet task (``controlnet-sr``, ``controlnet-lesion``) it fine-tunes a ControlNet on the
     frozen base model in ``base_weights`` (whose architecture then replaces the config's), feeding
-    each sample's ``condition``.
+    each sample's ``condition``. ``init_weights`` warm-starts a new run (not a resumed one) from a
+    saved model of the same architecture and task, so one model's training can continue over
+    several runs or from a shipped model.
+
+    Precision and layout follow ``config.mixed_precision`` and ``config.memory_format``: on a CPU
+    with AMX-BF16, bfloat16 autocast with channels-last-3D weights (the ``auto`` default) trains
+    several times faster than float32 (``benchmarks/training_speed.py``); the weights, the
+    optimiser and the EMA stay float32.
     """
 
     def __init__(
@@ -116,6 +124,7 @@ class Trainer:
         env: Distributed,
         task: str = "base",
         base_weights: Path | None = None,
+        init_weights: Path | None = None,
     ) -> None:
         self.config, self.output, self.env, self.task = config, output, env, task
         torch.manual_seed(config.seed)
@@ -128,6 +137,12 @@ class Trainer:
             self.model = ControlledNet(load_model(base_weights)).to(env.device)
             self.trainable = list(self.model.controlnet.parameters())
         architecture = self.model.config
+        self.bf16 = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and native_bf16(env.device))
+        channels_last = config.memory_format == "channels_last" or (
+            config.memory_format == "auto" and env.device.type in ("cpu", "cuda")
+        )
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.memory_format)
         self.ema = (
             AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
             if config.ema_decay > 0
@@ -145,6 +160,7 @@ class Trainer:
             config.region_dropout,
             config.anatomy_dropout,
             seed=config.seed,
+            foreground=config.foreground,
         )
         self.network = DistributedDataParallel(self.model) if env.world > 1 else self.model
         base_sha256 = self.model.base.card.sha256 if task != "base" else ""
@@ -157,12 +173,38 @@ class Trainer:
                 )
             self.state = restored
             logger.info("resumed from step %d", self.state["step"])
+        elif init_weights is not None:
+            self.warm_start(init_weights)
+        logger.info(
+            "%s, %s weights on %s",
+            "bfloat16 autocast" if self.bf16 else "float32",
+            "channels-last" if channels_last else "contiguous",
+            env.device,
+        )
         if env.main:
             self.truncate_log(self.state["step"])
 
+    def warm_start(self, path: Path) -> None:
+        """Start from the weights of a saved model of this run's task (for a ControlNet: one trained
+        on the same base), EMA included; a base model must have this run's architecture."""
+        if self.task == "base":
+            source = load_model(path)
+            if source.config != self.model.config:
+                raise InputError(
+                    f"'{path}' has another architecture than this run's; warm-start needs the same model preset "
+                    "and overrides."
+                )
+            self.model.load_state_dict(source.state_dict())
+        else:
+            source = load_controlled_model(self.model.base, path, self.task)
+            self.model.controlnet.load_state_dict(source.controlnet.state_dict())
+        if self.ema is not None:
+            self.ema.module.load_state_dict(self.model.state_dict())
+        logger.info("warm-started from %s", source.card.identifier)
+
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.env.device.type == "cuda" and self.config.mixed_precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.bf16:
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def loader(self, epoch: int) -> DataLoader:
@@ -181,6 +223,7 @@ class Trainer:
             batch_size=self.config.batch_size,
             sampler=sampler,
             num_workers=self.config.num_workers,
+            prefetch_factor=4 if self.config.num_workers else None,
             drop_last=True,
         )
 
@@ -333,7 +376,15 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, required=True, help="prepared cache (Training.prepare_data)")
     parser.add_argument("--output", type=Path, required=True, help="run folder (checkpoints, log.csv, previews)")
     parser.add_argument("--stop-after-minutes", type=float, help="checkpoint and stop after this wall time")
+    parser.add_argument(
+        "--init", type=Path, help="warm-start a new run from this saved model (same architecture), e.g. a shipped one"
+    )
     parser.add_argument("--export", metavar="NAME@VERSION", help="export the final EMA weights under this name")
+    parser.add_argument(
+        "--export-only",
+        action="store_true",
+        help="export the last checkpoint's EMA weights now (before the configured steps are done), without training",
+    )
     parser.add_argument("--training-data", default="", help="description of the training data for the model card")
     parser.add_argument("--note", action="append", default=[], help="note for the model card (repeatable)")
     return parser
@@ -345,9 +396,14 @@ def run(args: argparse.Namespace, task: str = "base", base_weights: Path | None 
     try:
         config = load_config(args.config)
         args.output.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(config, args.data, args.output, env, task, base_weights)
-        trainer.run(args.stop_after_minutes)
-        if args.export and env.main and trainer.state["step"] >= config.steps:
+        if args.export_only and not args.export:
+            raise InputError("--export-only needs --export NAME@VERSION.")
+        trainer = Trainer(config, args.data, args.output, env, task, base_weights, args.init)
+        if args.export_only and trainer.state["step"] == 0:
+            raise InputError(f"'{args.output}' holds no checkpoint to export.")
+        if not args.export_only:
+            trainer.run(args.stop_after_minutes)
+        if args.export and env.main and (args.export_only or trainer.state["step"] >= config.steps):
             name, _, version = args.export.partition("@")
             path = trainer.export(name, version or "1.0", args.training_data, args.note)
             print(f"exported {path}")

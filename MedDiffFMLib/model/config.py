@@ -107,6 +107,14 @@ PRESETS: dict[str, ModelConfig] = {
         num_head_channels=16,
         norm_num_groups=8,
     ),
+    "base1mm": ModelConfig(
+        patch_size=32,
+        spacing_mm=1.0,
+        channels=(32, 64, 128),
+        attention_levels=(False, False, True),
+        num_head_channels=32,
+        norm_num_groups=16,
+    ),
     "tiny": ModelConfig(
         patch_size=16,
         spacing_mm=3.0,
@@ -118,8 +126,9 @@ PRESETS: dict[str, ModelConfig] = {
         anatomy_channels=2,
     ),
 }
-"""Named configurations: ``paper`` (MedDiff-FM as published, for GPUs), ``demo`` (CPU-trainable),
-``tiny`` (unit tests)."""
+"""Named configurations: ``paper`` (MedDiff-FM as published, for GPUs), ``base1mm`` (the paper's 1 mm
+grid and first three channel widths with 32^3 windows, trainable on a CPU with bfloat16), ``demo`` (the small
+3 mm demonstration network), ``tiny`` (unit tests)."""
 
 
 def preset(name: str) -> ModelConfig:

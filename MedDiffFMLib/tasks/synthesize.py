@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..anatomy import BODY_LABEL, NUM_ANATOMY_VALUES
+from ..anatomy import BODY_LABEL, DERIVED_BODY_MARGIN_MM, NUM_ANATOMY_VALUES, derived_body
 from ..device import make_generator
 from ..diffusion.samplers import sample
 from ..diffusion.sliding_window import Conditions
@@ -30,6 +30,7 @@ def synthesize(
     cancel: CancelToken | None = None,
     control: np.ndarray | None = None,
     task: str = "synthesize",
+    body: np.ndarray | None = None,
 ) -> Volume:
     """Generate a CT in HU on the grid of ``anatomy``.
 
@@ -42,10 +43,14 @@ def synthesize(
         steps: number of steps; None: the sampler's default (``ddim`` 50, ``dpm++2m`` 20).
         control: an array on the anatomy's grid (e.g. a lesion mask), the ControlNet task condition
             when ``engine`` holds a ControlNet.
+        body: a body mask on the anatomy's grid, for a label map without the body class (a plain
+            TotalSegmentator output, whose label 0 means both air and unlabelled tissue). Without
+            one, the body is derived from the labelled structures
+            (:func:`~MedDiffFMLib.anatomy.derived_body`).
 
     Every step evaluates all overlapping windows and averages their noise estimates, so any size
-    works without seams. When the label map has the body class, voxels labelled 0 are air: windows
-    made only of them are skipped, and they are -1000 HU in the result.
+    works without seams. Voxels labelled 0 (outside the body) are air: windows made only of them
+    are skipped, and they are -1000 HU in the result.
     """
     check_region(region)
     labels = np.asarray(anatomy.array)
@@ -55,6 +60,19 @@ def synthesize(
         )
     if not (labels > 0).any():
         raise InputError("The anatomy label map is empty; it must label the body to synthesise.")
+    if (labels == BODY_LABEL).any():
+        body_source = "the label map's body class"
+    else:
+        if body is None:
+            body = derived_body(labels, anatomy.spacing)
+            body_source = f"derived from the labelled structures (grown {DERIVED_BODY_MARGIN_MM:g} mm)"
+        else:
+            body = np.asarray(body) > 0
+            if body.shape != labels.shape:
+                raise InputError(f"The body mask's shape {body.shape} differs from the anatomy's {labels.shape}.")
+            body_source = "the given body mask"
+        labels = np.where((labels == 0) & body, BODY_LABEL, np.where(body, labels, 0)).astype(np.uint8)
+        anatomy = anatomy.with_array(labels)
     working = engine.working_geometry(anatomy.geometry)
     working_labels = resample(anatomy, working, labels=True, extrapolate=True).array.astype(np.uint8)
     condition = None
@@ -62,11 +80,8 @@ def synthesize(
         condition = resample(anatomy.with_array(control.astype(np.uint8)), working, labels=True, extrapolate=True).array
         condition = torch.from_numpy(condition.astype(np.float32))[None]
     conditions = Conditions(REGION_CLASS[region], torch.from_numpy(working_labels), condition)
-    has_body = bool((labels == BODY_LABEL).any())
-    known = None
-    if has_body:
-        outside = torch.from_numpy(working_labels == 0)
-        known = (outside, torch.full(outside.shape, -1.0))
+    outside = torch.from_numpy(working_labels == 0)
+    known = (outside, torch.full(outside.shape, -1.0))
     predictor = engine.predictor(conditions, working.shape, known=known)
     with torch.no_grad():
         x0 = sample(
@@ -83,11 +98,8 @@ def synthesize(
         )
     hu = Volume.on_geometry(model_to_hu(x0.cpu().numpy(), region), working)
     result = resample(hu, anatomy.geometry).array.astype(np.float32)
-    if has_body:
-        result[labels == 0] = AIR_HU
-        note = f"Voxels labelled outside the body (0) are air ({AIR_HU:g} HU)."
-    else:
-        note = "The label map has no body class (118), so nothing is known to be air; quality may suffer."
+    result[labels == 0] = AIR_HU
+    note = f"Voxels outside the body ({body_source}) are air ({AIR_HU:g} HU)."
     return Volume.on_geometry(
         result,
         anatomy.geometry,
