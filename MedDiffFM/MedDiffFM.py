@@ -101,7 +101,7 @@ class MedDiffFMParameterNode:
     threshold: Annotated[float, WithinRange(0.0, 4000.0), Default(50.0)]
     jumpLength: Annotated[int, WithinRange(1, 100), Default(10)]
     jumpCount: Annotated[int, WithinRange(1, 20), Default(1)]
-    margin: Annotated[float, WithinRange(0.0, 30.0), Default(3.0)]
+    margin: Annotated[float, WithinRange(0.0, 30.0), Default(0.0)]
     seed: Annotated[int, WithinRange(0, 2147483647), Default(0)]
     device: Annotated[str, Choice(list(DEVICE_LABELS)), Default("Auto")]
     overlap: Annotated[float, WithinRange(0.0, 0.9), Default(0.5)]

@@ -185,7 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="reverse steps (default 50)")
     p.add_argument("--jump-length", type=int, default=10, help="RePaint jump length in steps (default 10)")
     p.add_argument("--jump-count", type=int, default=1, help="RePaint re-noising jumps per position (default 1)")
-    p.add_argument("--margin", type=float, default=3.0, help="blended margin around the mask in mm (default 3)")
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="blend generated and original voxels in a band this wide (mm) around the mask; default 0: only the "
+        "mask changes",
+    )
     _add_controlnet_option(p, "controlnet-lesion")
     _add_input_options(p)
     _add_engine_options(p)
@@ -419,7 +425,8 @@ def run_inpaint_lesion(args: argparse.Namespace, cancel: CancelToken) -> None:
         cancel,
     )
     _write_all(args, [(volume, args.output)])
-    _finish(args, f"{volume.metadata['MedDiffFM_changed_voxels']} voxels changed", [args.output])
+    changed, outside = volume.metadata["MedDiffFM_changed_voxels"], volume.metadata["MedDiffFM_changed_outside_mask"]
+    _finish(args, f"{changed} voxels may differ ({outside} of them outside the lesion mask)", [args.output])
 
 
 def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:

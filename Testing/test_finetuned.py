@@ -108,13 +108,35 @@ def test_inpainting_changes_only_the_mask_and_margin(small_ct, lesion_engine):
     ct = small_ct.with_array(small_ct.array.astype(np.int16))
     lesion = _lesion(ct, (slice(6, 9), slice(15, 20), slice(20, 26)))
     result = inpaint_lesion(
-        ct, lesion, lesion_engine, region="abdomen", steps=4, jump_length=2, jump_count=1, margin_mm=3.0
+        ct, lesion, lesion_engine, region="abdomen", steps=4, jump_length=2, jump_count=1, margin_mm=7.0
     )
     assert result.array.dtype == np.int16 and result.geometry.same_grid(ct.geometry)
-    changed = blend_weights(lesion.array > 0, ct.spacing, 3.0) > 0
+    changed = blend_weights(lesion.array > 0, ct.spacing, 7.0) > 0
     np.testing.assert_array_equal(result.array[~changed], ct.array[~changed])
     assert (result.array[lesion.array > 0] != ct.array[lesion.array > 0]).any()
     assert result.metadata["MedDiffFM_changed_voxels"] == str(int(changed.sum()))
+    assert result.metadata["MedDiffFM_changed_outside_mask"] == str(int((changed & (lesion.array == 0)).sum()))
+    assert int(result.metadata["MedDiffFM_changed_outside_mask"]) > 0
+
+
+@pytest.mark.parametrize(
+    "spacing, direction",
+    [
+        ((0.6, 0.6, 5.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)),
+        ((0.8, 0.7, 2.5), (0.866, -0.5, 0.0, 0.5, 0.866, 0.0, 0.0, 0.0, 1.0)),  # oblique, 30 degrees in-plane
+    ],
+)
+def test_inpainting_by_default_keeps_every_voxel_outside_the_mask_bit_identical(lesion_engine, spacing, direction):
+    rng = np.random.default_rng(0)
+    hu = rng.normal(40, 30, (8, 60, 60)).astype(np.int16)
+    ct = Volume(hu, spacing, (10.0, -20.0, 30.0), direction)
+    lesion = _lesion(ct, (slice(3, 6), slice(20, 40), slice(20, 40)))
+    result = inpaint_lesion(ct, lesion, lesion_engine, region="abdomen", steps=2, jump_length=0)
+    outside = lesion.array == 0
+    np.testing.assert_array_equal(result.array[outside], ct.array[outside])
+    assert result.array.dtype == np.int16 and result.geometry.same_grid(ct.geometry)
+    assert (result.array[~outside] != ct.array[~outside]).any()
+    assert result.metadata["MedDiffFM_changed_outside_mask"] == "0"
 
 
 def test_inpainting_with_an_oracle_of_the_image_returns_the_image(small_ct):

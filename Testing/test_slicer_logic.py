@@ -267,6 +267,15 @@ def test_segment_names_map_to_classes(text, expected):
     assert nodes.class_name_for(text) == expected
 
 
+def test_every_class_name_maps_to_itself_as_segment_id_or_name_in_any_case():
+    from MedDiffFMLib.anatomy import CLASS_NAMES
+
+    for name in CLASS_NAMES[1:]:  # vertebrae_L1, vertebrae_C1, ... are spelled with capitals
+        for text in (name, name.lower(), name.upper(), name.replace("_", " ")):
+            assert nodes.class_name_for(text) == name, text
+    assert nodes.class_name_for("Vertebrae L1") == "vertebrae_L1"
+
+
 # --------------------------------------------------------------------------------------------------
 # Tasks in this process
 # --------------------------------------------------------------------------------------------------

@@ -232,6 +232,7 @@ def test_bf16_training_with_channels_last_weights_keeps_float32_weights_and_lear
     assert any(not torch.equal(before[k], weights[k]) for k in weights)
     rows = (tmp_path / "log.csv").read_text().splitlines()[1:]
     assert len(rows) == 3 and all(np.isfinite(float(row.split(",")[2])) for row in rows)
+    assert all(0.0 <= float(row.split(",")[6]) < 1.0 for row in rows)  # share of time waiting for data
 
 
 def test_auto_precision_follows_the_devices_native_bf16(prepared, tmp_path, monkeypatch):

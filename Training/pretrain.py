@@ -23,6 +23,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,20 @@ from .dataset import MultiLevelDataset, manifest_entries
 from .previews import save_preview
 
 logger = logging.getLogger("pretrain")
-LOG_FIELDS = ("step", "epoch", "loss", "learning_rate", "samples_per_second", "elapsed_seconds")
+LOG_FIELDS = ("step", "epoch", "loss", "learning_rate", "samples_per_second", "elapsed_seconds", "data_wait_share")
+
+
+def timed(iterable: Iterable, waiting: list[float]) -> Iterator:
+    """The items of ``iterable``; the seconds spent waiting for each are added to ``waiting[0]``."""
+    iterator = iter(iterable)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        waiting[0] += time.perf_counter() - start
+        yield item
 
 
 class Distributed:
@@ -231,6 +245,7 @@ class Trainer:
         config, env = self.config, self.env
         progress = tqdm(total=config.steps, initial=self.state["step"], desc="pretrain", disable=not env.main)
         started, window_start, window_samples, losses = time.time(), time.time(), 0, []
+        waiting = [0.0]
         elapsed_before = self.state["elapsed_seconds"]
         while self.state["step"] < config.steps:
             epoch = self.state["epoch"]
@@ -241,7 +256,7 @@ class Trainer:
                     "accumulated per step: add data or lower 'accumulation' / 'batch_size'."
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            for index, batch in enumerate(loader):
+            for index, batch in enumerate(timed(loader, waiting)):
                 if index < self.state["batch"]:
                     continue
                 seed = np.random.SeedSequence([config.seed, env.rank, epoch, index]).generate_state(1)[0]
@@ -274,10 +289,10 @@ class Trainer:
                 self.state["elapsed_seconds"] = elapsed
                 if step % config.log_every == 0 or step == config.steps:
                     loss_mean = env.mean(float(np.mean(losses)))
-                    rate = window_samples / max(time.time() - window_start, 1e-9)
-                    self.log(step, epoch, loss_mean, rate, elapsed)
+                    window = max(time.time() - window_start, 1e-9)
+                    self.log(step, epoch, loss_mean, window_samples / window, elapsed, waiting[0] / window)
                     progress.set_postfix(loss=f"{loss_mean:.4f}")
-                    window_start, window_samples, losses = time.time(), 0, []
+                    window_start, window_samples, losses, waiting[0] = time.time(), 0, [], 0.0
                 if env.main and (step % config.preview_every == 0 or step == config.steps):
                     save_preview(
                         self.ema.module if self.ema else self.model,
@@ -326,7 +341,8 @@ class Trainer:
         if not kept:
             path.unlink()
 
-    def log(self, step: int, epoch: int, loss: float, rate: float, elapsed: float) -> None:
+    def log(self, step: int, epoch: int, loss: float, rate: float, elapsed: float, data_share: float) -> None:
+        """Append a row to ``log.csv``; ``data_share`` is the share of the time spent waiting for data."""
         if not self.env.main:
             return
         path = self.output / "log.csv"
@@ -335,7 +351,8 @@ class Trainer:
             writer = csv.writer(handle)
             if new:
                 writer.writerow(LOG_FIELDS)
-            writer.writerow([step, epoch, f"{loss:.6f}", self.config.learning_rate, f"{rate:.3f}", f"{elapsed:.1f}"])
+            values = (f"{loss:.6f}", self.config.learning_rate, f"{rate:.3f}", f"{elapsed:.1f}", f"{data_share:.3f}")
+            writer.writerow([step, epoch, *values])
 
     def export(self, name: str, version: str, training_data: str, notes: list[str]) -> Path:
         """Save the EMA (or raw) weights as ``<output>/<name>-<version>.safetensors`` with its model card."""

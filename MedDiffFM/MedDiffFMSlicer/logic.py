@@ -85,7 +85,7 @@ class TaskParameters:
     spacing: float = 1.0
     jump_length: int = 10
     jump_count: int = 1
-    margin_mm: float = 3.0
+    margin_mm: float = 0.0
     seed: int = 0
     device: str = "auto"
     overlap: float = 0.5

@@ -228,9 +228,13 @@ def class_name_for(text: str) -> str | None:
     if words[0] in ("left", "right"):
         candidates.append("_".join([*words[1:], words[0]]))
     for candidate in candidates:
-        if candidate in CLASS_NAMES[1:]:
-            return candidate
+        if candidate in _CLASS_BY_LOWER:
+            return _CLASS_BY_LOWER[candidate]
     return None
+
+
+_CLASS_BY_LOWER = {name.lower(): name for name in CLASS_NAMES[1:]}
+"""Class names by their lower-case spelling (TotalSegmentator writes ``vertebrae_L1``, ``vertebrae_C1``)."""
 
 
 def anatomy_segment_classes(segmentation_node) -> tuple[dict[str, str], list[str]]:

@@ -2,9 +2,9 @@
 
 * :func:`generate_lesion`: whole-volume synthesis from an anatomy label map with the lesion mask
   as the ControlNet condition.
-* :func:`inpaint_lesion`: RePaint on a real CT. Only voxels inside the lesion mask, plus a blended
-  margin, change (margin voxels outside the region's HU window, such as gas or bone, are kept too);
-  every other voxel is returned bit-identical (same values, same dtype). The work
+* :func:`inpaint_lesion`: RePaint on a real CT. Only voxels inside the lesion mask change (plus, on
+  request, a blended band around it, whose voxels outside the region's HU window, such as gas or
+  bone, are kept); every other voxel is returned bit-identical (same values, same dtype). The work
   is done on a crop of the model's working grid around the mask (mask plus margin plus half a
   model window of context), whose windows keep their position coordinates in the whole CT, so a
   small lesion in a large CT is fast.
@@ -83,7 +83,7 @@ def inpaint_lesion(
     steps: int = 50,
     jump_length: int = 10,
     jump_count: int = 1,
-    margin_mm: float = 3.0,
+    margin_mm: float = 0.0,
     seed: int | None = 0,
     progress: ProgressCallback = no_progress,
     cancel: CancelToken | None = None,
@@ -95,7 +95,10 @@ def inpaint_lesion(
         lesion: lesion mask (any grid overlapping the CT; resampled by nearest neighbour).
         engine: base model with the lesion ControlNet (``controlnet-lesion``).
         steps: reverse steps (strided from T-1); ``jump_length``/``jump_count``: RePaint resampling.
-        margin_mm: width of the band around the mask where generated and original voxels are blended.
+        margin_mm: width of a band around the mask where generated and original voxels are blended
+            (default 0: no band, every voxel outside the mask comes back bit-identical). With a band,
+            the metadata ``MedDiffFM_changed_outside_mask`` counts the voxels outside the mask that
+            may differ.
     """
     hu = checked_ct(ct)
     mask = lesion_mask_on(lesion, ct)
@@ -154,6 +157,11 @@ def inpaint_lesion(
         MedDiffFM_model=engine.name,
         MedDiffFM_region=region,
         MedDiffFM_changed_voxels=str(int(changed.sum())),
+        MedDiffFM_changed_outside_mask=str(int((changed & ~mask).sum())),
         MedDiffFM_seed=str(seed),
-        MedDiffFM_note="Only voxels inside the lesion mask and its blended margin differ from the input.",
+        MedDiffFM_note=(
+            "Only voxels inside the lesion mask differ from the input."
+            if margin_mm <= 0
+            else f"Voxels inside the lesion mask and a {margin_mm:g} mm blended band around it differ from the input."
+        ),
     )
