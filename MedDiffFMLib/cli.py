@@ -97,7 +97,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_controlnet_option(parser: argparse.ArgumentParser, task: str) -> None:
     parser.add_argument(
-        "--controlnet", help=f"installed {task} ControlNet name[@version] or .safetensors path (default: newest)"
+        "--controlnet",
+        help=f"installed {task} ControlNet name[@version] or .safetensors path (default: the newest trained on the "
+        "base model; without --model, the newest and its own base model)",
     )
 
 
@@ -231,12 +233,8 @@ def _engine(args: argparse.Namespace, controlnet_task: str | None = None) -> Eng
         if controlnet_task:
             model = ControlledNet(model)
     else:
-        model = model_weights.load_model(model_weights.resolve_weights(args.model))
-        name = model.card.identifier
-        if controlnet_task:
-            weights = model_weights.resolve_weights(args.controlnet, task=controlnet_task)
-            model = model_weights.load_controlled_model(model, weights, controlnet_task)
-            name = f"{name} + {model.card.identifier}"
+        model = model_weights.load_task_model(args.model, controlnet_task, getattr(args, "controlnet", None))
+        name = f"{model.base.card.identifier} + {model.card.identifier}" if controlnet_task else model.card.identifier
     return Engine(
         model,
         args.device,

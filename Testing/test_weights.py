@@ -194,3 +194,32 @@ def test_models_shipped_with_the_checkout_are_found_after_installed_ones(tmp_pat
     assert w.resolve_weights() == path
     installed = w.install(catalogue[0])
     assert w.resolve_weights() == installed
+
+
+def test_a_task_gets_a_controlnet_and_base_model_that_match(tmp_path):
+    def saved(name, version, model, task="base", base=None):
+        card = w.ModelCard(
+            name=name,
+            version=version,
+            task=task,
+            config={},
+            base_model=base.identifier if base else "",
+            base_sha256=base.sha256 if base else "",
+        )
+        return w.save_checkpoint(model, tmp_path / f"{name}-{version}.safetensors", card)
+
+    old = saved("base-a", "0.1", random_tiny_model(0))
+    new = saved("base-b", "0.2", random_tiny_model(1))  # the newest base model has no ControlNet
+    control = saved(
+        "sr-a", "0.1", ControlledNet(w.load_model(tmp_path / "base-a-0.1.safetensors")), "controlnet-sr", old
+    )
+    for card in (old, new, control):
+        w.import_checkpoint(tmp_path / f"{card.name}-{card.version}.safetensors")
+    assert w.load_task_model().card.identifier == "base-b@0.2"
+    paired = w.load_task_model(None, "controlnet-sr")
+    assert paired.card.identifier == "sr-a@0.1" and paired.base.card.identifier == "base-a@0.1"
+    assert w.load_task_model("base-a", "controlnet-sr").card.identifier == "sr-a@0.1"
+    with pytest.raises(WeightsError, match="'controlnet-sr' model trained on this base model"):
+        w.load_task_model("base-b", "controlnet-sr")
+    with pytest.raises(WeightsError, match="trained on base model"):
+        w.load_task_model("base-b", "controlnet-sr", "sr-a")

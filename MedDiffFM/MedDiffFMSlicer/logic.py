@@ -269,14 +269,10 @@ class TaskLogic:
                 if info.controlnet_task:
                     model = ControlledNet(model)
             else:
-                model = model_weights.load_model(model_weights.resolve_weights(parameters.model))
+                model = model_weights.load_task_model(parameters.model, info.controlnet_task, parameters.controlnet)
+                name = model.card.identifier
                 if info.controlnet_task:
-                    path = model_weights.resolve_weights(parameters.controlnet, task=info.controlnet_task)
-                    base_name = model.card.identifier
-                    model = model_weights.load_controlled_model(model, path, info.controlnet_task)
-                    name = f"{base_name} + {model.card.identifier}"
-                else:
-                    name = model.card.identifier
+                    name = f"{model.base.card.identifier} + {name}"
             self._engines.clear()
             self._engines[key] = library_tasks.Engine(
                 model,

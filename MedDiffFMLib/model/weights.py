@@ -413,27 +413,53 @@ def list_bundled() -> list[tuple[ModelCard, Path]]:
     return found
 
 
-def resolve_weights(spec: str | None = None, task: str = "base") -> Path:
+def resolve_weights(spec: str | None = None, task: str = "base", base_sha256: str | None = None) -> Path:
     """Weights file for ``spec``: a ``.safetensors`` path, or a model ``name[@version]``.
 
     Installed models (the cache) come first, then the models shipped in the checkout's ``models/``
-    folder; None picks the newest model of ``task``.
+    folder; None picks the newest model of ``task`` (with ``base_sha256``: the newest ControlNet
+    trained on that base model).
     """
     if spec and (spec.endswith(".safetensors") or os.sep in spec):
         return Path(spec)
 
     def matches(card: ModelCard) -> bool:
-        return card.task == task and (not spec or spec in (card.name, card.identifier))
+        named = not spec or spec in (card.name, card.identifier)
+        return card.task == task and named and (base_sha256 is None or card.base_sha256 == base_sha256)
 
     installed = [(c, cache_dir() / f"{c.name}-{c.version}.safetensors") for c in list_installed() if matches(c)]
     candidates = installed or [(card, path) for card, path in list_bundled() if matches(card)]
     if not candidates:
         wanted = f"'{spec}'" if spec else f"a '{task}' model"
+        if base_sha256 is not None:
+            wanted += " trained on this base model"
         raise WeightsError(
             f"No installed model matches {wanted} in {cache_dir()}. Install one with 'meddiff-fm models install "
             "NAME', import a file with 'meddiff-fm models import FILE', or give the path of a .safetensors file."
         )
     return max(candidates, key=lambda pair: version_key(pair[0].version))[1]
+
+
+def load_task_model(
+    model: str | None = None, controlnet_task: str | None = None, controlnet: str | None = None
+) -> MedDiffFMNet | ControlledNet:
+    """The network a task runs: a base model, or a base model with its ControlNet for ``controlnet_task``.
+
+    ``model`` / ``controlnet`` are paths or ``name[@version]`` (None: pick). The two always match:
+    with neither given, the newest ControlNet and the base model it was trained on; with only the
+    base given, the newest ControlNet trained on it; with only the ControlNet given, its base.
+    """
+    if controlnet_task is None:
+        return load_model(resolve_weights(model))
+    if model is None:
+        control_path = resolve_weights(controlnet, task=controlnet_task)
+        card = read_card(control_path)
+        base = load_model(resolve_weights(card.base_model))
+    else:
+        base = load_model(resolve_weights(model))
+        trained_on = None if controlnet else base.card.sha256
+        control_path = resolve_weights(controlnet, task=controlnet_task, base_sha256=trained_on)
+    return load_controlled_model(base, control_path, controlnet_task)
 
 
 def untrained_model(preset_name: str, seed: int = 0) -> MedDiffFMNet:
