@@ -25,6 +25,9 @@ CTA and the abdomen CT of the ``totalsegmentator`` 2.18.0 source archive (fetche
 4. Synthesis from the held-out TotalSegmentator map (its label 0 is both air and unlabelled tissue;
    the body is derived from the labelled structures): the share of true air synthesised below
    -900 HU, the body outline's Dice, and every large organ's median HU against the real scan's.
+5. Lesion inpainting (when a lesion ControlNet exists for the base model): a 12 mm sphere painted
+   in the held-out liver; its HU statistics, the share that came out as air, and the voxels changed
+   outside the mask.
 
 Prints one Markdown table per task and writes a PNG per task into ``--output``.
 """
@@ -54,11 +57,19 @@ sys.path.insert(0, str(ROOT))
 
 from MedDiffFMLib import preprocessing as pp  # noqa: E402
 from MedDiffFMLib.anatomy import CLASS_NAMES, body_mask, from_totalsegmentator, label_of, organ_mask  # noqa: E402
+from MedDiffFMLib.errors import MedDiffFMError  # noqa: E402
 from MedDiffFMLib.figures import comparison_png  # noqa: E402
 from MedDiffFMLib.lowdose import simulate  # noqa: E402
 from MedDiffFMLib.metrics import psnr, scaled_pair  # noqa: E402
-from MedDiffFMLib.model import load_model, resolve_weights  # noqa: E402
-from MedDiffFMLib.tasks import Engine, denoise, detect_anomalies, synthesize  # noqa: E402
+from MedDiffFMLib.model import load_controlled_model, load_model, resolve_weights  # noqa: E402
+from MedDiffFMLib.tasks import (  # noqa: E402
+    Engine,
+    denoise,
+    detect_anomalies,
+    inpaint_lesion,
+    super_resolve,
+    synthesize,
+)
 from MedDiffFMLib.volume import Volume, read_volume  # noqa: E402
 from Training.demo_data import fetch_totalsegmentator  # noqa: E402
 from Training.prepare_data import crop_z  # noqa: E402
@@ -341,6 +352,17 @@ def bench_anomaly(engine: Engine, tuning: Path, output: Path, quick: bool) -> No
 # --- super-resolution ------------------------------------------------------------------------------
 
 
+def controlled_engine(engine: Engine, task: str) -> tuple[Engine | None, str]:
+    """An engine with the newest ``task`` ControlNet trained on ``engine``'s base model, or (None, why)."""
+    try:
+        model = load_controlled_model(
+            engine.model, resolve_weights(task=task, base_sha256=engine.model.card.sha256), task
+        )
+    except MedDiffFMError as error:
+        return None, f"not run: {error}".split(". ")[0]
+    return Engine(model, device=engine.device, batch_size=8, overlap=0.25, precision=engine.precision), ""
+
+
 def bench_super_resolution(engine: Engine, output: Path) -> None:
     ct, _ = held_out()
     factor = 3
@@ -363,12 +385,63 @@ def bench_super_resolution(engine: Engine, output: Path) -> None:
         )
         array = sitk.GetArrayFromImage(image)
         rows.append([name, f"{psnr(thin.array, array, WINDOW, body):.2f}", f"{ssim(thin.array, array, body):.3f}"])
-    rows.append([f"SR ControlNet ({engine.name})", "not run: no super-resolution ControlNet for this base model", ""])
+    figures = [thin, thick, Volume.on_geometry(array, thin.geometry)]
+    sr_engine, why = controlled_engine(engine, "controlnet-sr")
+    if sr_engine is None:
+        rows.append([f"SR ControlNet for {engine.name}", why, ""])
+    else:
+        result = super_resolve(thick, sr_engine, spacing=thin.spacing[2], seed=0).array
+        if result.shape != thin.array.shape:
+            rows.append([sr_engine.name, f"not scored: output {result.shape}, reference {thin.array.shape}", ""])
+        else:
+            rows.append(
+                [
+                    sr_engine.name,
+                    f"{psnr(thin.array, result, WINDOW, body):.2f}",
+                    f"{ssim(thin.array, result, body):.3f}",
+                ]
+            )
+            figures.append(thin.with_array(result))
+    comparison_png(
+        figures,
+        ["2 mm (held out)", f"{spacing[2]:g} mm slabs", "cubic", "SR ControlNet"][: len(figures)],
+        WINDOW,
+        output / "super_resolution.png",
+    )
     table(
         f"Super-resolution: {spacing[2]:g} mm slab averages of the held-out CT back to {thin.spacing[2]:g} mm",
         ["method", "PSNR dB", "SSIM"],
         rows,
     )
+
+
+# --- lesions --------------------------------------------------------------------------------------
+
+
+def bench_lesions(engine: Engine, output: Path) -> None:
+    """Inpainting a painted 12 mm lesion in the held-out liver: must not come out as air, the
+    surrounding voxels must be kept, and its HU statistics are printed beside the liver's."""
+    lesion_engine, why = controlled_engine(engine, "controlnet-lesion")
+    if lesion_engine is None:
+        table("Lesion inpainting", ["model", "result"], [[f"lesion ControlNet for {engine.name}", why]])
+        return
+    ct, labels = held_out()
+    liver = organ_mask(from_totalsegmentator(labels.array), ["liver"])
+    spacing = np.asarray(ct.spacing[::-1])
+    inner = ndimage.distance_transform_edt(liver, sampling=spacing)
+    centre = np.unravel_index(int(np.argmax(inner)), liver.shape)
+    distance = np.sqrt((((np.indices(liver.shape).T - np.asarray(centre)) * spacing) ** 2).sum(axis=-1)).T
+    mask = distance <= 6.0
+    result = inpaint_lesion(ct, ct.with_array(mask.astype(np.uint8)), lesion_engine, "abdomen", labels, seed=0)
+    inside, outside = result.array[mask], result.array[~mask] != ct.array[~mask]
+    rows = [
+        ["mean / std HU inside the painted lesion", f"{inside.mean():.0f} / {inside.std():.0f}"],
+        ["share of lesion voxels below -500 HU (air)", f"{100 * float((inside < -500).mean()):.1f} %"],
+        ["liver median HU outside the lesion (real)", f"{float(np.median(ct.array[liver & ~mask])):.0f}"],
+        ["voxels changed outside the mask", f"{int(outside.sum())}"],
+    ]
+    table(f"Lesion inpainting: a 12 mm sphere in the held-out liver ({lesion_engine.name})", ["measure", "value"], rows)
+    comparison_png([ct, result], ["held-out CT", "inpainted lesion"], WINDOW, output / "lesion.png", int(centre[0]))
 
 
 # --- synthesis -------------------------------------------------------------------------------------
@@ -430,7 +503,9 @@ def bench_synthesis(engine: Engine, output: Path, quick: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="base model (path or catalogue name; default: newest installed or shipped)")
-    parser.add_argument("--tasks", nargs="+", default=["denoise", "anomaly", "super-resolution", "synthesis"])
+    parser.add_argument(
+        "--tasks", nargs="+", default=["denoise", "anomaly", "super-resolution", "synthesis", "lesions"]
+    )
     parser.add_argument("--output", type=Path, default=Path("quality_output"))
     parser.add_argument(
         "--tuning-data",
@@ -455,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         "anomaly": lambda: bench_anomaly(engine, args.tuning_data, args.output, args.quick),
         "super-resolution": lambda: bench_super_resolution(engine, args.output),
         "synthesis": lambda: bench_synthesis(engine, args.output, args.quick),
+        "lesions": lambda: bench_lesions(engine, args.output),
     }
     for task in args.tasks:
         started = time.perf_counter()
