@@ -125,18 +125,22 @@ def test_interrupted_run_writes_nothing(tmp_path, small_files, saved_model, monk
 def test_demo_writes_volumes_and_figure(tmp_path, monkeypatch, sample_ct, sample_seg, capsys):
     data = tmp_path / "data"
     data.mkdir()
-    write_volume(crop(sample_ct, slice(8, 24), slice(30, 70), slice(10, 58)), data / "example_ct_sm.nii.gz")
-    write_volume(crop(sample_seg, slice(8, 24), slice(30, 70), slice(10, 58)), data / "example_seg.nii.gz")
+    write_volume(crop(sample_ct, slice(8, 24), slice(30, 70), slice(10, 58)), data / "ct.nii.gz")
+    write_volume(crop(sample_seg, slice(8, 24), slice(30, 70), slice(10, 58)), data / "seg.nii.gz")
     monkeypatch.setattr(cli, "SAMPLE_DIR", data)
+    monkeypatch.setattr(cli, "DEMO_CT", "ct.nii.gz")
+    monkeypatch.setattr(cli, "DEMO_LABELS", "seg.nii.gz")
     out = tmp_path / "demo"
-    assert cli.main(["demo", str(out), "--untrained", "tiny", "--steps", "1", "--quiet"]) == 0
+    assert cli.main(["demo", str(out), "--untrained", "tiny", "--steps", "1", "--quiet", "--with-anatomy"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "comparison.png",
         "denoised.nii.gz",
+        "gaussian.nii.gz",
         "low_dose.nii.gz",
         "reference.nii.gz",
     ]
-    assert "PSNR" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "PSNR" in printed and "Gaussian filter" in printed
 
 
 def test_models_list_and_import(saved_model, capsys):
