@@ -55,8 +55,8 @@ def test_channels_last_is_refused_where_it_is_not_supported():
 )
 def test_compiled_network_gives_the_eager_result():
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    eager = noise_estimate(Engine(random_tiny_model(), device="cpu"), x)
-    engine = Engine(random_tiny_model(), device="cpu", compile=True)
+    eager = noise_estimate(Engine(random_tiny_model(), device="cpu", precision="fp32"), x)
+    engine = Engine(random_tiny_model(), device="cpu", compile=True, precision="fp32")
     compiled = noise_estimate(engine, x)
     assert engine.network.compiled is not None  # compiled, not fallen back to eager mode
     torch.testing.assert_close(compiled, eager, **CLOSE)
@@ -111,8 +111,8 @@ def test_out_of_memory_while_compiling_halves_the_window_batch(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", compile_needing_memory)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    eager = noise_estimate(Engine(random_tiny_model(), device="cpu", batch_size=4), x)
-    engine = Engine(random_tiny_model(), device="cpu", batch_size=4, compile=True)
+    eager = noise_estimate(Engine(random_tiny_model(), device="cpu", batch_size=4, precision="fp32"), x)
+    engine = Engine(random_tiny_model(), device="cpu", batch_size=4, compile=True, precision="fp32")
     anatomy = torch.randint(0, 120, SHAPE, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     predictor = engine.predictor(Conditions(3, anatomy), SHAPE)
     torch.testing.assert_close(predictor(x, 100), eager, **CLOSE)

@@ -14,9 +14,17 @@ The bundled test sample ``example_ct_sm.nii.gz`` is slices 82-111 of ``example_c
 slices (and a 4-slice gap) are held out of training, so the demo's denoising figure is measured on
 data the model has not seen.
 
-Writes ``<output>/cases.csv`` for :mod:`Training.prepare_data`. Usage::
+Writes ``<output>/cases.csv`` for :mod:`Training.prepare_data`. Two case lists:
 
-    python -m Training.demo_data --output data/demo_raw
+* ``demo`` (the 3 mm demonstration models): the four scans, the DICOM series with its labels;
+* ``base1mm`` (``meddiff-fm-1mm``): the abdomen CT (slices 0-77) with its TotalSegmentator labels
+  (``example_seg_fast_force_split.nii.gz``), the chest CTA and the head CT; the upper-abdomen DICOM
+  series (0.98 x 0.98 x 2 mm) is held out entirely, as the held-out scan of ``benchmarks/quality.py``
+  and ``meddiff-fm demo``.
+
+Usage::
+
+    python -m Training.demo_data --output data/demo_raw [--cases base1mm]
 """
 
 from __future__ import annotations
@@ -85,21 +93,35 @@ def fetch_cranium(folder: Path) -> Path:
     return target
 
 
-def write_cases(output: Path) -> Path:
-    """Fetch everything and write the ``cases.csv`` of the demo training set."""
+def write_cases(output: Path, cases: str = "demo") -> Path:
+    """Fetch everything and write the ``cases.csv`` of a training set (``demo`` or ``base1mm``)."""
     output.mkdir(parents=True, exist_ok=True)
     reference = fetch_totalsegmentator(output)
-    rows = [
-        dict(case="ts_abdomen", image=reference / "example_ct.nii.gz", region="abdomen", z_stop=HELD_OUT_FROM_SLICE),
-        dict(
-            case="ts_dicom",
-            image=reference / "example_ct_dicom",
-            labels=reference / "example_seg_dicom.nii.gz",
-            region="abdomen",
-        ),
-        dict(case="ts_chest_cta", image=reference / "aorta_report" / "example_ct.nii.gz", region="chest"),
-        dict(case="invesalius_cranium", image=fetch_cranium(output), region="head_neck"),
-    ]
+    chest = dict(case="ts_chest_cta", image=reference / "aorta_report" / "example_ct.nii.gz", region="chest")
+    head = dict(case="invesalius_cranium", image=fetch_cranium(output), region="head_neck")
+    if cases == "base1mm":
+        abdomen = dict(
+            case="ts_abdomen",
+            image=reference / "example_ct.nii.gz",
+            labels=reference / "example_seg_fast_force_split.nii.gz",
+            z_start=0,
+            z_stop=HELD_OUT_FROM_SLICE,
+        )
+        rows = [abdomen, chest, head]
+    else:
+        rows = [
+            dict(
+                case="ts_abdomen", image=reference / "example_ct.nii.gz", region="abdomen", z_stop=HELD_OUT_FROM_SLICE
+            ),
+            dict(
+                case="ts_dicom",
+                image=reference / "example_ct_dicom",
+                labels=reference / "example_seg_dicom.nii.gz",
+                region="abdomen",
+            ),
+            chest,
+            head,
+        ]
     path = output / "cases.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["case", "image", "labels", "region", "z_start", "z_stop"])
@@ -112,8 +134,9 @@ def write_cases(output: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Fetch the offline-installable CT used to train the demo models.")
     parser.add_argument("--output", type=Path, required=True, help="folder for the raw data and cases.csv")
+    parser.add_argument("--cases", choices=("demo", "base1mm"), default="demo", help="which training set")
     args = parser.parse_args(argv)
-    print(f"wrote {write_cases(args.output)}")
+    print(f"wrote {write_cases(args.output, args.cases)}")
     return 0
 
 
