@@ -492,7 +492,7 @@ def bench_synthesis(engine: Engine, output: Path, quick: bool) -> None:
     within = sum(abs(b - a) <= 25 for _, a, b in organs)
     rows.append(
         [
-            f"structures of >= 2000 voxels with median within 25 HU of the real scan's ({engine.name}, {seconds:.0f} s)",
+            f"structures (>= 2000 voxels) with median within 25 HU of the real ({engine.name}, {seconds:.0f} s)",
             f"{within} of {len(organs)}",
             "",
         ]
