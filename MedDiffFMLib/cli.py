@@ -38,6 +38,9 @@ SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Testing" / "Data" / "totalse
 DEMO_CT, DEMO_LABELS = "example_ct_dicom", "example_seg_dicom.nii.gz"
 """The demo's scan: the bundled upper-abdomen DICOM series (0.98 x 0.98 x 2 mm), held out of the
 training of every shipped model since meddiff-fm-1mm@0.2, and its TotalSegmentator labels."""
+DEMO_MODEL = model_weights.BUNDLED_DIR / "meddiff-fm-1mm-0.2.safetensors"
+"""The demo's model when --model is not given and the checkout ships it: the 1 mm base model, which
+never saw the demo's scan (the 3 mm demonstration model was trained on it)."""
 DEMO_EXTENT_MM = 256.0
 DEMO_GAUSSIAN_SIGMA_MM = 0.75
 """The Gaussian filter the demo reports beside DiffPIR: the best of 0.5-2 mm on simulated low-dose
@@ -453,10 +456,13 @@ def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
     from .preprocessing import Window
 
     if not args.model and not args.untrained:
-        try:
-            model_weights.resolve_weights()
-        except MedDiffFMError:
-            args.untrained = "demo"
+        if DEMO_MODEL.exists():
+            args.model = str(DEMO_MODEL)
+        else:
+            try:
+                model_weights.resolve_weights()
+            except MedDiffFMError:
+                args.untrained = "demo"
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.nii.gz" for name in ("reference", "low_dose", "gaussian", "denoised")}
