@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, OutputExistsError, ReadError
+from .file_check import check_complete, check_dicom_file, is_dicom_file
 
 WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -140,11 +141,15 @@ def list_dicom_series(folder: str | os.PathLike) -> list[str]:
 def read_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volume:
     """Read a NIfTI/NRRD/MHA file or a DICOM series folder into a :class:`Volume`.
 
-    A folder with several DICOM series needs ``series_uid``; the error lists the UIDs found.
+    A folder with several DICOM series needs ``series_uid``; the error lists the UIDs found. A file
+    (or a series member) that holds less voxel data than its header describes, or whose compressed
+    data is corrupt, raises :class:`ReadError` (:mod:`.file_check`) instead of being read as zeros.
     """
     path = Path(path)
     if not path.exists():
         raise ReadError(f"'{path}' does not exist. Check the path.")
+    if path.is_file():
+        check_complete(path)
     try:
         if path.is_dir():
             image = _read_dicom_series(path, series_uid)
@@ -172,9 +177,48 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
         series_uid = series[0]
     elif series_uid not in series:
         raise ReadError(f"Series '{series_uid}' is not in '{folder}'. Series found: {', '.join(series)}")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
+    _check_series_files(folder, series, files)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
-    return reader.Execute()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    _check_slice_gaps(folder, reader, len(files))
+    return image
+
+
+def _check_series_files(folder: Path, series: list[str], files: tuple[str, ...]) -> None:
+    """Raise if a member of the series, or a DICOM file GDCM left out of every series, is cut short.
+
+    GDCM drops a DICOM file it cannot parse from the series without a word, so a truncated slice
+    would silently disappear from the volume.
+    """
+    for file in files:
+        check_dicom_file(file)
+    grouped = {Path(name) for uid in series for name in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)}
+    for candidate in sorted(folder.iterdir()):
+        if candidate.is_file() and candidate not in grouped and is_dicom_file(candidate):
+            check_dicom_file(candidate)
+
+
+def _check_slice_gaps(folder: Path, reader: sitk.ImageSeriesReader, count: int) -> None:
+    """Raise if the slice positions jump by more than 1.5 times their usual distance (missing slices)."""
+    if count < 3:
+        return
+    try:
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(count)])
+        cosines = [float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]
+    except (RuntimeError, ValueError):
+        return
+    normal = np.cross(cosines[:3], cosines[3:])
+    steps = np.abs(np.diff(np.sort(positions @ normal)))
+    usual = float(np.median(steps))
+    if usual > 0 and steps.max() > 1.5 * usual:
+        where = int(np.argmax(steps))
+        raise ReadError(
+            f"The DICOM series in '{folder}' has a gap of {steps.max():.2f} mm after slice {where + 1} of {count} "
+            f"(the others are {usual:.2f} mm apart): slices are missing. Copy or export the series again."
+        )
 
 
 def output_extension(path: str | os.PathLike) -> str:

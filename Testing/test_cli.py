@@ -110,6 +110,16 @@ def test_errors_exit_with_code_2_and_a_message(tmp_path, small_files, saved_mode
     assert "No installed model" in capsys.readouterr().err
 
 
+def test_truncated_input_is_refused_and_nothing_written(tmp_path, small_files, saved_model, capsys):
+    cut = write_volume(read_volume(small_files[0]), tmp_path / "cut.nii.gz")
+    cut.write_bytes(cut.read_bytes()[:5000])
+    before = sorted(tmp_path.iterdir())
+    out = tmp_path / "o.nii.gz"
+    assert cli.main(["denoise", str(cut), str(out), "--sigma", "0.05", "--model", saved_model, "--quiet"]) == 2
+    assert "incomplete or corrupt" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == before
+
+
 def test_interrupted_run_writes_nothing(tmp_path, small_files, saved_model, monkeypatch):
     ct, _ = small_files
 

@@ -152,3 +152,70 @@ def test_any_geometry_survives_files_and_resampling(tmp_path_factory, angles, sp
     again = pp.resample(back, volume.geometry)
     assert again.geometry.same_grid(volume.geometry)
     np.testing.assert_allclose(again.array, array, atol=1e-3)
+
+
+def _truncate(path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize(
+    ("extension", "compressed"),
+    [(".nii.gz", True), (".nii", False), (".nrrd", True), (".nrrd", False), (".mha", True), (".mha", False)],
+)
+def test_truncated_files_are_refused(tmp_path, extension, compressed):
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    volume = Volume(rng.integers(-1000, 1500, size=(20, 40, 40)).astype(np.int16), spacing=(0.7, 0.7, 5.0))
+    path = tmp_path / f"ct{extension}"
+    sitk.WriteImage(volume.to_sitk(), str(path), useCompression=compressed)
+    np.testing.assert_array_equal(read_volume(path).array, volume.array)
+    _truncate(path, 0.6)
+    with pytest.raises(ReadError, match="incomplete or corrupt"):
+        read_volume(path)
+
+
+def test_corrupt_compressed_data_is_refused(tmp_path):
+    volume = Volume(np.random.default_rng(1).integers(-1000, 1500, size=(8, 32, 32)).astype(np.int16))
+    path = write_volume(volume, tmp_path / "ct.nii.gz")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ReadError, match="incomplete or corrupt"):
+        read_volume(path)
+
+
+def test_detached_data_files_are_checked(tmp_path):
+    import SimpleITK as sitk
+
+    volume = Volume(np.arange(6 * 8 * 10, dtype=np.int16).reshape(6, 8, 10))
+    sitk.WriteImage(volume.to_sitk(), str(tmp_path / "ct.mhd"), useCompression=False)
+    np.testing.assert_array_equal(read_volume(tmp_path / "ct.mhd").array, volume.array)
+    _truncate(tmp_path / "ct.raw", 0.5)
+    with pytest.raises(ReadError, match="incomplete or corrupt"):
+        read_volume(tmp_path / "ct.mhd")
+    (tmp_path / "ct.raw").unlink()
+    with pytest.raises(ReadError, match="does not exist"):
+        read_volume(tmp_path / "ct.mhd")
+
+
+def test_a_truncated_dicom_slice_is_refused(tmp_path):
+    volume = Volume(np.arange(3 * 16 * 16, dtype=np.int16).reshape(3, 16, 16) - 300, spacing=(0.5, 0.5, 2.0))
+    _write_dicom_series(tmp_path, volume, "1.2.826.0.1.3680043.2.1125.1.3333")
+    np.testing.assert_array_equal(read_volume(tmp_path).array, volume.array)
+    slices = sorted(tmp_path.glob("*.dcm"))
+    _truncate(slices[1], 0.9)
+    with pytest.raises(ReadError, match=f"{slices[1].name}.*incomplete or corrupt"):
+        read_volume(tmp_path)
+    with pytest.raises(ReadError, match="incomplete or corrupt"):
+        read_volume(slices[1])
+
+
+def test_a_dicom_series_with_missing_slices_is_refused(tmp_path):
+    volume = Volume(np.zeros((6, 8, 8), dtype=np.int16), spacing=(0.5, 0.5, 2.0))
+    _write_dicom_series(tmp_path, volume, "1.2.826.0.1.3680043.2.1125.1.4444")
+    assert read_volume(tmp_path).array.shape == (6, 8, 8)
+    sorted(tmp_path.glob("*.dcm"))[3].unlink()
+    with pytest.raises(ReadError, match="gap of 4.00 mm after slice 3 of 5"):
+        read_volume(tmp_path)
