@@ -38,6 +38,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+dependencies.put_library_on_path(os.path.dirname(os.path.abspath(__file__)))
+
 SETTINGS = "MedDiffFM"
 TIMER_INTERVAL_MS = 200
 PAPER = (

@@ -9,6 +9,7 @@ globals that ``slicer.util`` expects.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +23,8 @@ from conftest import crop, random_tiny_model, randomise_zero_parameters
 
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core package (pip install slicer-core)")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedDiffFM"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "MedDiffFM"))
 
 from MedDiffFMSlicer import nodes  # noqa: E402
 from MedDiffFMSlicer.logic import TaskLogic, TaskParameters, available_tasks, task_available  # noqa: E402
@@ -703,6 +705,89 @@ def test_dependencies_are_complete_here_and_installs_are_pinned(monkeypatch):
     with pytest.raises(dependencies.DependencyError, match="Dependency install failed: pip could not install"):
         dependencies.ensure(lambda *a: True, pip, None, log=lambda text: None)
     assert calls[-1][0] == "no-such-module-xyz>=1"
+
+
+def test_a_failed_or_outdated_torch_install_is_a_dependency_error(monkeypatch):
+    import subprocess
+
+    from MedDiffFMSlicer import dependencies
+
+    monkeypatch.setattr(dependencies, "module_missing", lambda name: name == "torch")
+
+    def failing_install():
+        raise subprocess.CalledProcessError(1, ["pip", "install", "torch"])
+
+    with pytest.raises(dependencies.DependencyError, match="installing PyTorch failed"):
+        dependencies.ensure(lambda *a: True, lambda args: None, failing_install, log=lambda text: None)
+
+    monkeypatch.setattr(dependencies, "module_missing", lambda name: False)
+    real_version = dependencies.importlib.metadata.version
+    monkeypatch.setattr(
+        dependencies.importlib.metadata, "version", lambda name: "2.1.2+cpu" if name == "torch" else real_version(name)
+    )
+    assert dependencies.missing_packages() == [f"torch>={dependencies.MINIMUM_TORCH}"]
+    with pytest.raises(dependencies.DependencyError, match=r"PyTorch 2.1.2\+cpu is installed"):
+        dependencies.ensure(lambda *a: pytest.fail("nothing to ask"), None, None)
+    assert dependencies.version_tuple("2.10.0a0+git") == (2, 10, 0) > dependencies.version_tuple("2.2")
+
+
+def test_requirements_cover_every_package_the_library_imports():
+    import ast
+
+    from MedDiffFMSlicer import dependencies
+
+    provided = {module for module, _ in dependencies.REQUIREMENTS} | {"torch", "numpy", "SimpleITK", "MedDiffFMLib"}
+    imported = set()
+    for path in (ROOT / "MedDiffFMLib").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {name for name in imported if name not in sys.stdlib_module_names}
+    assert third_party <= provided, sorted(third_party - provided)
+
+
+SLICER_LIKE_IMPORT = """
+import sys
+# Slicer puts only the module's folder on sys.path: hide the checkout and the editable install.
+sys.meta_path = [finder for finder in sys.meta_path if "editable" not in getattr(finder, "__module__", "")]
+sys.path = [p for p in sys.path if p not in ("", {root!r})]
+sys.path.insert(0, {module!r})
+from MedDiffFMSlicer import dependencies
+assert dependencies.module_missing("MedDiffFMLib")
+print("missing", dependencies.missing_packages()[:1])
+print("found", dependencies.put_library_on_path({module!r}))
+print("missing", dependencies.missing_packages())
+from MedDiffFMSlicer import logic
+import MedDiffFMLib
+print("library", MedDiffFMLib.__file__)
+"""
+
+
+def test_additional_module_path_install_finds_the_library_beside_the_module(tmp_path):
+    code = SLICER_LIKE_IMPORT.format(root=str(ROOT), module=str(ROOT / "MedDiffFM"))
+    result = _run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "missing ['MedDiffFMLib']" in result.stdout
+    assert f"found {ROOT}" in result.stdout and "missing []" in result.stdout
+    assert f"library {ROOT / 'MedDiffFMLib' / '__init__.py'}" in result.stdout
+
+
+def test_a_module_folder_without_the_library_says_what_to_do(tmp_path):
+    module = tmp_path / "MedDiffFM"
+    shutil.copytree(ROOT / "MedDiffFM", module, ignore=shutil.ignore_patterns("__pycache__"))
+    code = SLICER_LIKE_IMPORT.format(root=str(ROOT), module=str(module)).split("from MedDiffFMSlicer import logic")[0]
+    code += "dependencies.ensure(lambda *a: True, None, None)\n"
+    result = _run_python(code, tmp_path)
+    assert result.returncode != 0
+    assert "found None" in result.stdout
+    assert "DependencyError" in result.stderr and "keep it inside the whole repository checkout" in result.stderr
+
+
+def _run_python(code: str, folder: Path) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder, env=environment)
 
 
 # --------------------------------------------------------------------------------------------------
