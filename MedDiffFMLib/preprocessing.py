@@ -1,4 +1,4 @@
-"""Pre-processing shared by training and inference (DESIGN.md 1.3).
+"""Pre-processing shared by training and inference (Docs/METHOD.md 1.3).
 
 * Resampling to the model's isotropic spacing and back to the input grid (SimpleITK; linear for
   intensities, nearest neighbour for label maps).

@@ -1,4 +1,4 @@
-"""HU windows: exact inside the window, lossless outside (DESIGN.md 1.3)."""
+"""HU windows: exact inside the window, lossless outside (Docs/METHOD.md 1.3)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The Slicer module's logic against real MRML (the ``slicer-core`` package), and its child-process runner.
 
-The fixture does what the Slicer application does at start-up (DESIGN.md 4.1): a scene, the application
+The fixture does what the Slicer application does at start-up (Docs/METHOD.md 4): a scene, the application
 logic, the default colour nodes with the Colors logic, and the Volumes, Segmentations and Subject
 Hierarchy logics registered on it, plus the ``slicer.mrmlScene`` / ``slicer.modules.<name>.logic()``
 globals that ``slicer.util`` expects.

@@ -19,7 +19,7 @@ class TrainingConfig:
         model: name of a model preset (``paper``, ``demo``, ``tiny``) the architecture starts from.
         model_overrides: architecture fields that differ from the preset.
         level_probabilities: chances of the three multi-level inputs (whole region resized to the
-            patch, 2x-patch crop resized, patch crop; DESIGN.md 1.2).
+            patch, 2x-patch crop resized, patch crop; Docs/METHOD.md 1.2).
         foreground: chance that a patch is centred on a voxel inside the body (else placed uniformly).
         region_dropout / anatomy_dropout: chances of replacing the region by the null class and the
             anatomy by "unknown" (classifier-free conditioning, unconditioned use).

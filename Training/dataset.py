@@ -1,4 +1,4 @@
-"""Multi-level training samples (DESIGN.md 1.2) from a prepared cache.
+"""Multi-level training samples (Docs/METHOD.md 1.2) from a prepared cache.
 
 Each sample is one of three views of a region crop, chosen with ``level_probabilities``:
 

@@ -1,4 +1,4 @@
-"""Fine-tune a ControlNet on a frozen MedDiff-FM base model (DESIGN.md 1.6).
+"""Fine-tune a ControlNet on a frozen MedDiff-FM base model (Docs/METHOD.md 1.6).
 
 Tasks: ``sr`` (condition: the thick-slice volume on the thin grid) and ``lesion`` (condition: the
 lesion mask). Data come from :mod:`Training.make_pairs`. Same engine as pre-training: L1 noise

@@ -1,4 +1,4 @@
-"""Pre-train a MedDiff-FM base model (DESIGN.md 1.1-1.2), from one CPU to many GPUs.
+"""Pre-train a MedDiff-FM base model (Docs/METHOD.md 1.1-1.2), from one CPU to many GPUs.
 
 Single process::
 

@@ -1,4 +1,4 @@
-"""DiffPIR plug-and-play restoration (Zhu et al. 2023; DESIGN.md 1.5).
+"""DiffPIR plug-and-play restoration (Zhu et al. 2023; Docs/METHOD.md 1.5).
 
 Observation model ``y0 = H(x0) + sigma_n z`` in the model's [-1, 1] scale. Sampling starts at the
 timestep ``t_start`` whose ``sigma_bar`` equals ``sigma_n``, from ``x = sqrt(abar_t_start) * y0``

@@ -1,4 +1,4 @@
-"""RePaint inpainting (Lugmayr et al. 2022; DESIGN.md 1.5).
+"""RePaint inpainting (Lugmayr et al. 2022; Docs/METHOD.md 1.5).
 
 At every reverse step the known region is replaced by the original image noised to the same
 timestep: ``x_{t-1} = (1 - m) * x_{t-1}^known + m * x_{t-1}^generated``, ``m = 1`` where content is

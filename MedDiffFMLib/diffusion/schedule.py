@@ -1,4 +1,4 @@
-"""Noise schedule and the closed-form quantities of DDPM (DESIGN.md 1.1).
+"""Noise schedule and the closed-form quantities of DDPM (Docs/METHOD.md 1.1).
 
 ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with ``abar`` from MONAI's scheduler (cosine by
 default, T = 1000). Timesteps are integers ``0..T-1``; ``t = -1`` stands for the clean image

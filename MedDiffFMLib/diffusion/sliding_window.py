@@ -1,4 +1,4 @@
-"""Whole-volume noise estimation with overlapping windows (DESIGN.md 1.4).
+"""Whole-volume noise estimation with overlapping windows (Docs/METHOD.md 1.4).
 
 At every timestep each window gets its own noise estimate, computed with that window's global
 position coordinates and its crop of the conditions; the estimates are averaged over overlapping

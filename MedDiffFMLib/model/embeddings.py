@@ -1,4 +1,4 @@
-"""Position and anatomy embeddings (DESIGN.md 1.2).
+"""Position and anatomy embeddings (Docs/METHOD.md 1.2).
 
 Global position coordinates: the voxel at index ``n`` of an axis with ``N`` voxels in the whole
 volume has coordinate ``-1 + 2 n / (N - 1)`` (``0`` when ``N == 1``), so the first voxel is at

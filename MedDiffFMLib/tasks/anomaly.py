@@ -1,4 +1,4 @@
-"""Anomaly detection inside an organ (zero-shot, DESIGN.md 1.5).
+"""Anomaly detection inside an organ (zero-shot, Docs/METHOD.md 1.5).
 
 The CT is restricted to the chosen organ(s) (every other voxel is set to -1, the window floor),
 noised to a fixed timestep (950 by default, strong enough to erase lesions), and the network

@@ -1,4 +1,4 @@
-"""Lesion generation and lesion inpainting with the lesion ControlNet (DESIGN.md 1.5).
+"""Lesion generation and lesion inpainting with the lesion ControlNet (Docs/METHOD.md 1.5).
 
 * :func:`generate_lesion`: whole-volume synthesis from an anatomy label map with the lesion mask
   as the ControlNet condition.

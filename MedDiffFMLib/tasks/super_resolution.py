@@ -1,4 +1,4 @@
-"""z-axis super-resolution of thick-slice CT (ControlNet + DiffPIR, DESIGN.md 1.5).
+"""z-axis super-resolution of thick-slice CT (ControlNet + DiffPIR, Docs/METHOD.md 1.5).
 
 The thick CT is brought in-plane to the model's spacing, keeping its slices; ``H`` averages
 ``factor`` thin working slices into one thick slice (``factor`` = thick spacing / model spacing).

@@ -1,4 +1,4 @@
-"""Whole-volume CT synthesis from an anatomy label map (zero-shot, DESIGN.md 1.4-1.5)."""
+"""Whole-volume CT synthesis from an anatomy label map (zero-shot, Docs/METHOD.md 1.4-1.5)."""
 
 from __future__ import annotations
 
