@@ -128,11 +128,10 @@ def _check_nifti(path: Path) -> None:
     import nibabel
 
     try:
-        header = nibabel.load(str(path)).header
+        data = nibabel.load(str(path)).dataobj
     except Exception:  # not a NIfTI header nibabel knows: SimpleITK reports what it is
         return
-    shape = header.get_data_shape()
-    needed = int(header.get_data_offset()) + math.prod(shape) * header.get_data_dtype().itemsize
+    needed = int(data.offset) + math.prod(data.shape) * data.dtype.itemsize
     if path.name.lower().endswith(".gz"):
         available = _decompressed_size(path, lambda raw: gzip.GzipFile(fileobj=raw))
     else:

@@ -8,13 +8,14 @@ data range is ``high - low``.
 from __future__ import annotations
 
 import math
+from typing import Union
 
 import numpy as np
 
 from .errors import InputError
 from .preprocessing import Window
 
-WindowLike = tuple[float, float] | Window
+WindowLike = Union[tuple[float, float], Window]
 
 
 def window_bounds(window: WindowLike) -> tuple[float, float]:

@@ -154,9 +154,10 @@ def test_any_geometry_survives_files_and_resampling(tmp_path_factory, angles, sp
     np.testing.assert_allclose(again.array, array, atol=1e-3)
 
 
-def _truncate(path, keep: float) -> None:
+def _truncate(path, keep: float | int) -> None:
+    """Keep a share (float) of the file, or all but ``-keep`` bytes (negative int)."""
     data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
+    path.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
 
 
 @pytest.mark.parametrize(
@@ -171,9 +172,12 @@ def test_truncated_files_are_refused(tmp_path, extension, compressed):
     path = tmp_path / f"ct{extension}"
     sitk.WriteImage(volume.to_sitk(), str(path), useCompression=compressed)
     np.testing.assert_array_equal(read_volume(path).array, volume.array)
-    _truncate(path, 0.6)
-    with pytest.raises(ReadError, match="incomplete or corrupt"):
-        read_volume(path)
+    data = path.read_bytes()
+    for keep in (0.6, -100):
+        path.write_bytes(data)
+        _truncate(path, keep)
+        with pytest.raises(ReadError, match="incomplete or corrupt"):
+            read_volume(path)
 
 
 def test_corrupt_compressed_data_is_refused(tmp_path):
