@@ -106,6 +106,20 @@ def test_the_library_is_installed_with_the_extension():
     assert (ROOT / "MedDiffFMLib" / "cli.py").exists()
 
 
+def test_the_extension_ships_the_demonstration_models_where_the_library_looks():
+    text = (ROOT / "CMakeLists.txt").read_text()
+    listed = cmake_sets(ROOT / "CMakeLists.txt")["MedDiffFM_SHIPPED_MODELS"]
+    demo = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "models").glob("meddiff-fm-demo*"))
+    assert sorted(listed) == demo and len(demo) == 6
+    destination = "DESTINATION ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/models"
+    assert f"install(FILES ${{MedDiffFM_SHIPPED_MODELS}} {destination}" in text
+    assert "DESTINATION ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/models" in text
+    # The library is installed into the same folder, and looks for models/ beside itself.
+    source = (ROOT / "MedDiffFMLib" / "model" / "weights.py").read_text()
+    assert 'BUNDLED_DIR = Path(__file__).resolve().parents[2] / "models"' in source
+    assert "DESTINATION_DIR ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}" in text
+
+
 @pytest.mark.parametrize("path", [ROOT / "MedDiffFM.png", MODULE / "Resources" / "Icons" / "MedDiffFM.png"])
 def test_icons_are_128_pixel_pngs(path):
     with Image.open(path) as image:
