@@ -223,6 +223,10 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateEnabled)
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self._running is not None and not self._running.finished:
+            self._running.cancel()
+            self._finishRun()
+            self.setStatus(_("Cancelled because the scene was closed; nothing was created."))
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -580,8 +584,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.start()
 
     def onCancel(self) -> None:
-        self._running.cancel()
-        self.timer.stop()
+        self._running.cancel()  # the timer keeps running while a model download needs it (onTimer stops it)
         self._finishRun()
         self.setStatus(_("Cancelled; nothing was created and the temporary files were removed."))
 

@@ -488,6 +488,19 @@ def test_child_process_denoise_end_to_end(scene, ct_node, anatomy_node, study, t
     )
 
 
+def test_results_of_a_run_whose_input_left_the_scene_are_discarded(scene, ct_node, tmp_path):
+    logic = TaskLogic(scene)
+    parameters = TaskParameters("denoise", volume=ct_node, steps=1, untrained="tiny", device="cpu")
+    running = logic.start(parameters, temp_parent=tmp_path)
+    running.job.wait(timeout=240)
+    volumes = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
+    scene.RemoveNode(ct_node)  # what closing the scene does to the input
+    with pytest.raises(InputError, match="removed from the scene while MedDiffFM ran"):
+        logic.finish(running)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == volumes - 1
+    assert not running.job.folder.exists()
+
+
 def test_child_process_anomalies_end_to_end(scene, ct_node, anatomy_node, tmp_path):
     logic = TaskLogic(scene)
     running = logic.start(
@@ -555,6 +568,25 @@ def test_a_crashing_child_shows_its_last_words(tmp_path):
     assert "ran out of memory" in outcome.error  # the advice
     job.cleanup()
     assert not any(tmp_path.iterdir())
+
+
+def test_output_the_locale_cannot_decode_is_read_to_the_end(tmp_path):
+    """launchConsoleProcess opens the pipe in the locale's encoding; the child writes UTF-8."""
+
+    def ascii_locale(arguments, environment):
+        code = (
+            "import sys; sys.stdout.reconfigure(encoding='utf-8'); print('Ausgabe: \u00fcber 5 \u00b5m, \u0441');"
+            "[print('x' * 100) for _ in range(2000)]; print('last line')"
+        )
+        return subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="ascii"
+        )
+
+    job = ChildJob(launcher=ascii_locale, temp_parent=tmp_path).start("denoise")
+    outcome = job.wait(timeout=60)
+    assert not outcome.cancelled and outcome.returncode == 0
+    assert outcome.log[-1] == "last line"
+    job.cleanup()
 
 
 def _through_a_launcher(arguments, environment):

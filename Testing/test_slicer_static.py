@@ -269,3 +269,17 @@ def test_module_file_imports_no_torch_or_library_at_load_time():
             for alias in node.names
         }
         assert not any(name.split(".")[0] in ("torch", "MedDiffFMLib", "qt", "slicer") for name in imported), light
+
+
+def _method_source(name: str) -> str:
+    tree = ast.parse(WIDGET_SOURCE.read_text())
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedDiffFMWidget")
+    return ast.unparse(next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == name))
+
+
+def test_cancel_leaves_the_timer_to_a_running_download_and_closing_the_scene_cancels_the_run():
+    """One QTimer polls both the child process and a model download; onTimer stops it when both are done."""
+    assert "self.timer.stop()" not in _method_source("onCancel")
+    assert "self._installer is None or self._installer.finished" in _method_source("onTimer")
+    close = _method_source("onSceneStartClose")
+    assert "self._running.cancel()" in close and close.index("cancel") < close.index("setParameterNode")

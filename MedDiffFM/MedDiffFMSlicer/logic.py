@@ -485,6 +485,15 @@ class TaskLogic:
         )
         return positional, options, outputs
 
+    def _check_inputs_still_in_scene(self, parameters: TaskParameters) -> None:
+        """Refuse to add results for inputs that left the scene during the run (e.g. the scene was closed)."""
+        for node in (parameters.volume, parameters.anatomy, parameters.lesion_segmentation):
+            if node is not None and not self.scene.IsNodePresent(node):
+                raise InputError(
+                    f"'{node.GetName()}' was removed from the scene while MedDiffFM ran (was the scene closed?); "
+                    "the results were discarded. Load the data again and press Apply."
+                )
+
     def finish(self, running: RunningTask) -> TaskResult:
         """Read a finished child run's outputs into new nodes; raises with the child's own error message.
 
@@ -498,6 +507,7 @@ class TaskLogic:
                 raise CancelledError("Cancelled by the user; nothing was written.")
             if not outcome.succeeded:
                 raise MedDiffFMError(outcome.error or "The MedDiffFM process failed.")
+            self._check_inputs_still_in_scene(running.parameters)
             volumes = {role: read_volume(path) for role, path in running.outputs.items()}
             result = self._create_outputs(running.parameters, running.inputs, volumes, outcome.message)
             result.log = list(outcome.log)

@@ -22,6 +22,7 @@ Nothing here imports Qt or Slicer.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -288,11 +289,21 @@ class ChildJob:
         return self
 
     def _read(self) -> None:
+        """Queue the child's output lines until it ends.
+
+        The child writes UTF-8 (``PYTHONIOENCODING``), but ``launchConsoleProcess`` opens the pipe in
+        the locale's encoding (cp1252 on many Windows computers), which cannot decode every UTF-8 byte.
+        So the bytes under the text stream are read and decoded here, undecodable bytes replaced: a
+        reader that stopped would leave the child blocked on a full pipe.
+        """
         process = self.process
+        stream = getattr(process.stdout, "buffer", process.stdout)
+        end = "" if isinstance(stream, io.TextIOBase) else b""
         try:
-            for line in process.stdout:
+            for raw in iter(stream.readline, end):
+                line = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
                 self._queue.put(("line", line.rstrip("\r\n")))
-        except (OSError, ValueError, UnicodeDecodeError) as error:
+        except (OSError, ValueError) as error:
             self._queue.put(("line", f"(output could not be read further: {error})"))
         finally:
             self._queue.put(("exit", process.wait()))
