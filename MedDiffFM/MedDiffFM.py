@@ -756,15 +756,22 @@ class MedDiffFMTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        if dependencies.missing_packages():
-            self.delayDisplay("MedDiffFM tests skipped: install the Python dependencies (MedDiffFM panel) first.")
+        # The panel needs no Python packages: it is tested everywhere, the extension build server included.
+        self.setUp()
+        self.test_panel_shows_the_inputs_of_each_task()
+        missing = dependencies.missing_packages()
+        if missing:
+            message = (
+                "MedDiffFM: the panel passed; the processing tests were SKIPPED because these Python packages are "
+                "not installed: {packages}. Install them from the MedDiffFM panel and run the test again."
+            ).format(packages=", ".join(missing))
+            logging.warning(message)
+            self.delayDisplay(message)
             return
         self.setUp()
         self.test_denoise_in_process_and_in_a_child_process()
         self.setUp()
         self.test_anomalies_and_lesion_inpainting()
-        self.setUp()
-        self.test_panel_shows_the_inputs_of_each_task()
 
     def _phantom(self):
         """An abdomen-like phantom CT on an oblique, anisotropic, left-handed grid, with a liver segment."""
@@ -847,4 +854,8 @@ class MedDiffFMTest(ScriptedLoadableModuleTest):
             for row, names in TASK_ROWS.items():
                 shown = not getattr(widget.ui, names[1]).isHidden()
                 self.assertEqual(shown, row in ROWS_OF_TASK[task], (task, row))
+        missing = dependencies.missing_packages()
+        self.assertEqual(widget.ui.installDependenciesButton.enabled, bool(missing))
+        for package in missing:
+            self.assertIn(package, widget.ui.dependenciesStatusLabel.text)
         self.delayDisplay("Panel test passed")

@@ -283,3 +283,12 @@ def test_cancel_leaves_the_timer_to_a_running_download_and_closing_the_scene_can
     assert "self._installer is None or self._installer.finished" in _method_source("onTimer")
     close = _method_source("onSceneStartClose")
     assert "self._running.cancel()" in close and close.index("cancel") < close.index("setParameterNode")
+
+
+def test_the_self_test_checks_the_panel_before_it_needs_the_python_packages():
+    """On the extension build server (no torch) the self-test must test the panel and say what it skipped."""
+    tree = ast.parse(WIDGET_SOURCE.read_text())
+    test = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedDiffFMTest")
+    run = ast.unparse(next(n for n in test.body if isinstance(n, ast.FunctionDef) and n.name == "runTest"))
+    assert run.index("test_panel_shows_the_inputs_of_each_task") < run.index("missing_packages")
+    assert "SKIPPED" in run and "logging.warning" in run
