@@ -15,9 +15,9 @@ from MedDiffFMLib.diffusion.diffpir import diffpir, identity_data_step
 from MedDiffFMLib.diffusion.schedule import NoiseSchedule
 from MedDiffFMLib.errors import CancelledError, InputError, MaskError
 from MedDiffFMLib.progress import CancelToken
+from MedDiffFMLib.region import detect_region
 from MedDiffFMLib.tasks import Engine, denoise, detect_anomalies, estimate_noise_sigma, stack_slices, synthesize
 from MedDiffFMLib.tasks.denoise import resampled_noise_factor
-from MedDiffFMLib.tasks.region import detect_region
 from MedDiffFMLib.volume import Volume
 
 

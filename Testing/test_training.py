@@ -16,7 +16,7 @@ from conftest import DATA
 from safetensors.torch import load_file
 
 from MedDiffFMLib.anatomy import BODY_LABEL, UNKNOWN_LABEL
-from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.errors import InputError, MedDiffFMError
 from MedDiffFMLib.model.embeddings import window_coordinates
 from MedDiffFMLib.model.weights import load_model
 from MedDiffFMLib.volume import read_volume
@@ -87,8 +87,87 @@ def test_rerun_skips_finished_cases_and_records_failures(prepared, tmp_path, mon
         manifest["cases"]["broken"]["status"] == "failed" and "does not exist" in manifest["cases"]["broken"]["error"]
     )
     assert manifest["cases"]["labelled"]["status"] == "done"
+    assert manifest["summary"]["cases_failed"] == 1 and manifest["summary"]["failed"] == ["broken"]
+    (prepared / prepare_data.RECORDS / "broken.json").unlink()
     del manifest["cases"]["broken"]
     prepare_data.write_manifest(prepared, manifest)
+
+
+def _sample_cases(tmp_path: Path, count: int) -> list:
+    return [
+        prepare_data.Case(f"case{i}", DATA / "example_ct_sm.nii.gz", region="abdomen", z_start=2 * i, z_stop=2 * i + 14)
+        for i in range(count)
+    ] + [prepare_data.Case("broken", tmp_path / "missing.nii.gz", region="abdomen")]
+
+
+def test_workers_and_shards_prepare_each_case_once_and_merge_one_manifest(tmp_path):
+    cases = _sample_cases(tmp_path, 3)
+    serial = prepare_data.prepare(cases, tmp_path / "serial", 3.0, threshold_labels=True)
+    parallel = prepare_data.prepare(cases, tmp_path / "parallel", 3.0, threshold_labels=True, workers=2)
+    assert parallel["cases"] == serial["cases"] and parallel["summary"] == serial["summary"]
+    assert serial["summary"]["cases_done"] == 3 and serial["summary"]["failed"] == ["broken"]
+    assert serial["summary"]["crops_per_region"] == {"abdomen": 3}
+    assert "does not exist" in serial["cases"]["broken"]["error"]
+    for name in ("case0", "case2"):
+        np.testing.assert_array_equal(
+            read_volume(tmp_path / "serial" / f"{name}_abdomen_ct.nii.gz").array,
+            read_volume(tmp_path / "parallel" / f"{name}_abdomen_ct.nii.gz").array,
+        )
+
+    sharded = tmp_path / "sharded"
+    first = prepare_data.prepare(cases, sharded, 3.0, threshold_labels=True, shard=(0, 2))
+    assert sorted(first["cases"]) == ["broken", "case1"]  # sorted names, every second from the first
+    second = prepare_data.prepare(cases, sharded, 3.0, threshold_labels=True, shard=(1, 2))
+    records = prepare_data.read_records(sharded)
+    assert sorted(records) == ["broken", "case0", "case1", "case2"]
+    merged = second
+    assert {"case0", "case1", "case2", "broken"} <= set(merged["cases"])
+    assert not list(sharded.glob("*.part")) and not list((sharded / prepare_data.RECORDS).glob(".*.part"))
+
+
+def test_shards_from_the_command_line_and_torchrun(tmp_path, monkeypatch, capsys):
+    cases = _sample_cases(tmp_path, 2)
+    with open(tmp_path / "cases.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["case", "image", "region", "z_start", "z_stop"])
+        for case in cases:
+            writer.writerow([case.name, case.image, case.region, case.z_start or "", case.z_stop or ""])
+    output = tmp_path / "out"
+    arguments = ["--csv", str(tmp_path / "cases.csv"), "--output", str(output), "--spacing", "3"]
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert prepare_data.main(arguments + ["--threshold-labels"]) in (0, 1)
+    assert prepare_data.main(["--merge", "--output", str(output)]) == 1  # one case failed
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed.startswith("2 cases prepared (abdomen 2;") and printed.endswith("1 failed: broken")
+    assert prepare_data.main(arguments + ["--shard", "2/2", "--threshold-labels"]) == 2
+    assert prepare_data.parse_shard("3/16") == (3, 16)
+
+
+def test_totalsegmentator_python_api_is_used_when_installed(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "totalsegmentator"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "python_api.py").write_text(
+        "import shutil, os\n"
+        "def totalsegmentator(input, output, ml=False, task='total', quiet=False):\n"
+        "    if os.environ.get('FAKE_TS_FAIL'):\n"
+        "        raise FileNotFoundError('weights not found: Dataset291_TotalSegmentator_part1_organs')\n"
+        f"    shutil.copy({str(DATA / 'example_seg.nii.gz')!r}, output)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    try:
+        assert prepare_data.totalsegmentator_available()
+        ct = read_volume(DATA / "example_ct_sm.nii.gz")
+        labels = prepare_data.run_totalsegmentator(ct)
+        np.testing.assert_array_equal(labels, read_volume(DATA / "example_seg.nii.gz").array)
+        monkeypatch.setenv("FAKE_TS_FAIL", "1")
+        with pytest.raises(MedDiffFMError, match="totalseg_download_weights -t total"):
+            prepare_data.run_totalsegmentator(ct)
+    finally:
+        for name in [name for name in sys.modules if name.split(".")[0] == "totalsegmentator"]:
+            del sys.modules[name]
 
 
 def test_missing_labels_stop_before_any_work_and_name_the_files(tmp_path):

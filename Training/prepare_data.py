@@ -11,25 +11,39 @@ recorded in the manifest). Without any of these the run stops first and names th
 The CT and its 118-class anatomy map are resampled to ``--spacing`` mm, whole-body scans are split
 into head & neck / chest / abdomen by the z-extent of each region's characteristic structures, and
 each region crop is written as ``<case>_<region>_ct.nii.gz`` (int16 HU) and
-``<case>_<region>_anatomy.nii.gz`` (uint8). ``manifest.json`` records every case (done or failed
-with its error); re-running skips finished cases.
+``<case>_<region>_anatomy.nii.gz`` (uint8), each file atomically (temporary name, then rename).
+
+Scale: ``--workers N`` prepares N cases at a time in worker processes; ``--shard i/n`` (SLURM
+arrays: ``--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``) or ``torchrun``'s ``RANK`` /
+``WORLD_SIZE`` make each machine or job take every n-th case, so shards are disjoint. Every case
+leaves a record in ``.records/<case>.json`` (done with its region crops, or failed with its error;
+a failing case never stops the others); re-running skips finished cases. ``manifest.json`` is
+merged from the records when a shard ends (under a lock) and with ``--merge``; it holds a summary
+(cases per region, voxels, failed). Progress shows cases done and an ETA.
 
 Usage::
 
-    python -m Training.prepare_data --csv cases.csv --output data/prepared --spacing 1.0
+    python -m Training.prepare_data --csv cases.csv --output data/prepared --spacing 1.0 --workers 8
+    python -m Training.prepare_data --csv cases.csv --output data/prepared --shard 3/16   # one of 16 jobs
+    python -m Training.prepare_data --output data/prepared --merge                       # after all shards
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import csv
+import importlib.util
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +53,12 @@ from tqdm import tqdm
 from MedDiffFMLib import preprocessing as pp
 from MedDiffFMLib.anatomy import BODY_LABEL, body_mask, from_totalsegmentator, label_of
 from MedDiffFMLib.errors import InputError, MedDiffFMError
-from MedDiffFMLib.tasks.region import region_structures
+from MedDiffFMLib.region import region_structures
 from MedDiffFMLib.volume import Volume, read_volume, write_volume
 
 logger = logging.getLogger("prepare_data")
 MANIFEST = "manifest.json"
+RECORDS = ".records"
 MIN_REGION_EXTENT_MM = 40.0
 
 
@@ -98,21 +113,35 @@ def cases_from_folder(folder: Path) -> list[Case]:
 
 
 def totalsegmentator_available() -> bool:
-    return shutil.which("TotalSegmentator") is not None
+    """Whether TotalSegmentator can label scans here: its Python package, or else its command."""
+    return importlib.util.find_spec("totalsegmentator") is not None or shutil.which("TotalSegmentator") is not None
 
 
 def run_totalsegmentator(ct: Volume) -> np.ndarray:
-    """TotalSegmentator v2 ``total`` labels of ``ct`` (needs its command and weights installed)."""
+    """TotalSegmentator v2 ``total`` labels of ``ct`` on its grid, through its Python API when the package
+    is importable (else its command). Its weights must be installed; the error says how when they are not."""
     with tempfile.TemporaryDirectory() as folder:
         source, target = Path(folder) / "ct.nii.gz", Path(folder) / "seg.nii.gz"
         write_volume(ct, source)
-        result = subprocess.run(
-            ["TotalSegmentator", "-i", str(source), "-o", str(target), "--ml", "--task", "total"],
-            capture_output=True,
-            text=True,
-        )
-        if result.returncode != 0:
-            raise MedDiffFMError(f"TotalSegmentator failed: {result.stderr.strip()[-500:]}")
+        if importlib.util.find_spec("totalsegmentator") is not None:
+            from totalsegmentator.python_api import totalsegmentator
+
+            try:
+                totalsegmentator(str(source), str(target), ml=True, task="total", quiet=True)
+            except Exception as error:  # noqa: BLE001 - its download and model errors come in many types
+                raise MedDiffFMError(
+                    f"TotalSegmentator failed ({error}). If its weights are missing, run "
+                    "'totalseg_download_weights -t total' on a computer with network access (or copy them into "
+                    "TOTALSEG_HOME_DIR), or give label maps in the CSV's 'labels' column."
+                ) from error
+        else:
+            result = subprocess.run(
+                ["TotalSegmentator", "-i", str(source), "-o", str(target), "--ml", "--task", "total"],
+                capture_output=True,
+                text=True,
+            )
+            if result.returncode != 0:
+                raise MedDiffFMError(f"TotalSegmentator failed: {result.stderr.strip()[-500:]}")
         return pp.labels_on_grid(read_volume(target), ct.geometry).array
 
 
@@ -191,21 +220,117 @@ def read_manifest(output: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"spacing_mm": None, "cases": {}}
 
 
+def _write_json(path: Path, data: dict) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.part")
+    temporary.write_text(json.dumps(data, indent=2))
+    os.replace(temporary, path)
+
+
 def write_manifest(output: Path, manifest: dict) -> None:
-    temporary = output / f".{MANIFEST}.part"
-    temporary.write_text(json.dumps(manifest, indent=2))
-    os.replace(temporary, output / MANIFEST)
+    _write_json(output / MANIFEST, manifest)
 
 
-def prepare(cases: list[Case], output: Path, spacing: float, threshold_labels: bool = False) -> dict:
-    """Prepare every case not yet done; returns the manifest. Failed cases are recorded, not dropped."""
-    output.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(output)
-    if manifest["spacing_mm"] not in (None, spacing):
-        raise InputError(
-            f"'{output}' was prepared at {manifest['spacing_mm']} mm; use another folder for {spacing} mm."
-        )
-    manifest["spacing_mm"] = spacing
+def read_records(output: Path) -> dict[str, dict]:
+    """Every case's record (``.records/<case>.json``), by case name."""
+    folder = output / RECORDS
+    records = {}
+    for path in sorted(folder.glob("*.json")) if folder.exists() else []:
+        record = json.loads(path.read_text())
+        records[record["case"]] = record
+    return records
+
+
+def summary_of(cases: dict[str, dict]) -> dict:
+    """Cases per region, region crops, voxels, done and failed cases of a manifest's ``cases``."""
+    regions, voxels = Counter(), 0
+    for case in cases.values():
+        for entry in case.get("regions", []) if case["status"] == "done" else []:
+            regions[entry["region"]] += 1
+            voxels += int(np.prod(entry["shape"]))
+    failed = sorted(name for name, case in cases.items() if case["status"] == "failed")
+    return {
+        "cases_done": len(cases) - len(failed),
+        "cases_failed": len(failed),
+        "failed": failed,
+        "crops_per_region": dict(sorted(regions.items())),
+        "voxels": voxels,
+    }
+
+
+@contextlib.contextmanager
+def _locked(output: Path):
+    """An exclusive lock on ``output/.manifest.lock`` where the platform has ``fcntl`` (POSIX)."""
+    with open(output / ".manifest.lock", "w") as handle:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except ImportError:
+            pass
+        yield
+
+
+def merge_manifest(output: Path, spacing: float | None = None) -> dict:
+    """Merge the case records into ``manifest.json`` (atomically, under a lock); returns the manifest."""
+    with _locked(output):
+        manifest = read_manifest(output)
+        records = read_records(output)
+        for name, record in records.items():
+            manifest["cases"][name] = {key: value for key, value in record.items() if key not in ("case", "spacing_mm")}
+        spacings = {record["spacing_mm"] for record in records.values()} | ({spacing} if spacing else set())
+        if len(spacings - {None}) > 1:
+            raise InputError(f"'{output}' holds cases prepared at different spacings: {sorted(spacings - {None})}.")
+        manifest["spacing_mm"] = next(iter(spacings - {None}), manifest["spacing_mm"])
+        manifest["summary"] = summary_of(manifest["cases"])
+        write_manifest(output, manifest)
+    return manifest
+
+
+def shard_from_environment() -> tuple[int, int]:
+    """``(rank, world size)`` from torchrun's ``RANK``/``WORLD_SIZE`` (``(0, 1)`` when not set)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard takes i/n (e.g. 3/16), not '{text}'.") from None
+    if not 0 <= index < count:
+        raise InputError(f"--shard {text}: i must be in 0..n-1.")
+    return index, count
+
+
+def _prepare_one(case: Case, output: Path, spacing: float, threshold_labels: bool) -> dict:
+    """Prepare one case and write its record; errors become a 'failed' record (also in worker processes)."""
+    try:
+        entries = prepare_case(case, output, spacing, threshold_labels)
+        record = {"status": "done", "source": str(case.image), "regions": entries}
+    except (MedDiffFMError, OSError, ValueError, RuntimeError, MemoryError) as error:
+        record = {"status": "failed", "source": str(case.image), "error": f"{type(error).__name__}: {error}"}
+    record = {"case": case.name, "spacing_mm": spacing, **record}
+    _write_json(output / RECORDS / f"{case.name}.json", record)
+    return record
+
+
+def prepare(
+    cases: list[Case],
+    output: Path,
+    spacing: float,
+    threshold_labels: bool = False,
+    workers: int = 1,
+    shard: tuple[int, int] = (0, 1),
+) -> dict:
+    """Prepare this shard's cases that are not done yet; returns the merged manifest.
+
+    Cases are sorted by name and shard ``(i, n)`` takes every n-th from the i-th, so shards are
+    disjoint. ``workers > 1`` runs that many cases at a time in separate processes.
+    """
+    names = [case.name for case in cases]
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
+    if duplicates:
+        raise InputError(f"Case names must be unique; repeated: {', '.join(duplicates)}.")
     missing = [
         str(c.image) for c in cases if c.labels is None and not threshold_labels and not totalsegmentator_available()
     ]
@@ -216,16 +341,54 @@ def prepare(cases: list[Case], output: Path, spacing: float, threshold_labels: b
             + ". Provide TotalSegmentator v2 label maps, install TotalSegmentator with its weights, or pass "
             "--threshold-labels to use thresholded body labels."
         )
-    todo = [c for c in cases if manifest["cases"].get(c.name, {}).get("status") != "done"]
-    for case in tqdm(todo, desc="prepare", unit="case"):
-        try:
-            entries = prepare_case(case, output, spacing, threshold_labels)
-            manifest["cases"][case.name] = {"status": "done", "source": str(case.image), "regions": entries}
-        except (MedDiffFMError, OSError, ValueError) as error:
-            logger.error("case %s failed: %s", case.name, error)
-            manifest["cases"][case.name] = {"status": "failed", "source": str(case.image), "error": str(error)}
-        write_manifest(output, manifest)
-    return manifest
+    output.mkdir(parents=True, exist_ok=True)
+    (output / RECORDS).mkdir(exist_ok=True)
+    manifest = merge_manifest(output)
+    if manifest["spacing_mm"] not in (None, spacing):
+        raise InputError(
+            f"'{output}' was prepared at {manifest['spacing_mm']} mm; use another folder for {spacing} mm."
+        )
+    index, count = shard
+    mine = sorted(cases, key=lambda case: case.name)[index::count]
+    todo = [c for c in mine if manifest["cases"].get(c.name, {}).get("status") != "done"]
+    logger.info(
+        "shard %d/%d: %d cases, %d already done, %d to prepare",
+        index,
+        count,
+        len(mine),
+        len(mine) - len(todo),
+        len(todo),
+    )
+    progress = tqdm(total=len(todo), desc="prepare", unit="case")
+    if workers <= 1 or len(todo) <= 1:
+        for case in todo:
+            _report(_prepare_one(case, output, spacing, threshold_labels))
+            progress.update()
+    else:
+        context = multiprocessing.get_context("spawn")
+        processes = min(workers, len(todo))
+        threads = max(1, (os.cpu_count() or 1) // processes)
+        with concurrent.futures.ProcessPoolExecutor(
+            processes, mp_context=context, initializer=_share_cores, initargs=(threads,)
+        ) as pool:
+            futures = [pool.submit(_prepare_one, case, output, spacing, threshold_labels) for case in todo]
+            for future in concurrent.futures.as_completed(futures):
+                _report(future.result())
+                progress.update()
+    progress.close()
+    return merge_manifest(output, spacing)
+
+
+def _share_cores(threads: int) -> None:
+    """Worker start-up: SimpleITK's filters use this worker's share of the cores, not all of them."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def _report(record: dict) -> None:
+    if record["status"] == "failed":
+        logger.error("case %s failed: %s", record["case"], record["error"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,22 +397,34 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--csv", type=Path, help="CSV of cases (case,image[,labels,region,z_start,z_stop])")
     source.add_argument("--folder", type=Path, help="folder of CT files with optional NAME_seg.nii.gz labels")
+    source.add_argument("--merge", action="store_true", help="only merge the case records into manifest.json")
     parser.add_argument("--output", type=Path, required=True, help="cache folder (manifest.json and region crops)")
     parser.add_argument("--spacing", type=float, default=1.0, help="isotropic spacing in mm (paper: 1.0)")
     parser.add_argument(
         "--threshold-labels", action="store_true", help="allow body-threshold labels for unlabelled scans"
     )
+    parser.add_argument("--workers", type=int, default=1, help="cases prepared at a time in worker processes")
+    parser.add_argument(
+        "--shard", help="i/n: prepare every n-th case from the i-th (default: torchrun RANK/WORLD_SIZE)"
+    )
     args = parser.parse_args(argv)
     try:
-        cases = cases_from_csv(args.csv) if args.csv else cases_from_folder(args.folder)
-        manifest = prepare(cases, args.output, args.spacing, args.threshold_labels)
+        if args.merge:
+            manifest = merge_manifest(args.output)
+        else:
+            cases = cases_from_csv(args.csv) if args.csv else cases_from_folder(args.folder)
+            shard = parse_shard(args.shard) if args.shard else shard_from_environment()
+            manifest = prepare(cases, args.output, args.spacing, args.threshold_labels, args.workers, shard)
     except MedDiffFMError as error:
         print(f"prepare_data: error: {error}", file=sys.stderr)
         return 2
-    failed = [name for name, case in manifest["cases"].items() if case["status"] == "failed"]
-    done = len(manifest["cases"]) - len(failed)
-    print(f"{done} cases prepared, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}")
-    return 1 if failed else 0
+    summary = manifest["summary"]
+    regions = ", ".join(f"{region} {n}" for region, n in summary["crops_per_region"].items()) or "none"
+    print(
+        f"{summary['cases_done']} cases prepared ({regions}; {summary['voxels'] / 1e6:.1f} M voxels), "
+        f"{summary['cases_failed']} failed{': ' + ', '.join(summary['failed']) if summary['failed'] else ''}"
+    )
+    return 1 if summary["cases_failed"] else 0
 
 
 if __name__ == "__main__":

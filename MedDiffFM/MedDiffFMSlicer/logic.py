@@ -29,7 +29,7 @@ from MedDiffFMLib.model import weights as model_weights
 from MedDiffFMLib.model.network import ControlledNet
 from MedDiffFMLib.preprocessing import REGIONS
 from MedDiffFMLib.progress import CancelToken, no_progress
-from MedDiffFMLib.tasks.region import region_from_anatomy
+from MedDiffFMLib.region import region_from_anatomy
 from MedDiffFMLib.volume import Volume, read_volume, write_volume
 
 from . import nodes

@@ -24,9 +24,9 @@ from ..diffusion.sliding_window import Conditions
 from ..errors import InputError, MaskError
 from ..preprocessing import REGION_CLASS, REGIONS, check_region, resample
 from ..progress import CancelToken, ProgressCallback, no_progress
+from ..region import detect_region
 from ..volume import Volume
 from .engine import Engine, anatomy_on, checked_ct, to_working
-from .region import detect_region
 
 DEFAULT_TIMESTEP = 950
 

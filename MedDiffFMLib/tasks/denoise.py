@@ -16,9 +16,9 @@ from ..diffusion.sliding_window import Conditions
 from ..errors import InputError
 from ..preprocessing import REGION_CLASS, check_region
 from ..progress import CancelToken, ProgressCallback, no_progress
+from ..region import detect_region
 from ..volume import Geometry, Volume
 from .engine import Engine, anatomy_on, checked_ct, outside_body_on, to_input_grid, to_working
-from .region import detect_region
 
 DEFAULT_STEPS = 10
 DEFAULT_LAMBDA = 10.0

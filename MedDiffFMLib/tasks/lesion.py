@@ -22,9 +22,9 @@ from ..diffusion.repaint import repaint
 from ..diffusion.sliding_window import Conditions
 from ..errors import MaskError
 from ..progress import CancelToken, ProgressCallback, no_progress
+from ..region import detect_region
 from ..volume import Volume
 from .engine import Engine, anatomy_on, checked_ct
-from .region import detect_region
 from .synthesize import synthesize
 
 

@@ -21,9 +21,9 @@ from ..diffusion.operators import ZSlabAverage
 from ..diffusion.sliding_window import Conditions
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, no_progress
+from ..region import detect_region
 from ..volume import Geometry, Volume
 from .engine import Engine, checked_ct
-from .region import detect_region
 
 DEFAULT_STEPS = 100
 DEFAULT_SIGMA = 1.0

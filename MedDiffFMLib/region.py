@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..anatomy import TOTALSEGMENTATOR_CLASSES, body_mask, label_of
-from ..volume import Volume
+from .anatomy import TOTALSEGMENTATOR_CLASSES, body_mask, label_of
+from .volume import Volume
 
 _REGION_KEYS = {
     "head_neck": ("brain", "skull", "thyroid_gland", "common_carotid", "vertebrae_C"),
