@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, batch
 from .device import DEVICE_CHOICES
 from .diffusion.samplers import SAMPLERS
 from .diffusion.sliding_window import BLEND_MODES
@@ -236,11 +236,30 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("file")
     imported.add_argument("--sha256", help="expected SHA-256 of the file")
     imported.add_argument("--overwrite", action="store_true", help="replace an installed model of the same name")
+    batch.add_parser(commands)
     return parser
 
 
 def _engine(args: argparse.Namespace, controlnet_task: str | None = None) -> Engine:
-    """The engine for a command: base model (+ the ControlNet of ``controlnet_task`` if given)."""
+    """The engine for a command: base model (+ the ControlNet of ``controlnet_task`` if given).
+
+    ``meddiff-fm batch`` passes a dict as ``args.engine_cache``: engines are then built once per
+    distinct model and compute setting and reused.
+    """
+    cache = getattr(args, "engine_cache", None)
+    key = tuple(
+        getattr(args, name, None)
+        for name in ("model", "untrained", "controlnet", "device", "overlap", "batch_size", "blend")
+    ) + (controlnet_task, args.precision, args.memory_format, args.compile, args.seed if args.untrained else None)
+    if cache is not None and key in cache:
+        return cache[key]
+    engine = _build_engine(args, controlnet_task)
+    if cache is not None:
+        cache[key] = engine
+    return engine
+
+
+def _build_engine(args: argparse.Namespace, controlnet_task: str | None) -> Engine:
     if args.untrained:
         print(UNTRAINED_BANNER.format(preset=args.untrained), file=sys.stderr)
         model = model_weights.untrained_model(args.untrained, seed=args.seed)
@@ -554,28 +573,35 @@ def run_models(args: argparse.Namespace, cancel: CancelToken) -> None:
         print(f"imported into {path}")
 
 
-COMMANDS = {
+TASK_COMMANDS = {
     "denoise": run_denoise,
     "synthesize": run_synthesize,
     "detect-anomalies": run_detect,
     "super-resolve": run_super_resolve,
     "generate-lesion": run_generate_lesion,
     "inpaint-lesion": run_inpaint_lesion,
-    "demo": run_demo,
-    "models": run_models,
 }
+"""The subcommands that run one task on one input (what ``batch`` can run per case)."""
+
+COMMANDS = {**TASK_COMMANDS, "demo": run_demo, "models": run_models, "batch": batch.run_batch}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``meddiff-fm``; returns the process exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    own, common = batch.split_common(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(own)
+    if args.command == "batch":
+        args.common = common
     cancel = CancelToken()
     try:
         COMMANDS[args.command](args, cancel)
     except KeyboardInterrupt:
         print("meddiff-fm: cancelled; nothing was written.", file=sys.stderr)
         return 130
+    except batch.BatchFailures as error:
+        print(f"meddiff-fm: {error}", file=sys.stderr)
+        return 1
     except (MedDiffFMError, CancelledError) as error:
         if getattr(args, "progress_format", "bar") == "json":
             emit_json(event="error", kind=type(error).__name__, message=str(error))
