@@ -19,13 +19,12 @@ from .diffusion.samplers import SAMPLERS
 from .diffusion.sliding_window import BLEND_MODES
 from .errors import CancelledError, InputError, MedDiffFMError, OutputExistsError
 from .model import weights as model_weights
-from .model.network import ControlledNet
 from .preprocessing import REGIONS, labels_on_grid
 from .progress import CancelToken, JsonLinesProgress, TqdmProgress, emit_json
 from .tasks import Engine, denoise, detect_anomalies, generate_lesion, inpaint_lesion, super_resolve, synthesize
 from .tasks.anomaly import DEFAULT_TIMESTEP
 from .tasks.denoise import DEFAULT_LAMBDA, DEFAULT_STEPS, DEFAULT_ZETA
-from .tasks.engine import MEMORY_FORMATS, PRECISIONS
+from .tasks.engine import MEMORY_FORMATS, PRECISIONS, EngineOptions, build_engine
 from .tasks.super_resolution import DEFAULT_LAMBDA as SR_LAMBDA
 from .tasks.super_resolution import DEFAULT_SIGMA as SR_SIGMA
 from .tasks.super_resolution import DEFAULT_STEPS as SR_STEPS
@@ -246,40 +245,29 @@ def _engine(args: argparse.Namespace, controlnet_task: str | None = None) -> Eng
     ``meddiff-fm batch`` passes a dict as ``args.engine_cache``: engines are then built once per
     distinct model and compute setting and reused.
     """
-    cache = getattr(args, "engine_cache", None)
-    key = tuple(
-        getattr(args, name, None)
-        for name in ("model", "untrained", "controlnet", "device", "overlap", "batch_size", "blend")
-    ) + (controlnet_task, args.precision, args.memory_format, args.compile, args.seed if args.untrained else None)
-    if cache is not None and key in cache:
-        return cache[key]
-    engine = _build_engine(args, controlnet_task)
-    if cache is not None:
-        cache[key] = engine
-    return engine
-
-
-def _build_engine(args: argparse.Namespace, controlnet_task: str | None) -> Engine:
-    if args.untrained:
-        print(UNTRAINED_BANNER.format(preset=args.untrained), file=sys.stderr)
-        model = model_weights.untrained_model(args.untrained, seed=args.seed)
-        name = f"untrained {args.untrained} network"
-        if controlnet_task:
-            model = ControlledNet(model)
-    else:
-        model = model_weights.load_task_model(args.model, controlnet_task, getattr(args, "controlnet", None))
-        name = f"{model.base.card.identifier} + {model.card.identifier}" if controlnet_task else model.card.identifier
-    return Engine(
-        model,
-        args.device,
-        args.overlap,
-        args.batch_size,
-        args.blend,
-        name=name,
+    options = EngineOptions(
+        model=args.model,
+        untrained=args.untrained,
+        controlnet_task=controlnet_task,
+        controlnet=getattr(args, "controlnet", None),
+        device=args.device,
+        overlap=args.overlap,
+        batch_size=args.batch_size,
+        blend=args.blend,
         precision=args.precision,
         memory_format=args.memory_format,
         compile=args.compile,
+        seed=args.seed if args.untrained else None,
     )
+    cache = getattr(args, "engine_cache", None)
+    if cache is not None and options in cache:
+        return cache[options]
+    if options.untrained:
+        print(UNTRAINED_BANNER.format(preset=options.untrained), file=sys.stderr)
+    engine = build_engine(options)
+    if cache is not None:
+        cache[options] = engine
+    return engine
 
 
 def _progress(args: argparse.Namespace, description: str) -> TqdmProgress | JsonLinesProgress:

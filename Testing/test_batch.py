@@ -41,8 +41,8 @@ def _summary(path: Path) -> list[dict]:
 
 def test_a_manifest_batch_is_resumable_lists_failures_and_reuses_the_engine(cohort, monkeypatch):
     built = []
-    real = cli._build_engine
-    monkeypatch.setattr(cli, "_build_engine", lambda *a: built.append(a) or real(*a))
+    real = cli.build_engine
+    monkeypatch.setattr(cli, "build_engine", lambda *a: built.append(a) or real(*a))
     summary = cohort / "summary.csv"
     arguments = ["batch", str(cohort / "cases.csv"), "--summary", str(summary), "--quiet", *COMMON]
     assert cli.main(arguments) == 1

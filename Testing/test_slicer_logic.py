@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import vtk
 from conftest import crop, random_tiny_model, randomise_zero_parameters
 
@@ -905,6 +906,23 @@ def test_child_command_lines_are_accepted_by_the_library_cli(
         )
     if task in ("denoise", "super_resolve"):
         assert parsed.sigma == 0.05 and parsed.lam == 2.0
+
+
+def test_the_panel_and_the_command_line_build_the_same_engine(scene, ct_node):
+    from MedDiffFMLib import cli
+
+    logic = TaskLogic(scene)
+    parameters = TaskParameters("denoise", volume=ct_node, untrained="tiny", device="cpu", overlap=0.25, batch_size=2)
+    from_panel = logic.engine(parameters)
+    arguments = cli.build_parser().parse_args(
+        ["denoise", "in.nrrd", "out.nrrd", "--untrained", "tiny", "--device", "cpu", "--overlap", "0.25"]
+        + ["--batch-size", "2", "--seed", str(parameters.seed)]
+    )
+    from_cli = cli._engine(arguments)
+    for field_name in ("device", "overlap", "batch_size", "blend", "precision", "memory_format", "compile", "name"):
+        assert getattr(from_panel, field_name) == getattr(from_cli, field_name), field_name
+    for first, second in zip(from_panel.model.state_dict().values(), from_cli.model.state_dict().values()):
+        assert torch.equal(first, second)
 
 
 def test_compiling_the_network_reaches_both_ways_of_running(scene, ct_node, tmp_path):

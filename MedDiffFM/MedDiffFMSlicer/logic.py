@@ -25,11 +25,10 @@ import slicer
 
 import MedDiffFMLib.tasks as library_tasks
 from MedDiffFMLib.errors import CancelledError, InputError, MedDiffFMError
-from MedDiffFMLib.model import weights as model_weights
-from MedDiffFMLib.model.network import ControlledNet
 from MedDiffFMLib.preprocessing import REGIONS
 from MedDiffFMLib.progress import CancelToken, no_progress
 from MedDiffFMLib.region import region_from_anatomy
+from MedDiffFMLib.tasks.engine import EngineOptions, build_engine
 from MedDiffFMLib.volume import Volume, read_volume, write_volume
 
 from . import nodes
@@ -249,40 +248,23 @@ class TaskLogic:
     # ----------------------------------------------------------------------------------------------
 
     def engine(self, parameters: TaskParameters):
-        """The :class:`~MedDiffFMLib.tasks.Engine` for the parameters' model, ControlNet and device (cached)."""
-        info = parameters.info
-        key = (
-            parameters.model,
-            parameters.controlnet,
-            parameters.untrained,
-            parameters.device,
-            info.controlnet_task,
-            parameters.overlap,
-            parameters.batch_size,
-            parameters.compile,
-            parameters.seed if parameters.untrained else None,
+        """The :class:`~MedDiffFMLib.tasks.Engine` for the parameters' model, ControlNet and device (the last
+        one is kept loaded)."""
+        options = EngineOptions(
+            model=parameters.model,
+            untrained=parameters.untrained,
+            controlnet_task=parameters.info.controlnet_task,
+            controlnet=parameters.controlnet,
+            device=parameters.device,
+            overlap=parameters.overlap,
+            batch_size=parameters.batch_size,
+            compile=parameters.compile,
+            seed=parameters.seed if parameters.untrained else None,
         )
-        if key not in self._engines:
-            if parameters.untrained:
-                model = model_weights.untrained_model(parameters.untrained, seed=parameters.seed)
-                name = f"untrained {parameters.untrained} network"
-                if info.controlnet_task:
-                    model = ControlledNet(model)
-            else:
-                model = model_weights.load_task_model(parameters.model, info.controlnet_task, parameters.controlnet)
-                name = model.card.identifier
-                if info.controlnet_task:
-                    name = f"{model.base.card.identifier} + {name}"
+        if options not in self._engines:
             self._engines.clear()
-            self._engines[key] = library_tasks.Engine(
-                model,
-                parameters.device,
-                parameters.overlap,
-                parameters.batch_size,
-                name=name,
-                compile=parameters.compile,
-            )
-        return self._engines[key]
+            self._engines[options] = build_engine(options)
+        return self._engines[options]
 
     def run(
         self,

@@ -134,6 +134,59 @@ class Engine:
         return pp.isotropic_geometry(geometry, self.config.spacing_mm)
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to build an :class:`Engine`: the one description the CLI, the Slicer module and the
+    benchmarks share (hashable, so it can key a cache of loaded engines).
+
+    ``model`` is an installed name[@version] or a ``.safetensors`` path (None: the newest installed);
+    ``untrained`` a preset name for a randomly initialised network instead (seeded by ``seed``);
+    ``controlnet_task`` attaches the ControlNet of that task (``controlnet`` names one, else the
+    newest installed one trained on the same base). The rest are :class:`Engine`'s fields.
+    """
+
+    model: str | None = None
+    untrained: str | None = None
+    controlnet_task: str | None = None
+    controlnet: str | None = None
+    device: str = "auto"
+    overlap: float = 0.5
+    batch_size: int = 4
+    blend: str = "gaussian"
+    precision: str = "auto"
+    memory_format: str = "auto"
+    compile: bool = False
+    seed: int | None = 0
+
+
+def build_engine(options: EngineOptions) -> Engine:
+    """Load the model (or make the untrained network) that ``options`` names and wrap it in an Engine."""
+    from ..model import weights
+    from ..model.network import ControlledNet
+
+    if options.untrained:
+        model = weights.untrained_model(options.untrained, seed=options.seed)
+        name = f"untrained {options.untrained} network"
+        if options.controlnet_task:
+            model = ControlledNet(model)
+    else:
+        model = weights.load_task_model(options.model, options.controlnet_task, options.controlnet)
+        name = model.card.identifier
+        if options.controlnet_task:
+            name = f"{model.base.card.identifier} + {name}"
+    return Engine(
+        model,
+        options.device,
+        options.overlap,
+        options.batch_size,
+        options.blend,
+        name=name,
+        precision=options.precision,
+        memory_format=options.memory_format,
+        compile=options.compile,
+    )
+
+
 PRECISIONS: dict[str, torch.dtype | None] = {
     "auto": None,
     "fp32": None,
