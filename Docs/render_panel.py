@@ -26,6 +26,7 @@ from MedDiffFMSlicer.taskinfo import DEVICE_LABELS, REGION_LABELS, TASKS, task_f
 STAND_INS = {
     "qMRMLWidget": "QWidget",
     "qMRMLNodeComboBox": "QComboBox",
+    "qMRMLCheckableNodeComboBox": "QComboBox",
     "qMRMLSegmentSelectorWidget": "QComboBox",
     "ctkCheckableComboBox": "QComboBox",
     "ctkDirectoryButton": "QPushButton",
@@ -43,6 +44,7 @@ SLICER_ONLY_PROPERTIES = {
 }
 EXAMPLE_CONTENT = {
     "inputVolumeSelector": ["CT chest"],
+    "extraVolumesComboBox": ["(none)"],
     "anatomySelector": ["CT chest anatomy (TotalSegmentator)"],
     "lesionSegmentSelector": ["Lesions: tumour"],
     "organsComboBox": ["liver"],

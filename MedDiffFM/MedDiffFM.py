@@ -14,6 +14,7 @@ Headless use (Slicer's Python console, or ``Slicer --no-main-window --python-scr
     anomalyMap, anomalies = logic.detectAnomalies(ctNode, anatomySegmentationNode, ["liver"])
 """
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -133,16 +134,26 @@ TASK_ROWS = {
     "jumpLength": ("jumpLengthLabel", "jumpLengthSpinBox"),
     "jumpCount": ("jumpCountLabel", "jumpCountSpinBox"),
     "margin": ("marginLabel", "marginSpinBox"),
+    "volumes": ("extraVolumesLabel", "extraVolumesComboBox"),
     "controlNet": ("controlNetLabel", "controlNetComboBox"),
 }
 
 ROWS_OF_TASK = {
     "synthesize": {"inputVolume", "anatomy", "sampler", "eta"},
-    "denoise": {"inputVolume", "anatomy", "sigma", "lambda"},
-    "detect_anomalies": {"inputVolume", "anatomy", "organs", "timestep", "threshold"},
-    "super_resolve": {"inputVolume", "spacing", "sigma", "lambda", "controlNet"},
+    "denoise": {"inputVolume", "volumes", "anatomy", "sigma", "lambda"},
+    "detect_anomalies": {"inputVolume", "volumes", "anatomy", "organs", "timestep", "threshold"},
+    "super_resolve": {"inputVolume", "volumes", "spacing", "sigma", "lambda", "controlNet"},
     "generate_lesion": {"inputVolume", "anatomy", "lesion", "sampler", "eta", "controlNet"},
-    "inpaint_lesion": {"inputVolume", "anatomy", "lesion", "jumpLength", "jumpCount", "margin", "controlNet"},
+    "inpaint_lesion": {
+        "inputVolume",
+        "volumes",
+        "anatomy",
+        "lesion",
+        "jumpLength",
+        "jumpCount",
+        "margin",
+        "controlNet",
+    },
 }
 
 
@@ -154,6 +165,8 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._running = None
+        self._queue = []
+        self._batch = {"count": 1, "failed": []}
         self._installer = None
         self._startTime = 0.0
         self._updatingGui = False
@@ -223,6 +236,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateEnabled)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._queue = []
         if self._running is not None and not self._running.finished:
             self._running.cancel()
             self._finishRun()
@@ -565,25 +579,62 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         qt.QSettings().setValue(f"{SETTINGS}/Device", self._parameterNode.device)
         qt.QSettings().setValue(f"{SETTINGS}/Model", self.ui.modelComboBox.currentText)
+        extra = []
+        if "volumes" in ROWS_OF_TASK[parameters.task]:
+            extra = [node for node in self.ui.extraVolumesComboBox.checkedNodes() if node is not parameters.volume]
+        self._queue = [dataclasses.replace(parameters, volume=node) for node in extra]
+        self._batch = {"count": 1 + len(extra), "failed": []}
+        self._startRun(parameters)
+
+    def _startRun(self, parameters) -> None:
+        """Start one volume's run in a child process; the next queued volume starts when it ends."""
+        number = self._batch["count"] - len(self._queue)
+        where = (
+            "" if self._batch["count"] == 1 else f" {parameters.volume.GetName()} ({number} of {self._batch['count']})"
+        )
         try:
             with slicer.util.WaitCursor():
                 self._running = self.logic.start(parameters, python=pythonCommand(), launcher=launchChild)
         except Exception as error:  # noqa: BLE001 - shown to the user with the library's message
-            self.setStatus(_("Failed: {error}").format(error=error))
-            slicer.util.errorDisplay(str(error), windowTitle=_("MedDiffFM"))
+            self._running = None
+            self._reportFailure(str(error), where)
+            self._startNext()
             return
         self._startTime = time.time()
         self.ui.applyButton.text = _("Cancel")
         self.ui.progressBar.setRange(0, 0)  # busy until the first progress line
         self.setStatus(
-            _("Running {task} in the background (process {pid})...").format(
-                task=TASKS[parameters.task].label, pid=self._running.job.process.pid
+            _("Running {task}{where} in the background (process {pid})...").format(
+                task=TASKS[parameters.task].label, where=where, pid=self._running.job.process.pid
             )
         )
         self.addLog(" ".join(self._running.job.arguments))
         self.timer.start()
 
+    def _startNext(self) -> None:
+        if self._queue:
+            self._startRun(self._queue.pop(0))
+            return
+        failed = self._batch["failed"]
+        if self._batch["count"] > 1 and failed:
+            slicer.util.errorDisplay(
+                _("{failed} of {count} volumes failed:").format(failed=len(failed), count=self._batch["count"]),
+                windowTitle=_("MedDiffFM"),
+                detailedText="\n\n".join(failed),
+            )
+
+    def _reportFailure(self, message: str, where: str, log=None) -> None:
+        """One run failed: a dialog for a single volume; for several, a log entry and a list at the end."""
+        self.setStatus(_("Failed{where}: {error}").format(where=where, error=message))
+        if self._batch["count"] > 1:
+            self._batch["failed"].append(f"{where.strip()}: {message}")
+            self.addLog(f"FAILED{where}: {message}")
+            return
+        self.ui.showLogButton.checked = True
+        slicer.util.errorDisplay(message, windowTitle=_("MedDiffFM"), detailedText="\n".join(log or []))
+
     def onCancel(self) -> None:
+        self._queue = []
         self._running.cancel()  # the timer keeps running while a model download needs it (onTimer stops it)
         self._finishRun()
         self.setStatus(_("Cancelled; nothing was created and the temporary files were removed."))
@@ -617,22 +668,25 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _importResults(self) -> None:
         running = self._running
         self._finishRun()
+        number = self._batch["count"] - len(self._queue)
+        where = (
+            ""
+            if self._batch["count"] == 1
+            else f" {running.parameters.volume.GetName()} ({number} of {self._batch['count']})"
+        )
         try:
             with slicer.util.WaitCursor():
                 result = self.logic.finish(running)
         except Exception as error:  # noqa: BLE001 - the child's own message, with advice
-            self.setStatus(_("Failed: {error}").format(error=error))
-            self.ui.showLogButton.checked = True
-            slicer.util.errorDisplay(
-                str(error), windowTitle=_("MedDiffFM"), detailedText="\n".join(running.job.outcome.log[-40:])
+            self._reportFailure(str(error), where, running.job.outcome.log[-40:])
+        else:
+            self.showResult(result, running.parameters)
+            self.setStatus(
+                _("Done{where} in {seconds:.1f} s: {summary}").format(
+                    where=where, seconds=time.time() - self._startTime, summary=result.summary
+                )
             )
-            return
-        self.showResult(result, running.parameters)
-        self.setStatus(
-            _("Done in {seconds:.1f} s: {summary}").format(
-                seconds=time.time() - self._startTime, summary=result.summary
-            )
-        )
+        self._startNext()
 
     def _finishRun(self) -> None:
         self.ui.applyButton.text = _("Apply")
@@ -701,6 +755,7 @@ TASK_LOGIC_METHODS = frozenset(
         "generateLesion",
         "inpaintLesion",
         "run",
+        "run_on_volumes",
         "start",
         "finish",
         "prepare",

@@ -908,6 +908,22 @@ def test_child_command_lines_are_accepted_by_the_library_cli(
         assert parsed.sigma == 0.05 and parsed.lam == 2.0
 
 
+def test_one_task_runs_on_several_volumes_and_a_failing_one_does_not_stop_the_others(scene, small_ct, engine):
+    logic = TaskLogic(scene)
+    first = nodes.node_from_volume(small_ct, "CT A", scene=scene)
+    second = nodes.node_from_volume(small_ct.with_array(small_ct.array + 5), "CT B", scene=scene)
+    flat = nodes.node_from_volume(small_ct.with_array(np.full_like(small_ct.array, 3000)), "not CT", scene=scene)
+    seen = []
+    parameters = TaskParameters("denoise", steps=1, untrained="tiny", device="cpu")
+    results = logic.run_on_volumes(parameters, [first, flat, second], progress=lambda *a: seen.append(a))
+    assert [volume.GetName() for volume, _ in results] == ["CT A", "not CT", "CT B"]
+    assert isinstance(results[1][1], MedDiffFMError)
+    for volume, result in results[::2]:
+        assert result.outputs["volume"].GetName() == f"{volume.GetName()} denoised"
+        np.testing.assert_array_equal(_ijk_to_ras(result.outputs["volume"]), _ijk_to_ras(volume))
+    assert seen[0][:2] == (0, 3) and seen[-1][:2] == (3, 3)
+
+
 def test_the_panel_and_the_command_line_build_the_same_engine(scene, ct_node):
     from MedDiffFMLib import cli
 

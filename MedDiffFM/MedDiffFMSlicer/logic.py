@@ -279,6 +279,35 @@ class TaskLogic:
         volumes, summary = self._call_library(parameters, inputs, engine, progress, cancel)
         return self._create_outputs(parameters, inputs, volumes, summary)
 
+    def run_on_volumes(
+        self,
+        parameters: TaskParameters,
+        volumes: list,
+        progress: Callable[[int, int, str], None] = no_progress,
+        cancel: CancelToken | None = None,
+    ) -> list[tuple[Any, TaskResult | MedDiffFMError]]:
+        """Run the same task, settings and anatomy/lesion on several CT volumes in turn (one engine).
+
+        Returns ``(volume node, result or error)`` per volume: a volume that fails (wrong grid for the
+        anatomy, not a CT, ...) is reported and the others still run. Cancelling stops the batch.
+        ``progress`` gets ``(volume index, volume count, message)`` before each volume.
+        """
+        results = []
+        engine = None
+        for index, volume in enumerate(volumes):
+            progress(index, len(volumes), f"{volume.GetName()} ({index + 1} of {len(volumes)})")
+            try:
+                single = replace(parameters, volume=volume)
+                engine = engine or self.engine(single)
+                results.append((volume, self.run(single, engine=engine, cancel=cancel)))
+            except CancelledError:
+                raise
+            except MedDiffFMError as error:
+                logger.error("%s: %s", volume.GetName(), error)
+                results.append((volume, error))
+        progress(len(volumes), len(volumes), "done")
+        return results
+
     def _call_library(self, p: TaskParameters, inputs: PreparedInputs, engine, progress, cancel):
         info = p.info
         function = getattr(library_tasks, info.function)
