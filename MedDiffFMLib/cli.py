@@ -23,7 +23,7 @@ from .preprocessing import REGIONS, labels_on_grid
 from .progress import CancelToken, JsonLinesProgress, TqdmProgress, emit_json
 from .tasks import Engine, denoise, detect_anomalies, generate_lesion, inpaint_lesion, super_resolve, synthesize
 from .tasks.anomaly import DEFAULT_TIMESTEP
-from .tasks.denoise import DEFAULT_LAMBDA, DEFAULT_STEPS, DEFAULT_ZETA
+from .tasks.denoise import DEFAULT_LAMBDA, DEFAULT_NOISE_GAIN, DEFAULT_STEPS, DEFAULT_ZETA
 from .tasks.engine import MEMORY_FORMATS, PRECISIONS, EngineOptions, build_engine
 from .tasks.super_resolution import DEFAULT_LAMBDA as SR_LAMBDA
 from .tasks.super_resolution import DEFAULT_SIGMA as SR_SIGMA
@@ -139,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_float_or_auto,
         default="auto",
         help="noise std in the model's [-1, 1] scale, or 'auto' (default)",
+    )
+    p.add_argument(
+        "--noise-gain",
+        type=float,
+        default=DEFAULT_NOISE_GAIN,
+        help=f"DiffPIR runs at this multiple of the noise std: CT noise is correlated (default {DEFAULT_NOISE_GAIN:g}; "
+        "1 for white noise)",
     )
     p.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help=f"DiffPIR lambda (default {DEFAULT_LAMBDA:g})")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"network evaluations (default {DEFAULT_STEPS})")
@@ -321,6 +328,7 @@ def run_denoise(args: argparse.Namespace, cancel: CancelToken) -> None:
         args.seed,
         _progress(args, "denoise"),
         cancel,
+        noise_gain=args.noise_gain,
     )
     _write_all(args, [(result.volume, args.output)])
     _finish(

@@ -17,7 +17,7 @@ from MedDiffFMLib.errors import CancelledError, InputError, MaskError
 from MedDiffFMLib.progress import CancelToken
 from MedDiffFMLib.region import detect_region
 from MedDiffFMLib.tasks import Engine, denoise, detect_anomalies, estimate_noise_sigma, stack_slices, synthesize
-from MedDiffFMLib.tasks.denoise import resampled_noise_factor
+from MedDiffFMLib.tasks.denoise import DEFAULT_NOISE_GAIN, resampled_noise_factor
 from MedDiffFMLib.volume import Volume
 
 
@@ -61,7 +61,7 @@ def test_denoise_with_an_oracle_network_recovers_the_clean_ct(small_ct):
     clean = torch.from_numpy(pp.hu_to_model(clean_hu, region))
     noisy = small_ct.with_array(clean_hu + np.random.default_rng(0).normal(0, 30, clean_hu.shape).astype(np.float32))
     engine = Engine(OracleNet(clean), device="cpu", batch_size=16)
-    result = denoise(noisy, engine, region=region, sigma_n=30 * 2 / 360, steps=8)
+    result = denoise(noisy, engine, region=region, sigma_n=30 * 2 / 360, steps=8, noise_gain=1.0)  # white noise
     inside = ~pp.outside_window(noisy.array, region)
     error = np.abs(result.volume.array - clean_hu)[inside]
     assert error.mean() < 1.0
@@ -70,6 +70,10 @@ def test_denoise_with_an_oracle_network_recovers_the_clean_ct(small_ct):
     assert result.volume.metadata["MedDiffFM_carried_over_voxels"] == str(int((~inside).sum()))
     assert result.volume.geometry.same_grid(small_ct.geometry)
     assert result.t_start == engine.schedule.timestep_for_sigma(30 * 2 / 360)
+    correlated = denoise(noisy, engine, region=region, sigma_n=30 * 2 / 360, steps=1)  # the default gain for CT
+    assert correlated.t_start == engine.schedule.timestep_for_sigma(DEFAULT_NOISE_GAIN * 30 * 2 / 360)
+    assert correlated.sigma_n == pytest.approx(30 * 2 / 360)
+    assert correlated.volume.metadata["MedDiffFM_noise_gain"] == f"{DEFAULT_NOISE_GAIN:g}"
 
 
 def test_noise_estimate_is_close_to_the_truth():

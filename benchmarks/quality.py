@@ -7,7 +7,7 @@ Held-out scan: the upper-abdomen DICOM series bundled in ``Testing/Data/totalseg
 (512 x 512 x 20, 0.98 x 0.98 x 2 mm, with its TotalSegmentator labels). It is in no training set of
 the models this benchmark is run for (their cards say so) and nothing is tuned on it.
 
-Tuning scans (baselines' parameters, DiffPIR's lambda and steps, the anomaly timestep): the chest
+Tuning scans (baselines' parameters, DiffPIR's lambda, steps and noise gain, the anomaly timestep): the chest
 CTA and the abdomen CT of the ``totalsegmentator`` 2.18.0 source archive (fetched with pip into
 ``--tuning-data``), which are training data.
 
@@ -198,11 +198,14 @@ def bench_denoise(engine: Engine, tuning: Path, output: Path, quick: bool) -> No
     for name, (function, grid) in BASELINE_GRIDS.items():
         scores = [(tune.score(function(tune.low, **settings))[0], settings) for settings in grid]
         chosen[name] = max(scores, key=lambda pair: pair[0])[1]
-    diffpir_grid = [dict(lam=lam, steps=steps) for lam in (1.0, 10.0) for steps in ((4,) if quick else (4, 10))]
+    diffpir_grid = [dict(lam=10.0, steps=4, noise_gain=gain) for gain in (1.0, 2.0, 3.0, 4.0)]
+    if not quick:
+        diffpir_grid += [dict(lam=1.0, steps=4, noise_gain=3.0), dict(lam=10.0, steps=10, noise_gain=3.0)]
     scores = []
     for settings in diffpir_grid:
         result = denoise(tune.low, engine, "chest", sigma_n="auto", seed=0, **settings)
         scores.append((tune.score(result.volume.array)[0], settings))
+        print(f"tuning DiffPIR on the chest CTA: {settings} -> {scores[-1][0]:.2f} dB", flush=True)
     diffpir_settings = max(scores, key=lambda pair: pair[0])[1]
     print(f"\ntuned on the chest CTA (training data): {chosen}; DiffPIR {diffpir_settings}")
 
@@ -251,7 +254,10 @@ def bench_denoise(engine: Engine, tuning: Path, output: Path, quick: bool) -> No
         )
         seconds = time.perf_counter() - started
         value, structure = case.score(result.volume.array)
-        settings = f"sigma_n={result.sigma_n:.4f}, t_start={result.t_start}, {result.network_evaluations} evaluations"
+        settings = (
+            f"sigma_n={result.sigma_n:.4f} x {diffpir_settings['noise_gain']:g}, t_start={result.t_start}, "
+            f"{result.network_evaluations} evaluations"
+        )
         rows.append(
             [
                 f"{label} ({engine.name})",
