@@ -26,6 +26,15 @@ Both scale the windowed images to ``[0, 1]`` first, so they equal
 ``skimage.metrics.structural_similarity(a, b, data_range=1, gaussian_weights=True, sigma=1.5,
 use_sample_covariance=False)`` on the windowed, scaled images (3D, or per slice and averaged).
 Which of the two a number is must always be said next to it: 2D and 3D SSIM differ.
+
+Where the numbers come from
+---------------------------
+MS-SSIM, AUROC and the Frechet distance (FID) are MONAI's (``MultiScaleSSIMMetric``,
+``compute_roc_auc``, ``get_fid_score``); the tests check them on known cases. Written here: SSIM,
+because it takes a mask and MONAI's ``SSIMMetric`` does not (without a mask the two agree, tested);
+PRO, which neither MONAI nor scikit-image provides; and MMD, because MONAI's ``MMDMetric`` is the
+biased linear-kernel statistic of image batches, not the unbiased Gaussian-kernel MMD of feature sets
+the paper's distribution comparison uses.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from itertools import repeat
 from pathlib import Path
 
 import numpy as np
-from scipy import linalg, ndimage, stats
+from scipy import ndimage
 from scipy.integrate import trapezoid
 from scipy.spatial.distance import cdist
 
@@ -184,20 +193,20 @@ def ms_ssim(
 
 
 def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve: the probability that a random positive scores above a random
-    negative, ties counting one half (Mann-Whitney U with average ranks)."""
+    """Area under the ROC curve (MONAI's ``compute_roc_auc``): the probability that a random positive
+    scores above a random negative, ties counting one half."""
+    import torch
+    from monai.metrics import compute_roc_auc
+
     scores = np.asarray(scores, dtype=np.float64).ravel()
     positive = np.asarray(labels).ravel() != 0
     if scores.shape != positive.shape:
         raise InputError(f"{scores.size} scores but {positive.size} labels.")
     if not np.isfinite(scores).all():
         raise InputError("The scores contain NaN or infinite values.")
-    n_positive = int(positive.sum())
-    n_negative = positive.size - n_positive
-    if n_positive == 0 or n_negative == 0:
+    if positive.all() or not positive.any():
         raise InputError("AUROC needs both positive and negative samples; only one class is present.")
-    rank_sum = float(stats.rankdata(scores)[positive].sum())
-    return (rank_sum - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative)
+    return float(compute_roc_auc(torch.from_numpy(scores), torch.from_numpy(positive.astype(np.float64))))
 
 
 def pixel_auroc(anomaly_map: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -364,35 +373,30 @@ def _feature_pair(features_a: np.ndarray, features_b: np.ndarray) -> tuple[np.nd
     return a, b
 
 
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """Symmetric square root of a symmetric positive semi-definite matrix (eigenvalues below 0,
-    from rounding, are treated as 0)."""
-    eigenvalues, eigenvectors = linalg.eigh(matrix)
-    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
-
-
 def frechet_distance(mean_a: np.ndarray, cov_a: np.ndarray, mean_b: np.ndarray, cov_b: np.ndarray) -> float:
-    """Squared Frechet (2-Wasserstein) distance between two Gaussians:
-    ``|m_a - m_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2))``.
+    """Squared Frechet (2-Wasserstein) distance between two Gaussians,
+    ``|m_a - m_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2))`` (MONAI's ``compute_frechet_distance``;
+    rounding below 0 is returned as 0)."""
+    import torch
+    from monai.metrics.fid import compute_frechet_distance
 
-    The trace of ``(C_a C_b)^(1/2)`` is computed as that of the symmetric
-    ``(C_a^(1/2) C_b C_a^(1/2))^(1/2)`` (same eigenvalues), which stays real for singular
-    covariances. Rounding below 0 is returned as 0.
-    """
-    mean_a, mean_b = np.atleast_1d(mean_a).astype(np.float64), np.atleast_1d(mean_b).astype(np.float64)
-    cov_a, cov_b = np.atleast_2d(cov_a).astype(np.float64), np.atleast_2d(cov_b).astype(np.float64)
-    root_a = _psd_sqrt(cov_a)
-    cross = root_a @ cov_b @ root_a
-    trace_root = float(np.sqrt(np.clip(linalg.eigvalsh((cross + cross.T) / 2), 0.0, None)).sum())
-    distance = float(np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_root)
-    return max(distance, 0.0)
+    def tensor(value: np.ndarray, dimensions: int) -> torch.Tensor:
+        array = np.atleast_1d(value) if dimensions == 1 else np.atleast_2d(value)
+        return torch.from_numpy(array.astype(np.float64))
+
+    distance = compute_frechet_distance(tensor(mean_a, 1), tensor(cov_a, 2), tensor(mean_b, 1), tensor(cov_b, 2))
+    return max(float(distance), 0.0)
 
 
 def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two feature sets ``(samples, features)``
-    (sample means, unbiased covariances): FID when the features come from an image network."""
+    (sample means, unbiased covariances; MONAI's ``get_fid_score``): FID when the features come
+    from an image network."""
+    import torch
+    from monai.metrics.fid import get_fid_score
+
     a, b = _feature_pair(features_a, features_b)
-    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    return max(float(get_fid_score(torch.from_numpy(a), torch.from_numpy(b))), 0.0)
 
 
 def median_bandwidth(features_a: np.ndarray, features_b: np.ndarray) -> float:
