@@ -26,9 +26,17 @@ OLDEST_MONAI = "1.4.0"
 
 
 def python39() -> str | None:
+    """A working Python 3.9 (a pyenv shim may exist and still refuse to run)."""
     candidates = [os.environ.get("MEDDIFFFM_PYTHON39"), shutil.which("python3.9")]
     candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/python3.9")))
-    return next((c for c in candidates if c and Path(c).exists()), None)
+    for candidate in candidates:
+        if candidate and Path(candidate).exists():
+            check = subprocess.run(
+                [candidate, "-c", "import sys; assert sys.version_info[:2] == (3, 9)"], capture_output=True
+            )
+            if check.returncode == 0:
+                return candidate
+    return None
 
 
 def test_slicer_loaded_code_imports_and_runs_under_python39():
