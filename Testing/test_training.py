@@ -142,7 +142,7 @@ def test_shards_from_the_command_line_and_torchrun(tmp_path, monkeypatch, capsys
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert printed.startswith("2 cases prepared (abdomen 2;") and printed.endswith("1 failed: broken")
     assert prepare_data.main(arguments + ["--shard", "2/2", "--threshold-labels"]) == 2
-    assert prepare_data.parse_shard("3/16") == (3, 16)
+    assert prepare_data.shard_of("3/16") == (3, 16)
 
 
 def test_totalsegmentator_python_api_is_used_when_installed(tmp_path, monkeypatch):

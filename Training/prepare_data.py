@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from MedDiffFMLib import preprocessing as pp
 from MedDiffFMLib.anatomy import BODY_LABEL, body_mask, from_totalsegmentator, label_of
+from MedDiffFMLib.batch import shard_of
 from MedDiffFMLib.errors import InputError, MedDiffFMError
 from MedDiffFMLib.region import region_structures
 from MedDiffFMLib.volume import Volume, read_volume, write_volume
@@ -286,22 +287,6 @@ def merge_manifest(output: Path, spacing: float | None = None) -> dict:
     return manifest
 
 
-def shard_from_environment() -> tuple[int, int]:
-    """``(rank, world size)`` from torchrun's ``RANK``/``WORLD_SIZE`` (``(0, 1)`` when not set)."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise InputError(f"--shard takes i/n (e.g. 3/16), not '{text}'.") from None
-    if not 0 <= index < count:
-        raise InputError(f"--shard {text}: i must be in 0..n-1.")
-    return index, count
-
-
 def _prepare_one(case: Case, output: Path, spacing: float, threshold_labels: bool) -> dict:
     """Prepare one case and write its record; errors become a 'failed' record (also in worker processes)."""
     try:
@@ -413,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             manifest = merge_manifest(args.output)
         else:
             cases = cases_from_csv(args.csv) if args.csv else cases_from_folder(args.folder)
-            shard = parse_shard(args.shard) if args.shard else shard_from_environment()
+            shard = shard_of(args.shard)
             manifest = prepare(cases, args.output, args.spacing, args.threshold_labels, args.workers, shard)
     except MedDiffFMError as error:
         print(f"prepare_data: error: {error}", file=sys.stderr)
