@@ -26,6 +26,16 @@ from .file_check import check_complete, check_dicom_file, is_dicom_file
 WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
+def itk_direction(direction: tuple[float, ...]) -> tuple[float, ...]:
+    """The direction cosines as ITK gets them: entries below 1e-12 in size become 0.
+
+    ITK inverts direction matrices with an SVD that fails on subnormal numbers (around 1e-308),
+    which a rotation computed in floating point can contain; its resampling then maps voxels to the
+    wrong places without an error. Zeroing such entries moves no voxel by more than 1e-9 mm.
+    """
+    return tuple(0.0 if abs(value) < 1e-12 else float(value) for value in direction)
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Voxel grid: ``shape`` as ``(z, y, x)``; spacing/origin/direction as in the module docstring."""
@@ -61,7 +71,7 @@ class Geometry:
         image = sitk.Image([int(n) for n in self.shape[::-1]], sitk.sitkUInt8)
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)
-        image.SetDirection(self.direction)
+        image.SetDirection(itk_direction(self.direction))
         return image
 
 
@@ -108,7 +118,7 @@ class Volume:
         image = sitk.GetImageFromArray(self.array, isVector=False)
         image.SetSpacing(self.spacing)
         image.SetOrigin(self.origin)
-        image.SetDirection(self.direction)
+        image.SetDirection(itk_direction(self.direction))
         for key, value in self.metadata.items():
             image.SetMetaData(key, str(value))
         return image
