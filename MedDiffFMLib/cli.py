@@ -36,8 +36,8 @@ logger = logging.getLogger("meddiff-fm")
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Testing" / "Data" / "totalsegmentator_example"
 DEMO_CT, DEMO_LABELS = "example_ct_dicom", "example_seg_dicom.nii.gz"
 """The demo's scan: the bundled upper-abdomen DICOM series (0.98 x 0.98 x 2 mm), held out of the
-training of every shipped model since meddiff-fm-1mm@0.2, and its TotalSegmentator labels."""
-DEMO_MODEL = model_weights.BUNDLED_DIR / "meddiff-fm-1mm-0.2.safetensors"
+training of every shipped 1 mm model (meddiff-fm-1mm@0.2 and later), and its TotalSegmentator labels."""
+DEMO_MODEL = model_weights.BUNDLED_DIR / "meddiff-fm-1mm-0.3.safetensors"
 """The demo's model when --model is not given and the checkout ships it: the 1 mm base model, which
 never saw the demo's scan (the 3 mm demonstration model was trained on it)."""
 DEMO_EXTENT_MM = 256.0
