@@ -188,7 +188,7 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     elif series_uid not in series:
         raise ReadError(f"Series '{series_uid}' is not in '{folder}'. Series found: {', '.join(series)}")
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
-    _check_series_files(folder, series, files)
+    _check_series_files(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
@@ -197,17 +197,18 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> sitk.Image:
     return image
 
 
-def _check_series_files(folder: Path, series: list[str], files: tuple[str, ...]) -> None:
-    """Raise if a member of the series, or a DICOM file GDCM left out of every series, is cut short.
+def _check_series_files(folder: Path, files: tuple[str, ...]) -> None:
+    """Raise if a member of the series, or another DICOM file in the folder, is cut short.
 
     GDCM drops a DICOM file it cannot parse from the series without a word, so a truncated slice
-    would silently disappear from the volume.
+    would silently disappear from the volume: every DICOM file of the folder outside the series is
+    checked too (those of other, intact series pass).
     """
-    for file in files:
-        check_dicom_file(file)
-    grouped = {Path(name) for uid in series for name in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)}
+    members = {Path(name).resolve() for name in files}
+    for member in members:
+        check_dicom_file(member)
     for candidate in sorted(folder.iterdir()):
-        if candidate.is_file() and candidate not in grouped and is_dicom_file(candidate):
+        if candidate.resolve() not in members and candidate.is_file() and is_dicom_file(candidate):
             check_dicom_file(candidate)
 
 
