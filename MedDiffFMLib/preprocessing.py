@@ -4,7 +4,9 @@
   intensities, nearest neighbour for label maps).
 * Per-region HU windows mapped to the model's ``[-1, 1]`` scale and back.
 * Lossless restoration: voxels whose input HU lies outside the region window cannot be represented
-  by the model, so they are carried over from the input unchanged.
+  by the model, so they are carried over from the input unchanged. For a noisy input, only
+  structures outside the window (air, lung, bone) are, not single noise spikes
+  (:func:`outside_window_structures`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from .errors import InputError, MaskError
 from .volume import Geometry, Volume
@@ -73,12 +76,32 @@ def outside_window(hu: np.ndarray, region: str) -> np.ndarray:
     return (hu < window.low) | (hu > window.high)
 
 
-def restore_outside_window(result_hu: np.ndarray, input_hu: np.ndarray, region: str) -> tuple[np.ndarray, int]:
-    """Carry input voxels that lie outside the window over into ``result_hu``.
+def outside_window_structures(hu: np.ndarray, region: str, margin_hu: float) -> np.ndarray:
+    """Voxels of ``hu`` ``[z, y, x]`` outside the window that belong to a structure outside it.
+
+    A voxel counts when it is outside the region window and the mean of its in-plane 3 x 3
+    neighbourhood lies beyond the window by more than ``margin_hu`` (on the same side), as it does
+    in air, lung and bone (a one-pixel line in soft tissue from about 750 HU). A noise spike or a fat
+    voxel that noise pushed past the window edge does not: averaging over its neighbours brings it
+    back. ``margin_hu`` is the input's noise standard deviation in HU.
+    """
+    window = check_region(region)
+    mean = ndimage.uniform_filter(np.asarray(hu, dtype=np.float32), size=(1, 3, 3), mode="nearest")
+    below = (hu < window.low) & (mean < window.low - margin_hu)
+    above = (hu > window.high) & (mean > window.high + margin_hu)
+    return below | above
+
+
+def restore_outside_window(
+    result_hu: np.ndarray, input_hu: np.ndarray, region: str, keep: np.ndarray | None = None
+) -> tuple[np.ndarray, int]:
+    """Carry input voxels over into ``result_hu``: those in ``keep``, by default every voxel
+    outside the window (:func:`outside_window`).
 
     Returns the merged float32 array and the number of voxels carried over.
     """
-    keep = outside_window(input_hu, region)
+    if keep is None:
+        keep = outside_window(input_hu, region)
     merged = np.where(keep, input_hu, result_hu).astype(np.float32)
     return merged, int(keep.sum())
 

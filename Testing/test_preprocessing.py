@@ -32,6 +32,28 @@ def test_round_trip_inside_window_and_restoration_outside(hu, region):
     np.testing.assert_array_equal(restored[~inside], hu[~inside])
 
 
+def test_structures_outside_the_window_are_told_from_noise_spikes():
+    """Abdomen window [-120, 240] HU: air, a bone disk and a one-pixel 1000 HU line count; spikes
+    and fat that noise pushed past -120 HU do not."""
+    hu = np.full((2, 40, 40), 40.0)
+    hu[:, :, :8] = -1000.0  # air
+    hu[:, 10:20, 20:30] = 700.0  # bone
+    hu[:, 30, 10:30] = 1000.0  # one-pixel cortex (its two end pixels are too thin to count)
+    hu[:, 25:29, 30:40] = -100.0  # fat
+    fat = np.zeros(hu.shape, bool)
+    fat[:, 25:29, 30:40] = True
+    hu[fat] += np.where(np.arange(fat.sum()) % 3 == 0, -60.0, 0.0)  # a third of the fat below the window
+    hu[0, 5, 15], hu[1, 35, 35] = 500.0, -400.0  # single spikes
+    kept = pp.outside_window_structures(hu, "abdomen", margin_hu=30.0)
+    assert kept[:, :, :8].all() and kept[:, 10:20, 20:30].all() and kept[:, 30, 11:29].all()
+    assert not kept[fat].any() and not kept[0, 5, 15] and not kept[1, 35, 35]
+    assert not (kept & ~pp.outside_window(hu, "abdomen")).any()
+    restored, carried = pp.restore_outside_window(np.zeros_like(hu), hu, "abdomen", kept)
+    assert carried == int(kept.sum())
+    np.testing.assert_array_equal(restored[kept], hu[kept])
+    assert not restored[~kept].any()
+
+
 def test_unknown_region_lists_valid_ones():
     with pytest.raises(InputError, match="head_neck, chest, abdomen"):
         pp.hu_to_model(np.zeros(3), "pelvis")

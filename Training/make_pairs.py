@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -76,13 +77,17 @@ def _save_manifest(output: Path, spacing: float, cases: dict) -> dict:
     return manifest
 
 
-def make_sr_pairs(data: Path, output: Path, thickness_mm: float) -> dict:
-    """Thick/thin pairs from every crop of a prepared cache."""
+def make_sr_pairs(data: Path, output: Path, thicknesses_mm: Sequence[float]) -> dict:
+    """Thick/thin pairs from every crop of a prepared cache, one pair per crop and slab thickness.
+
+    Several thicknesses (e.g. 5 and 6 mm) train one ControlNet for all of them: the condition
+    ``H^+ H x`` has the same form whatever the slab.
+    """
     spacing = json.loads((data / "manifest.json").read_text())["spacing_mm"]
-    factor = slab_factor(thickness_mm, spacing, "the cache's spacing")
+    factors = [slab_factor(thickness, spacing, "the cache's spacing") for thickness in thicknesses_mm]
     output.mkdir(parents=True, exist_ok=True)
     cases = {}
-    for entry in tqdm(manifest_entries(data), desc="sr pairs"):
+    for entry, factor in tqdm([(e, f) for e in manifest_entries(data) for f in factors], desc="sr pairs"):
         ct, anatomy = read_volume(entry["image"]), read_volume(entry["anatomy"])
         usable = ct.array.shape[0] - ct.array.shape[0] % factor
         if usable == 0:
@@ -197,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     sr = makers.add_parser("sr", help="thick/thin pairs from a prepared cache")
     sr.add_argument("--data", type=Path, required=True)
     sr.add_argument("--output", type=Path, required=True)
-    sr.add_argument("--thickness", type=float, default=5.0, help="slab thickness in mm (default 5)")
+    sr.add_argument(
+        "--thickness", type=float, nargs="+", default=[5.0], help="slab thickness(es) in mm (default 5)"
+    )
     msd = makers.add_parser("lesion", help="CT + lesion masks in MSD layout")
     msd.add_argument("--msd", type=Path, required=True, help="folder with imagesTr/ and labelsTr/")
     msd.add_argument("--output", type=Path, required=True)

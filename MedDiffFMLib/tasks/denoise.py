@@ -124,7 +124,9 @@ def denoise(
             white noise).
 
     Returns:
-        A :class:`DenoiseResult`; voxels outside the region window are carried over unchanged.
+        A :class:`DenoiseResult`. Structures outside the region window (air, lung, bone) are carried
+        over unchanged; noise spikes past the window edge take the model's value
+        (:func:`~MedDiffFMLib.preprocessing.outside_window_structures`, margin: the noise level).
     """
     hu = checked_ct(ct)
     body = body_mask(hu)
@@ -135,12 +137,13 @@ def denoise(
         check_region(region)
         source = "given"
     working, y0, working_labels = to_working(engine, ct, region, labels)
+    factor = resampled_noise_factor(ct.geometry, engine.config.spacing_mm)
     if sigma_n == "auto":
-        native = estimate_noise_sigma(pp.hu_to_model(hu, region), ct.spacing)
-        sigma_n = native * resampled_noise_factor(ct.geometry, engine.config.spacing_mm)
+        sigma_n = estimate_noise_sigma(pp.hu_to_model(hu, region), ct.spacing) * factor
     sigma_n = float(sigma_n)
     if not sigma_n > 0:
         raise InputError(f"The noise level must be positive, got {sigma_n}.")
+    noise_hu = sigma_n / factor * pp.REGIONS[region].width / 2
     if not noise_gain > 0:
         raise InputError(f"The noise gain must be positive, got {noise_gain}.")
     level = sigma_n * noise_gain
@@ -166,6 +169,7 @@ def denoise(
         ct,
         hu,
         region,
+        keep=pp.outside_window_structures(hu, region, noise_hu),
         MedDiffFM_task="denoise",
         MedDiffFM_model=engine.name,
         MedDiffFM_sigma_n=f"{sigma_n:.5f}",

@@ -325,16 +325,22 @@ def to_working(
 
 
 def to_input_grid(
-    values: torch.Tensor, working: Geometry, ct: Volume, input_hu: np.ndarray, region: str, **metadata: str
+    values: torch.Tensor,
+    working: Geometry,
+    ct: Volume,
+    input_hu: np.ndarray,
+    region: str,
+    keep: np.ndarray | None = None,
+    **metadata: str,
 ) -> Volume:
     """A model-scale result on the working grid back to HU on the CT's grid, lossless outside the window.
 
-    Voxels whose input HU lies outside the region window are carried over from the input; how many
-    is written into the metadata.
+    Voxels whose input HU lies outside the region window (or those in ``keep``, a bool array on
+    the CT's grid) are carried over from the input; how many is written into the metadata.
     """
     hu = pp.model_to_hu(values.detach().cpu().numpy(), region)
     on_input = pp.resample(Volume.on_geometry(hu, working), ct.geometry).array
-    merged, carried = pp.restore_outside_window(on_input, input_hu, region)
+    merged, carried = pp.restore_outside_window(on_input, input_hu, region, keep)
     window = pp.REGIONS[region]
     return ct.with_array(
         merged.astype(np.float32),
