@@ -28,7 +28,6 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,12 +101,17 @@ def shard_of(text: str | None) -> tuple[int, int]:
     return index, count
 
 
-def outputs_of(case: BatchCase, mask_path: Callable[[str], Path]) -> list[Path]:
-    """The files a case writes (anomaly detection also writes its mask)."""
-    outputs = [Path(case.output)]
-    if case.task == "detect-anomalies":
-        outputs.append(mask_path(case.output))
-    return outputs
+def outputs_of(case: BatchCase) -> list[Path]:
+    """The files a case writes: its output and the task's further outputs beside it (anomaly
+    detection's mask)."""
+    from .job import output_path_beside
+    from .task_spec import task_by_command
+
+    try:
+        further = task_by_command(case.task).outputs[1:]
+    except KeyError:
+        further = ()
+    return [Path(case.output), *(output_path_beside(case.output, output.name) for output in further)]
 
 
 def _write_summary(path: Path, rows: list[dict]) -> None:
@@ -157,7 +161,7 @@ def run_batch(args: argparse.Namespace, cancel: CancelToken) -> None:
     for case in bar:
         started = time.perf_counter()
         row = {"input": case.input, "output": case.output, "task": case.task, "error": ""}
-        if all(path.exists() for path in outputs_of(case, cli._mask_path)):
+        if all(path.exists() for path in outputs_of(case)):
             row.update(status="skipped", seconds="0")
         else:
             try:

@@ -15,21 +15,17 @@ import numpy as np
 
 from . import __version__, batch
 from .device import DEVICE_CHOICES
-from .diffusion.samplers import SAMPLERS
 from .diffusion.sliding_window import BLEND_MODES
-from .errors import CancelledError, InputError, MedDiffFMError, OutputExistsError
+from .errors import CancelledError, MedDiffFMError, OutputExistsError
+from .job import Job, output_path_beside, run_job, write_all
 from .model import weights as model_weights
 from .preprocessing import REGIONS, labels_on_grid
 from .progress import CancelToken, JsonLinesProgress, TqdmProgress, emit_json
-from .tasks import Engine, denoise, detect_anomalies, generate_lesion, inpaint_lesion, super_resolve, synthesize
-from .tasks.anomaly import DEFAULT_TIMESTEP
-from .tasks.denoise import DEFAULT_LAMBDA, DEFAULT_NOISE_GAIN, DEFAULT_STEPS, DEFAULT_ZETA
+from .task_spec import TASKS, Setting, TaskSpec
+from .tasks import Engine, denoise
+from .tasks.denoise import DEFAULT_STEPS
 from .tasks.engine import MEMORY_FORMATS, PRECISIONS, EngineOptions, build_engine
-from .tasks.super_resolution import DEFAULT_LAMBDA as SR_LAMBDA
-from .tasks.super_resolution import DEFAULT_SIGMA as SR_SIGMA
-from .tasks.super_resolution import DEFAULT_STEPS as SR_STEPS
-from .tasks.super_resolution import DEFAULT_ZETA as SR_ZETA
-from .volume import Volume, check_writable, read_volume, write_volume
+from .volume import Volume, check_writable, read_volume
 
 logger = logging.getLogger("meddiff-fm")
 
@@ -106,115 +102,69 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_controlnet_option(parser: argparse.ArgumentParser, task: str) -> None:
-    parser.add_argument(
-        "--controlnet",
-        help=f"installed {task} ControlNet name[@version] or .safetensors path (default: the newest trained on the "
-        "base model; without --model, the newest and its own base model)",
+def _setting_type(setting: Setting):
+    if setting.auto:
+        return _float_or_auto
+    return {"int": int, "float": float, "str": str, "names": str}[setting.kind]
+
+
+def add_task_parser(commands, spec: TaskSpec) -> argparse.ArgumentParser:
+    """The subcommand of a task, generated from its :class:`~MedDiffFMLib.task_spec.TaskSpec`."""
+    p = commands.add_parser(spec.command, help=spec.help)
+    for role in spec.inputs:
+        if role.positional:
+            p.add_argument("input" if role.name == "ct" else role.name, help=role.help)
+    p.add_argument("output", help=spec.outputs[0].help)
+    for role in spec.inputs:
+        if not role.positional:
+            p.add_argument(role.cli_flag, required=role.required, help=role.help)
+    for output in spec.outputs[1:]:
+        p.add_argument(output.flag, dest=f"output_{output.name}", metavar=output.name.upper(), help=output.help)
+    for setting in spec.settings:
+        if setting.kind == "bool":
+            p.add_argument(setting.cli_flag, dest=setting.name, action="store_true", help=setting.help)
+            continue
+        p.add_argument(
+            setting.cli_flag,
+            dest=setting.name,
+            metavar=setting.cli_flag[2:].upper().replace("-", "_"),
+            type=_setting_type(setting),
+            action="append" if setting.kind == "names" else "store",
+            choices=setting.choices or None,
+            required=setting.required,
+            default=setting.default,
+            help=setting.help,
+        )
+    if spec.role("ct") is not None:
+        p.add_argument("--series-uid", help="DICOM series to read when the input folder holds several")
+    p.add_argument(
+        "--region",
+        choices=tuple(REGIONS),
+        required=spec.region_required,
+        help="anatomical region" + ("" if spec.region_required else " (default: detected)"),
     )
-
-
-def _add_input_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--series-uid", help="DICOM series to read when the input folder holds several")
-    parser.add_argument("--region", choices=tuple(REGIONS), help="anatomical region (default: detected)")
-
-
-SAMPLER_STEPS_HELP = (
-    "steps of ddim (default 50) or dpm++2m (default 20); ddpm always runs all 1000. Above about 40, dpm++2m "
-    "merges steps that fall on the same integer timestep"
-)
+    if spec.controlnet_task:
+        p.add_argument(
+            "--controlnet",
+            help=f"installed {spec.controlnet_task} ControlNet name[@version] or .safetensors path (default: the "
+            "newest trained on the base model; without --model, the newest and its own base model)",
+        )
+    _add_engine_options(p)
+    p.set_defaults(spec=spec)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meddiff-fm", description="MedDiff-FM diffusion foundation model for CT.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    for spec in TASKS.values():
+        add_task_parser(commands, spec)
 
-    p = commands.add_parser("denoise", help="low-dose CT denoising (DiffPIR)")
-    p.add_argument("input", help="CT file or DICOM folder (HU)")
-    p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha)")
-    p.add_argument("--anatomy", help="anatomy label map (TotalSegmentator v2 values) for conditioning")
-    p.add_argument(
-        "--sigma",
-        type=_float_or_auto,
-        default="auto",
-        help="noise std in the model's [-1, 1] scale, or 'auto' (default)",
-    )
-    p.add_argument(
-        "--noise-gain",
-        type=float,
-        default=DEFAULT_NOISE_GAIN,
-        help=f"DiffPIR runs at this multiple of the noise std: CT noise is correlated (default {DEFAULT_NOISE_GAIN:g}; "
-        "1 for white noise)",
-    )
-    p.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help=f"DiffPIR lambda (default {DEFAULT_LAMBDA:g})")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"network evaluations (default {DEFAULT_STEPS})")
-    p.add_argument("--zeta", type=float, default=DEFAULT_ZETA, help=f"fresh-noise share (default {DEFAULT_ZETA:g})")
-    _add_input_options(p)
-    _add_engine_options(p)
-
-    p = commands.add_parser("synthesize", help="generate a CT from an anatomy label map")
-    p.add_argument("anatomy", help="anatomy label map; its grid fixes the output's size and spacing")
-    p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha)")
-    p.add_argument("--region", choices=tuple(REGIONS), required=True)
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--steps", type=int, help=SAMPLER_STEPS_HELP)
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity (0 deterministic, default 1)")
-    _add_engine_options(p)
-
-    p = commands.add_parser("detect-anomalies", help="anomaly map and mask inside an organ")
-    p.add_argument("input", help="CT file or DICOM folder (HU)")
-    p.add_argument("output", help="anomaly map file (HU difference)")
-    p.add_argument("--anatomy", required=True, help="anatomy label map containing the organ")
-    p.add_argument("--organ", action="append", required=True, help="organ name, e.g. liver (repeatable)")
-    p.add_argument("--mask-output", help="anomaly mask file (default: OUTPUT with '_mask' before the extension)")
-    p.add_argument("--t", type=int, default=DEFAULT_TIMESTEP, help=f"noise timestep (default {DEFAULT_TIMESTEP})")
-    p.add_argument("--threshold", type=float, help="HU threshold on |map| (default: from the map's statistics)")
-    p.add_argument("--draws", type=int, default=1, help="noise draws to average (default 1)")
-    _add_input_options(p)
-    _add_engine_options(p)
-
-    p = commands.add_parser("super-resolve", help="thin slices from a thick-slice CT (ControlNet + DiffPIR)")
-    p.add_argument("input", help="thick-slice CT file or DICOM folder (HU)")
-    p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha)")
-    p.add_argument("--spacing", type=float, default=1.0, help="slice spacing of the result in mm (default 1.0)")
-    p.add_argument("--steps", type=int, default=SR_STEPS, help=f"network evaluations (default {SR_STEPS})")
-    p.add_argument("--sigma", type=float, default=SR_SIGMA, help=f"DiffPIR noise level (default {SR_SIGMA:g})")
-    p.add_argument("--lam", type=float, default=SR_LAMBDA, help=f"DiffPIR lambda (default {SR_LAMBDA:g})")
-    p.add_argument("--zeta", type=float, default=SR_ZETA, help=f"fresh-noise share (default {SR_ZETA:g})")
-    _add_controlnet_option(p, "controlnet-sr")
-    _add_input_options(p)
-    _add_engine_options(p)
-
-    p = commands.add_parser("generate-lesion", help="synthesise a CT with a lesion where a mask says")
-    p.add_argument("anatomy", help="anatomy label map; its grid fixes the output's size and spacing")
-    p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha)")
-    p.add_argument("--lesion", required=True, help="lesion mask (non-zero = lesion)")
-    p.add_argument("--region", choices=tuple(REGIONS), required=True)
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--steps", type=int, help=SAMPLER_STEPS_HELP)
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM stochasticity (default 1)")
-    _add_controlnet_option(p, "controlnet-lesion")
-    _add_engine_options(p)
-
-    p = commands.add_parser("inpaint-lesion", help="paint a lesion into a real CT (RePaint); other voxels unchanged")
-    p.add_argument("input", help="CT file or DICOM folder (HU)")
-    p.add_argument("output", help="output file (.nii.gz, .nii, .nrrd, .mha)")
-    p.add_argument("--lesion", required=True, help="lesion mask (non-zero = lesion), any overlapping grid")
-    p.add_argument("--anatomy", help="anatomy label map for conditioning")
-    p.add_argument("--steps", type=int, default=50, help="reverse steps (default 50)")
-    p.add_argument("--jump-length", type=int, default=10, help="RePaint jump length in steps (default 10)")
-    p.add_argument("--jump-count", type=int, default=1, help="RePaint re-noising jumps per position (default 1)")
-    p.add_argument(
-        "--margin",
-        type=float,
-        default=0.0,
-        help="blend generated and original voxels in a band this wide (mm) around the mask; default 0: only the "
-        "mask changes",
-    )
-    _add_controlnet_option(p, "controlnet-lesion")
-    _add_input_options(p)
-    _add_engine_options(p)
+    p = commands.add_parser("run", help="run a job file (JSON: task, inputs, outputs, settings, engine)")
+    p.add_argument("job", help="job file, as MedDiffFMLib.job.Job.write makes it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--progress-format", choices=("bar", "json"), default="bar")
 
     p = commands.add_parser(
         "demo",
@@ -246,13 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _engine(args: argparse.Namespace, controlnet_task: str | None = None) -> Engine:
-    """The engine for a command: base model (+ the ControlNet of ``controlnet_task`` if given).
-
-    ``meddiff-fm batch`` passes a dict as ``args.engine_cache``: engines are then built once per
-    distinct model and compute setting and reused.
-    """
-    options = EngineOptions(
+def _engine_options(args: argparse.Namespace, controlnet_task: str | None = None) -> EngineOptions:
+    return EngineOptions(
         model=args.model,
         untrained=args.untrained,
         controlnet_task=controlnet_task,
@@ -266,7 +211,16 @@ def _engine(args: argparse.Namespace, controlnet_task: str | None = None) -> Eng
         compile=args.compile,
         seed=args.seed if args.untrained else None,
     )
-    cache = getattr(args, "engine_cache", None)
+
+
+def _engine(args: argparse.Namespace, controlnet_task: str | None = None) -> Engine:
+    """The engine for a command: base model (+ the ControlNet of ``controlnet_task`` if given)."""
+    return _cached_engine(_engine_options(args, controlnet_task), getattr(args, "engine_cache", None))
+
+
+def _cached_engine(options: EngineOptions, cache: dict | None) -> Engine:
+    """Build the engine, or reuse it from ``cache`` (``meddiff-fm batch`` passes one: an engine per
+    distinct model and compute setting)."""
     if cache is not None and options in cache:
         return cache[options]
     if options.untrained:
@@ -283,26 +237,6 @@ def _progress(args: argparse.Namespace, description: str) -> TqdmProgress | Json
     return TqdmProgress(description, disable=args.quiet)
 
 
-def _mask_path(output: str) -> Path:
-    path = Path(output)
-    for extension in (".nii.gz", ".nii", ".nrrd", ".mha"):
-        if path.name.lower().endswith(extension):
-            return path.with_name(path.name[: -len(extension)] + "_mask" + extension)
-    return path.with_name(path.name + "_mask")
-
-
-def _write_all(args: argparse.Namespace, outputs: list[tuple[Volume, str | Path]]) -> None:
-    """Write every output atomically; if one fails, remove those already written by this call."""
-    written: list[Path] = []
-    try:
-        for volume, path in outputs:
-            written.append(write_volume(volume, path, args.overwrite))
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise
-
-
 def _finish(args: argparse.Namespace, summary: str, outputs: list[str | Path]) -> None:
     """Report the result: text for people, a ``result`` JSON line for programs."""
     if getattr(args, "progress_format", "bar") == "json":
@@ -311,150 +245,46 @@ def _finish(args: argparse.Namespace, summary: str, outputs: list[str | Path]) -
     print(f"wrote {', '.join(str(p) for p in outputs)}")
 
 
-def run_denoise(args: argparse.Namespace, cancel: CancelToken) -> None:
-    check_writable(args.output, args.overwrite)
-    ct = read_volume(args.input, args.series_uid)
-    anatomy = read_volume(args.anatomy) if args.anatomy else None
-    engine = _engine(args)
-    result = denoise(
-        ct,
-        engine,
-        args.region,
-        anatomy,
-        args.sigma,
-        args.lam,
-        args.steps,
-        args.zeta,
-        args.seed,
-        _progress(args, "denoise"),
-        cancel,
-        noise_gain=args.noise_gain,
-    )
-    _write_all(args, [(result.volume, args.output)])
-    _finish(
-        args,
-        f"region {result.region} ({result.region_source}), sigma_n {result.sigma_n:.4f}, t_start {result.t_start}, "
-        f"{result.network_evaluations} window evaluations; {result.volume.metadata['MedDiffFM_note']}",
-        [args.output],
-    )
-
-
-def run_synthesize(args: argparse.Namespace, cancel: CancelToken) -> None:
-    check_writable(args.output, args.overwrite)
-    anatomy = read_volume(args.anatomy)
-    engine = _engine(args)
-    volume = synthesize(
-        anatomy,
-        args.region,
-        engine,
-        args.sampler,
-        args.steps,
-        args.eta,
-        args.seed,
-        _progress(args, "synthesize"),
-        cancel,
-    )
-    _write_all(args, [(volume, args.output)])
-    _finish(args, f"synthesised a {args.region} CT of shape {volume.array.shape}", [args.output])
-
-
-def run_detect(args: argparse.Namespace, cancel: CancelToken) -> None:
-    mask_output = Path(args.mask_output) if args.mask_output else _mask_path(args.output)
-    if mask_output.resolve() == Path(args.output).resolve():
-        raise InputError("The anomaly map and the anomaly mask need two different output files.")
-    check_writable(args.output, args.overwrite)
-    check_writable(mask_output, args.overwrite)
-    ct = read_volume(args.input, args.series_uid)
-    anatomy = read_volume(args.anatomy)
-    engine = _engine(args)
-    result = detect_anomalies(
-        ct,
-        anatomy,
-        args.organ,
-        engine,
-        args.region,
-        args.t,
-        args.threshold,
-        args.draws,
-        args.seed,
-        _progress(args, "anomalies"),
-        cancel,
-    )
-    _write_all(args, [(result.anomaly_map, args.output), (result.anomaly_mask, mask_output)])
-    _finish(
-        args,
-        f"threshold {result.threshold:.1f} HU, {int(result.anomaly_mask.array.sum())} anomalous voxels",
-        [args.output, mask_output],
-    )
-
-
-def run_super_resolve(args: argparse.Namespace, cancel: CancelToken) -> None:
-    check_writable(args.output, args.overwrite)
-    ct = read_volume(args.input, args.series_uid)
-    engine = _engine(args, "controlnet-sr")
-    volume = super_resolve(
-        ct,
-        engine,
-        args.spacing,
-        args.steps,
-        args.sigma,
-        args.lam,
-        args.zeta,
+def run_task(args: argparse.Namespace, cancel: CancelToken) -> None:
+    """A task's subcommand: its arguments become a :class:`~MedDiffFMLib.job.Job`, which runs."""
+    spec: TaskSpec = args.spec
+    outputs = {spec.outputs[0].name: args.output}
+    for output in spec.outputs[1:]:
+        outputs[output.name] = getattr(args, f"output_{output.name}") or str(
+            output_path_beside(args.output, output.name)
+        )
+    inputs = {}
+    for role in spec.inputs:
+        path = getattr(args, "input" if role.positional and role.name == "ct" else role.name)
+        if path:
+            inputs[role.name] = path
+    job = Job(
+        spec.key,
+        inputs,
+        outputs,
+        {setting.name: getattr(args, setting.name) for setting in spec.settings},
         region=args.region,
         seed=args.seed,
-        progress=_progress(args, "super-resolve"),
-        cancel=cancel,
+        series_uid=getattr(args, "series_uid", None),
+        engine=_engine_options(args, spec.controlnet_task),
+        overwrite=args.overwrite,
     )
-    _write_all(args, [(volume, args.output)])
-    _finish(
-        args,
-        f"{ct.array.shape[0]} slices of {ct.spacing[2]:g} mm -> {volume.array.shape[0]} of {args.spacing:g} mm",
-        [args.output],
-    )
+    _run(args, job, cancel)
 
 
-def run_generate_lesion(args: argparse.Namespace, cancel: CancelToken) -> None:
-    check_writable(args.output, args.overwrite)
-    anatomy, lesion = read_volume(args.anatomy), read_volume(args.lesion)
-    engine = _engine(args, "controlnet-lesion")
-    volume = generate_lesion(
-        anatomy,
-        lesion,
-        args.region,
-        engine,
-        args.sampler,
-        args.steps,
-        args.eta,
-        args.seed,
-        _progress(args, "generate-lesion"),
+def _run(args: argparse.Namespace, job: Job, cancel: CancelToken) -> None:
+    result = run_job(
+        job,
+        lambda options: _cached_engine(options, getattr(args, "engine_cache", None)),
+        _progress(args, job.spec.command),
         cancel,
     )
-    _write_all(args, [(volume, args.output)])
-    _finish(args, f"synthesised a {args.region} CT with a lesion", [args.output])
+    _finish(args, result.summary(), list(job.outputs.values()))
 
 
-def run_inpaint_lesion(args: argparse.Namespace, cancel: CancelToken) -> None:
-    check_writable(args.output, args.overwrite)
-    ct, lesion = read_volume(args.input, args.series_uid), read_volume(args.lesion)
-    anatomy = read_volume(args.anatomy) if args.anatomy else None
-    engine = _engine(args, "controlnet-lesion")
-    volume = inpaint_lesion(
-        ct,
-        lesion,
-        engine,
-        args.region,
-        anatomy,
-        args.steps,
-        args.jump_length,
-        args.jump_count,
-        args.margin,
-        args.seed,
-        _progress(args, "inpaint-lesion"),
-        cancel,
-    )
-    _write_all(args, [(volume, args.output)])
-    changed, outside = volume.metadata["MedDiffFM_changed_voxels"], volume.metadata["MedDiffFM_changed_outside_mask"]
-    _finish(args, f"{changed} voxels may differ ({outside} of them outside the lesion mask)", [args.output])
+def run_job_file(args: argparse.Namespace, cancel: CancelToken) -> None:
+    """``meddiff-fm run JOB.json``: the Slicer module's background runs come this way."""
+    _run(args, Job.read(args.job), cancel)
 
 
 def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
@@ -516,14 +346,14 @@ def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
     before, baseline, after = (
         psnr(reference.array, volume.array, window) for volume in (low_dose, gaussian, result.volume)
     )
-    _write_all(
-        args,
+    write_all(
         [
             (reference, paths["reference"]),
             (low_dose, paths["low_dose"]),
             (gaussian, paths["gaussian"]),
             (result.volume, paths["denoised"]),
         ],
+        args.overwrite,
     )
     comparison_png(
         [reference, low_dose, gaussian, result.volume],
@@ -569,17 +399,10 @@ def run_models(args: argparse.Namespace, cancel: CancelToken) -> None:
         print(f"imported into {path}")
 
 
-TASK_COMMANDS = {
-    "denoise": run_denoise,
-    "synthesize": run_synthesize,
-    "detect-anomalies": run_detect,
-    "super-resolve": run_super_resolve,
-    "generate-lesion": run_generate_lesion,
-    "inpaint-lesion": run_inpaint_lesion,
-}
+TASK_COMMANDS = {spec.command: run_task for spec in TASKS.values()}
 """The subcommands that run one task on one input (what ``batch`` can run per case)."""
 
-COMMANDS = {**TASK_COMMANDS, "demo": run_demo, "models": run_models, "batch": batch.run_batch}
+COMMANDS = {**TASK_COMMANDS, "run": run_job_file, "demo": run_demo, "models": run_models, "batch": batch.run_batch}
 
 
 def main(argv: list[str] | None = None) -> int:

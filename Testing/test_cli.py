@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -126,7 +127,7 @@ def test_interrupted_run_writes_nothing(tmp_path, small_files, saved_model, monk
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "denoise", interrupted)
+    monkeypatch.setattr(importlib.import_module("MedDiffFMLib.tasks.denoise"), "denoise", interrupted)
     assert cli.main(["denoise", ct, str(tmp_path / "never.nrrd"), "--model", saved_model]) == 130
     assert not (tmp_path / "never.nrrd").exists()
     assert not [p for p in tmp_path.iterdir() if ".part" in p.name]

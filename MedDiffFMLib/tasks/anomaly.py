@@ -25,10 +25,11 @@ from ..errors import InputError, MaskError
 from ..preprocessing import REGION_CLASS, REGIONS, check_region, resample
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..region import detect_region
+from ..task_spec import TASKS, TaskResult
 from ..volume import Volume
 from .engine import Engine, anatomy_on, checked_ct, to_working
 
-DEFAULT_TIMESTEP = 950
+DEFAULT_TIMESTEP = TASKS["detect_anomalies"].setting("t").default
 
 
 @dataclass
@@ -140,3 +141,36 @@ def stack_slices(slices: Sequence[np.ndarray], spacing: tuple[float, float, floa
     if not slices or len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise InputError("Give one or more 2D slices, all of the same shape.")
     return Volume(np.stack([np.asarray(s) for s in slices]), spacing=spacing)
+
+
+def run(
+    engine: Engine,
+    inputs: dict[str, Volume],
+    settings: dict,
+    region: str | None = None,
+    seed: int | None = 0,
+    progress: ProgressCallback = no_progress,
+    cancel: CancelToken | None = None,
+) -> TaskResult:
+    """The ``detect_anomalies`` task: ``ct`` and ``anatomy`` in, ``map`` and ``mask`` out."""
+    result = detect_anomalies(
+        inputs["ct"],
+        inputs["anatomy"],
+        engine=engine,
+        region=region,
+        seed=seed,
+        progress=progress,
+        cancel=cancel,
+        **settings,
+    )
+    anomalous = int(result.anomaly_mask.array.sum())
+    return TaskResult(
+        {"map": result.anomaly_map, "mask": result.anomaly_mask},
+        dict(
+            threshold=result.threshold,
+            region=result.region,
+            network_evaluations=result.network_evaluations,
+            anomalous_voxels=anomalous,
+        ),
+        f"threshold {result.threshold:.1f} HU, {anomalous} anomalous voxels",
+    )

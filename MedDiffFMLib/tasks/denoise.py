@@ -17,18 +17,14 @@ from ..errors import InputError
 from ..preprocessing import REGION_CLASS, check_region
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..region import detect_region
+from ..task_spec import TASKS, TaskResult
 from ..volume import Geometry, Volume
 from .engine import Engine, anatomy_on, checked_ct, outside_body_on, to_input_grid, to_working
 
-DEFAULT_STEPS = 10
-DEFAULT_LAMBDA = 10.0
-DEFAULT_ZETA = 0.0
-DEFAULT_NOISE_GAIN = 3.0
-"""DiffPIR runs at this multiple of the noise level. Low-dose CT noise is spatially correlated
-(filtered back-projection texture, streaks), so it holds more low-frequency power than white noise
-of the same standard deviation, and a white-noise DiffPIR at the true level leaves much of it. On
-simulated low dose of two training scans (chest CTA, chest and abdomen windows; 1 mm model,
-lambda 10, 4 steps) PSNR rose from gain 1 to a peak at 2.5-3 and fell beyond 4 (benchmarks/README.md)."""
+SPEC = TASKS["denoise"]
+DEFAULT_STEPS, DEFAULT_LAMBDA, DEFAULT_ZETA, DEFAULT_NOISE_GAIN = (
+    SPEC.setting(name).default for name in ("steps", "lam", "zeta", "noise_gain")
+)
 NEIGHBOURHOOD_MM = 5.0
 NOISE_PERCENTILE = 25
 NOISE_CALIBRATION = 1.26
@@ -120,7 +116,8 @@ def denoise(
         zeta: share of fresh noise when stepping down (0..1).
         seed: random seed (None for a random one).
         skip_air: skip windows entirely outside the body (those voxels keep the input's values).
-        noise_gain: DiffPIR runs at ``noise_gain * sigma_n`` (see :data:`DEFAULT_NOISE_GAIN`; 1 for
+        noise_gain: DiffPIR runs at ``noise_gain * sigma_n`` (see
+            :data:`~MedDiffFMLib.task_spec.DENOISE_NOISE_GAIN`; 1 for
             white noise).
 
     Returns:
@@ -179,3 +176,25 @@ def denoise(
         MedDiffFM_skipped_windows=str(predictor.skipped_windows),
     )
     return DenoiseResult(volume, region, source, sigma_n, t_start, predictor.evaluations, predictor.skipped_windows)
+
+
+def run(
+    engine: Engine,
+    inputs: dict[str, Volume],
+    settings: dict,
+    region: str | None = None,
+    seed: int | None = 0,
+    progress: ProgressCallback = no_progress,
+    cancel: CancelToken | None = None,
+) -> TaskResult:
+    """The ``denoise`` task (:data:`~MedDiffFMLib.task_spec.TASKS`): ``ct`` and optional ``anatomy`` in."""
+    result = denoise(
+        inputs["ct"], engine, region, inputs.get("anatomy"), seed=seed, progress=progress, cancel=cancel, **settings
+    )
+    fields = {name: getattr(result, name) for name in ("region", "region_source", "sigma_n", "t_start")}
+    fields.update(network_evaluations=result.network_evaluations, skipped_windows=result.skipped_windows)
+    message = (
+        f"region {result.region} ({result.region_source}), sigma_n {result.sigma_n:.4f}, t_start {result.t_start}, "
+        f"{result.network_evaluations} window evaluations"
+    )
+    return TaskResult({"volume": result.volume}, fields, message)

@@ -23,9 +23,14 @@ from ..diffusion.sliding_window import Conditions
 from ..errors import MaskError
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..region import detect_region
+from ..task_spec import TASKS, TaskResult
 from ..volume import Volume
 from .engine import Engine, anatomy_on, checked_ct
 from .synthesize import synthesize
+
+DEFAULT_STEPS, DEFAULT_JUMP_LENGTH, DEFAULT_JUMP_COUNT, DEFAULT_MARGIN_MM = (
+    TASKS["inpaint_lesion"].setting(name).default for name in ("steps", "jump_length", "jump_count", "margin_mm")
+)
 
 
 def lesion_mask_on(lesion: Volume, ct: Volume) -> np.ndarray:
@@ -80,10 +85,10 @@ def inpaint_lesion(
     engine: Engine,
     region: str | None = None,
     anatomy: Volume | None = None,
-    steps: int = 50,
-    jump_length: int = 10,
-    jump_count: int = 1,
-    margin_mm: float = 0.0,
+    steps: int = DEFAULT_STEPS,
+    jump_length: int = DEFAULT_JUMP_LENGTH,
+    jump_count: int = DEFAULT_JUMP_COUNT,
+    margin_mm: float = DEFAULT_MARGIN_MM,
     seed: int | None = 0,
     progress: ProgressCallback = no_progress,
     cancel: CancelToken | None = None,
@@ -164,4 +169,53 @@ def inpaint_lesion(
             if margin_mm <= 0
             else f"Voxels inside the lesion mask and a {margin_mm:g} mm blended band around it differ from the input."
         ),
+    )
+
+
+def run_generate(
+    engine: Engine,
+    inputs: dict[str, Volume],
+    settings: dict,
+    region: str | None = None,
+    seed: int | None = 0,
+    progress: ProgressCallback = no_progress,
+    cancel: CancelToken | None = None,
+) -> TaskResult:
+    """The ``generate_lesion`` task: ``anatomy`` and ``lesion`` in, a CT ``volume`` out."""
+    volume = generate_lesion(
+        inputs["anatomy"], inputs["lesion"], region, engine, seed=seed, progress=progress, cancel=cancel, **settings
+    )
+    return TaskResult({"volume": volume}, dict(region=region), f"synthesised a {region} CT with a lesion")
+
+
+def run_inpaint(
+    engine: Engine,
+    inputs: dict[str, Volume],
+    settings: dict,
+    region: str | None = None,
+    seed: int | None = 0,
+    progress: ProgressCallback = no_progress,
+    cancel: CancelToken | None = None,
+) -> TaskResult:
+    """The ``inpaint_lesion`` task: ``ct``, ``lesion`` and optional ``anatomy`` in, the CT ``volume`` out."""
+    volume = inpaint_lesion(
+        inputs["ct"],
+        inputs["lesion"],
+        engine,
+        region,
+        inputs.get("anatomy"),
+        seed=seed,
+        progress=progress,
+        cancel=cancel,
+        **settings,
+    )
+    changed, outside = (
+        int(volume.metadata[key]) for key in ("MedDiffFM_changed_voxels", "MedDiffFM_changed_outside_mask")
+    )
+    return TaskResult(
+        {"volume": volume},
+        dict(
+            region=volume.metadata.get("MedDiffFM_region", region), changed_voxels=changed, changed_outside_mask=outside
+        ),
+        f"{changed} voxels may differ ({outside} of them outside the lesion mask)",
     )

@@ -22,13 +22,14 @@ from ..diffusion.sliding_window import Conditions
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..region import detect_region
+from ..task_spec import TASKS, TaskResult
 from ..volume import Geometry, Volume
 from .engine import Engine, checked_ct
 
-DEFAULT_STEPS = 100
-DEFAULT_SIGMA = 1.0
-DEFAULT_LAMBDA = 1.0
-DEFAULT_ZETA = 0.3
+SPEC = TASKS["super_resolve"]
+DEFAULT_STEPS, DEFAULT_SIGMA, DEFAULT_LAMBDA, DEFAULT_ZETA = (
+    SPEC.setting(name).default for name in ("steps", "sigma_n", "lam", "zeta")
+)
 
 
 def thin_geometry(thick: Geometry, factor: int) -> Geometry:
@@ -129,4 +130,23 @@ def super_resolve(
         MedDiffFM_seed=str(seed),
         MedDiffFM_carried_over_voxels=str(carried),
         MedDiffFM_note=f"{carried} voxels outside the {region} window were copied from the thick input.",
+    )
+
+
+def run(
+    engine: Engine,
+    inputs: dict[str, Volume],
+    settings: dict,
+    region: str | None = None,
+    seed: int | None = 0,
+    progress: ProgressCallback = no_progress,
+    cancel: CancelToken | None = None,
+) -> TaskResult:
+    """The ``super_resolve`` task: the thick ``ct`` in, the thin ``volume`` out."""
+    ct = inputs["ct"]
+    volume = super_resolve(ct, engine, region=region, seed=seed, progress=progress, cancel=cancel, **settings)
+    return TaskResult(
+        {"volume": volume},
+        dict(region=volume.metadata["MedDiffFM_region"], slab_factor=int(volume.metadata["MedDiffFM_slab_factor"])),
+        f"{ct.array.shape[0]} slices of {ct.spacing[2]:g} mm -> {volume.array.shape[0]} of {volume.spacing[2]:g} mm",
     )

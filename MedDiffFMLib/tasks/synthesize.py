@@ -12,6 +12,7 @@ from ..diffusion.sliding_window import Conditions
 from ..errors import InputError
 from ..preprocessing import REGION_CLASS, check_region, model_to_hu, resample
 from ..progress import CancelToken, ProgressCallback, no_progress
+from ..task_spec import TaskResult
 from ..volume import Volume
 from .engine import Engine
 
@@ -111,4 +112,20 @@ def synthesize(
         MedDiffFM_note=note,
         MedDiffFM_skipped_windows=str(predictor.skipped_windows),
         MedDiffFM_network_evaluations=str(predictor.evaluations),
+    )
+
+
+def run(
+    engine: Engine,
+    inputs: dict[str, Volume],
+    settings: dict,
+    region: str | None = None,
+    seed: int | None = 0,
+    progress: ProgressCallback = no_progress,
+    cancel: CancelToken | None = None,
+) -> TaskResult:
+    """The ``synthesize`` task: the ``anatomy`` in (its grid is the result's), a CT ``volume`` out."""
+    volume = synthesize(inputs["anatomy"], region, engine, seed=seed, progress=progress, cancel=cancel, **settings)
+    return TaskResult(
+        {"volume": volume}, dict(region=region), f"synthesised a {region} CT of shape {volume.array.shape}"
     )

@@ -1,0 +1,468 @@
+"""One definition per task: its inputs, settings, outputs and the function that runs it.
+
+A :class:`TaskSpec` is what the command line's subcommands and flags, the Slicer panel's rows and
+defaults, the background job file (``meddiff-fm run JOB.json``) and the tests are generated from.
+The six tasks are defined at the end of this module (:data:`TASKS`); each one's computation is a
+``run(engine, inputs, settings, progress, cancel) -> TaskResult`` function in its module under
+:mod:`MedDiffFMLib.tasks`, named by :attr:`TaskSpec.runner` and imported only when the task runs.
+
+This module imports nothing beyond the standard library, so that the Slicer module can describe
+the tasks before PyTorch is installed. A new task is a new module under ``tasks/`` plus its
+:class:`TaskSpec` here (or passed to :func:`register`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InputError
+
+REGION_NAMES = ("head_neck", "chest", "abdomen")
+"""The model's regions (``MedDiffFMLib.preprocessing.REGIONS``; a test keeps the two in step)."""
+SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m")
+"""The generative samplers (``MedDiffFMLib.diffusion.samplers.SAMPLERS``)."""
+
+KINDS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "names": list}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a task: a keyword of its library function and a key of job files.
+
+    Attributes:
+        name: the keyword (``sigma_n``); also the job file's key.
+        default: value when not given; None means "automatic" or "the task decides" (see ``help``).
+        help: one line for ``--help``, tooltips and documentation, with the unit.
+        kind: ``int``, ``float``, ``str``, ``bool`` or ``names`` (a list of strings, repeatable flag).
+        flag: the command-line flag when it is not ``--`` + the name with dashes.
+        choices: the allowed values of a ``str`` setting.
+        minimum, maximum: the allowed range of a number (inclusive).
+        auto: the value may also be the string ``auto`` (estimated from the data).
+        required: the command line requires it (the Slicer panel asks for it).
+        panel: the Slicer panel's row that edits it; empty: command line and Python only.
+    """
+
+    name: str
+    default: Any
+    help: str
+    kind: str = "float"
+    flag: str = ""
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    auto: bool = False
+    required: bool = False
+    panel: str = ""
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any) -> Any:
+        """``value`` converted to the setting's kind, or an :class:`InputError` saying what is allowed."""
+        if value is None or (self.auto and value == "auto"):
+            return value
+        try:
+            if self.kind == "names":
+                value = [value] if isinstance(value, str) else [str(item) for item in value]
+            elif self.kind == "bool":
+                if not isinstance(value, bool):
+                    raise TypeError(value)
+            elif self.kind == "int":
+                if isinstance(value, bool) or float(value) != int(float(value)):
+                    raise ValueError(value)
+                value = int(float(value))
+            else:
+                value = KINDS[self.kind](value)
+        except (TypeError, ValueError):
+            allowed = f"{self.kind} or 'auto'" if self.auto else self.kind
+            raise InputError(f"{self.cli_flag} must be a {allowed}, got {value!r}.") from None
+        if self.choices and value not in self.choices:
+            raise InputError(f"{self.cli_flag} must be one of {', '.join(self.choices)}, got '{value}'.")
+        if self.minimum is not None and value < self.minimum or self.maximum is not None and value > self.maximum:
+            raise InputError(f"{self.cli_flag} must be within [{self.minimum}, {self.maximum}], got {value}.")
+        return value
+
+
+@dataclass(frozen=True)
+class Role:
+    """An input volume of a task.
+
+    Attributes:
+        name: ``ct``, ``anatomy`` or ``lesion`` (the key in ``inputs`` and in job files).
+        help: its description for ``--help``.
+        required: the task cannot run without it.
+        positional: the command line takes it as its first argument (else as ``--<name>``).
+    """
+
+    name: str
+    help: str
+    required: bool = True
+    positional: bool = False
+
+    @property
+    def cli_flag(self) -> str:
+        return "--" + self.name
+
+
+@dataclass(frozen=True)
+class Output:
+    """An output volume of a task.
+
+    Attributes:
+        name: the key in :attr:`TaskResult.volumes` and in job files (``volume``, ``map``, ``mask``).
+        suffix: the Slicer node's name after the input's name (``"denoised"``).
+        help: its description for ``--help``.
+        flag: the command-line flag of a second output (its default path is the first output's with
+            ``_<name>`` before the extension); empty: the positional ``output``.
+    """
+
+    name: str
+    suffix: str
+    help: str = "output file (.nii.gz, .nii, .nrrd, .mha)"
+    flag: str = ""
+
+
+@dataclass
+class TaskResult:
+    """What a task produced: named volumes (on the input's grid or the anatomy's), fields, a summary."""
+
+    volumes: dict[str, Any]
+    fields: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
+
+    def summary(self) -> str:
+        """One line for people: the task's message and the first volume's note (carried-over voxels)."""
+        notes = [volume.metadata.get("MedDiffFM_note", "") for volume in self.volumes.values()]
+        return "; ".join(part for part in (self.message, *notes[:1]) if part)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything about one task that is not its computation.
+
+    Attributes:
+        key: Python name (``detect_anomalies``); also the Slicer module's task key.
+        command: command-line subcommand (``detect-anomalies``).
+        label: the Slicer panel's name for it.
+        help: one line for ``meddiff-fm --help``.
+        description: one line under the panel's task selector.
+        runner: ``module:function`` (relative to ``MedDiffFMLib.tasks``) that runs it.
+        inputs, outputs, settings: see :class:`Role`, :class:`Output`, :class:`Setting`.
+        region_required: the region cannot be detected from the CT (synthesis): the command line
+            requires ``--region``; Slicer reads it from the anatomy or asks.
+        controlnet_task: the ControlNet it needs (``controlnet-sr``), if any.
+        grid_from_volume: in Slicer, a chosen volume (not an input) may give the result's grid.
+    """
+
+    key: str
+    command: str
+    label: str
+    help: str
+    description: str
+    runner: str
+    inputs: tuple[Role, ...]
+    outputs: tuple[Output, ...]
+    settings: tuple[Setting, ...]
+    region_required: bool = False
+    controlnet_task: str | None = None
+    grid_from_volume: bool = False
+
+    def setting(self, name: str) -> Setting:
+        for setting in self.settings:
+            if setting.name == name:
+                return setting
+        raise KeyError(name)
+
+    def role(self, name: str) -> Role | None:
+        return next((role for role in self.inputs if role.name == name), None)
+
+    def defaults(self) -> dict[str, Any]:
+        return {setting.name: setting.default for setting in self.settings}
+
+    def resolve(self, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The defaults updated with ``settings`` (None values keep the default), each checked."""
+        given = dict(settings or {})
+        unknown = sorted(set(given) - {s.name for s in self.settings})
+        if unknown:
+            known = ", ".join(s.name for s in self.settings)
+            raise InputError(f"Unknown setting(s) for {self.command}: {', '.join(unknown)}. Known: {known}.")
+        resolved = {}
+        for setting in self.settings:
+            value = given.get(setting.name)
+            resolved[setting.name] = setting.default if value is None else setting.check(value)
+            if setting.required and resolved[setting.name] in (None, []):
+                raise InputError(f"{self.label} needs {setting.cli_flag}: {setting.help}.")
+        return resolved
+
+    def check_inputs(self, inputs: Mapping[str, Any]) -> None:
+        names = {role.name for role in self.inputs}
+        unknown = sorted(set(inputs) - names)
+        if unknown:
+            raise InputError(f"{self.label} takes no input(s) {', '.join(unknown)} (it takes {', '.join(names)}).")
+        for role in self.inputs:
+            if role.required and inputs.get(role.name) is None:
+                raise InputError(f"{self.label} needs the {role.name} input: {role.help}.")
+
+    def run(
+        self,
+        engine: Any,
+        inputs: Mapping[str, Any],
+        settings: Mapping[str, Any] | None = None,
+        region: str | None = None,
+        seed: int | None = 0,
+        progress: Callable[[int, int, str], None] | None = None,
+        cancel: Any = None,
+    ) -> TaskResult:
+        """Run the task: ``inputs`` are :class:`~MedDiffFMLib.volume.Volume` objects by role name,
+        ``settings`` by name (missing ones take their defaults); ``region`` None: detected."""
+        self.check_inputs(inputs)
+        if region is not None and region not in REGION_NAMES:
+            raise InputError(f"Unknown region '{region}'. Choose one of: {', '.join(REGION_NAMES)}.")
+        if self.region_required and region is None:
+            raise InputError(f"{self.label} needs the region ({', '.join(REGION_NAMES)}).")
+        module, function = self.runner.split(":")
+        runner = getattr(importlib.import_module(f".tasks.{module}", __package__), function)
+        context = dict(region=region, seed=seed, cancel=cancel)
+        if progress is not None:
+            context["progress"] = progress
+        return runner(engine, {k: v for k, v in inputs.items() if v is not None}, self.resolve(settings), **context)
+
+
+TASKS: dict[str, TaskSpec] = {}
+"""Every task by key, in the order the command line and the panel list them."""
+
+
+def register(spec: TaskSpec) -> TaskSpec:
+    """Add a task (the command line and the Slicer panel offer it from then on)."""
+    if spec.key in TASKS or any(other.command == spec.command for other in TASKS.values()):
+        raise ValueError(f"A task '{spec.key}' or command '{spec.command}' exists already.")
+    TASKS[spec.key] = spec
+    return spec
+
+
+def task_by_command(command: str) -> TaskSpec:
+    for spec in TASKS.values():
+        if spec.command == command:
+            return spec
+    raise KeyError(command)
+
+
+# --- the six tasks ---------------------------------------------------------------------------------
+
+_CT = Role("ct", "CT file or DICOM folder (HU)", positional=True)
+_ANATOMY_GRID = Role("anatomy", "anatomy label map; its grid fixes the output's size and spacing", positional=True)
+_OPTIONAL_ANATOMY = Role("anatomy", "anatomy label map (TotalSegmentator v2 values) for conditioning", required=False)
+_STEPS_OF_SAMPLER = Setting(
+    "steps",
+    None,
+    "steps of ddim (default 50) or dpm++2m (default 20); ddpm always runs all 1000. Above about 40, dpm++2m "
+    "merges steps that fall on the same integer timestep",
+    kind="int",
+    minimum=1,
+    panel="steps",
+)
+_SAMPLER = Setting("sampler", "ddim", "sampler", kind="str", choices=SAMPLER_NAMES, panel="sampler")
+
+
+def _eta(help_text: str) -> Setting:
+    return Setting("eta", 1.0, help_text, minimum=0.0, maximum=1.0, panel="eta")
+
+
+DENOISE_NOISE_GAIN = 3.0
+"""DiffPIR runs at this multiple of the noise level. Low-dose CT noise is spatially correlated
+(filtered back-projection texture, streaks), so it holds more low-frequency power than white noise
+of the same standard deviation, and a white-noise DiffPIR at the true level leaves much of it. On
+simulated low dose of two training scans (chest CTA, chest and abdomen windows; 1 mm model,
+lambda 10, 4 steps) PSNR rose from gain 1 to a peak at 2.5-3 and fell beyond 4 (benchmarks/README.md)."""
+
+register(
+    TaskSpec(
+        "synthesize",
+        "synthesize",
+        "Synthesize",
+        "generate a CT from an anatomy label map",
+        "Generate a CT from an anatomy segmentation (its grid, or the chosen volume's grid).",
+        "synthesize:run",
+        inputs=(_ANATOMY_GRID,),
+        outputs=(Output("volume", "synthetic CT"),),
+        settings=(_SAMPLER, _STEPS_OF_SAMPLER, _eta("DDIM stochasticity (0 deterministic, default 1)")),
+        region_required=True,
+        grid_from_volume=True,
+    )
+)
+register(
+    TaskSpec(
+        "denoise",
+        "denoise",
+        "Denoise",
+        "low-dose CT denoising (DiffPIR)",
+        "Low-dose CT denoising (DiffPIR, zero-shot).",
+        "denoise:run",
+        inputs=(_CT, _OPTIONAL_ANATOMY),
+        outputs=(Output("volume", "denoised"),),
+        settings=(
+            Setting(
+                "sigma_n",
+                "auto",
+                "noise std in the model's [-1, 1] scale, or 'auto' (default)",
+                flag="--sigma",
+                minimum=1e-4,
+                maximum=2.0,
+                auto=True,
+                panel="sigma",
+            ),
+            Setting(
+                "noise_gain",
+                DENOISE_NOISE_GAIN,
+                f"DiffPIR runs at this multiple of the noise std: CT noise is correlated (default "
+                f"{DENOISE_NOISE_GAIN:g}; 1 for white noise)",
+                minimum=0.1,
+                maximum=20.0,
+            ),
+            Setting("lam", 10.0, "DiffPIR lambda (default 10)", minimum=0.0, panel="lambda"),
+            Setting("steps", 10, "network evaluations (default 10)", kind="int", minimum=1, panel="steps"),
+            Setting("zeta", 0.0, "fresh-noise share (default 0)", minimum=0.0, maximum=1.0),
+        ),
+    )
+)
+register(
+    TaskSpec(
+        "detect_anomalies",
+        "detect-anomalies",
+        "Detect anomalies",
+        "anomaly map and mask inside an organ",
+        "Anomaly map and mask inside the chosen organs (zero-shot).",
+        "anomaly:run",
+        inputs=(_CT, Role("anatomy", "anatomy label map containing the organ")),
+        outputs=(
+            Output("map", "anomaly map", "anomaly map file (HU difference)"),
+            Output(
+                "mask",
+                "anomalies",
+                "anomaly mask file (default: OUTPUT with '_mask' before the extension)",
+                flag="--mask-output",
+            ),
+        ),
+        settings=(
+            Setting(
+                "organs",
+                None,
+                "organ name, e.g. liver (repeatable)",
+                kind="names",
+                flag="--organ",
+                required=True,
+                panel="organs",
+            ),
+            Setting("t", 950, "noise timestep (default 950)", kind="int", minimum=1, maximum=999, panel="timestep"),
+            Setting(
+                "threshold",
+                None,
+                "HU threshold on |map| (default: from the map's statistics)",
+                minimum=0.0,
+                panel="threshold",
+            ),
+            Setting("draws", 1, "noise draws to average (default 1)", kind="int", minimum=1),
+        ),
+    )
+)
+register(
+    TaskSpec(
+        "super_resolve",
+        "super-resolve",
+        "Super-resolve",
+        "thin slices from a thick-slice CT (ControlNet + DiffPIR)",
+        "Thick-slice to thin-slice CT along z (ControlNet + DiffPIR).",
+        "super_resolution:run",
+        inputs=(Role("ct", "thick-slice CT file or DICOM folder (HU)", positional=True),),
+        outputs=(Output("volume", "super-resolved"),),
+        settings=(
+            Setting(
+                "spacing",
+                1.0,
+                "slice spacing of the result in mm (default 1.0)",
+                minimum=0.1,
+                maximum=10.0,
+                panel="spacing",
+            ),
+            Setting("steps", 100, "network evaluations (default 100)", kind="int", minimum=1, panel="steps"),
+            Setting(
+                "sigma_n",
+                1.0,
+                "DiffPIR noise level (default 1)",
+                flag="--sigma",
+                minimum=1e-4,
+                maximum=2.0,
+                panel="sigma",
+            ),
+            Setting("lam", 1.0, "DiffPIR lambda (default 1)", minimum=0.0, panel="lambda"),
+            Setting("zeta", 0.3, "fresh-noise share (default 0.3)", minimum=0.0, maximum=1.0),
+        ),
+        controlnet_task="controlnet-sr",
+    )
+)
+register(
+    TaskSpec(
+        "generate_lesion",
+        "generate-lesion",
+        "Generate lesion",
+        "synthesise a CT with a lesion where a mask says",
+        "Synthesize a CT with a lesion where the lesion segment is (lesion ControlNet).",
+        "lesion:run_generate",
+        inputs=(_ANATOMY_GRID, Role("lesion", "lesion mask (non-zero = lesion)")),
+        outputs=(Output("volume", "synthetic lesion CT"),),
+        settings=(_SAMPLER, _STEPS_OF_SAMPLER, _eta("DDIM stochasticity (default 1)")),
+        region_required=True,
+        controlnet_task="controlnet-lesion",
+        grid_from_volume=True,
+    )
+)
+register(
+    TaskSpec(
+        "inpaint_lesion",
+        "inpaint-lesion",
+        "Inpaint lesion",
+        "paint a lesion into a real CT (RePaint); other voxels unchanged",
+        "Paint a lesion into a real CT inside the lesion segment (RePaint); voxels outside stay.",
+        "lesion:run_inpaint",
+        inputs=(
+            _CT,
+            Role("lesion", "lesion mask (non-zero = lesion), any overlapping grid"),
+            Role("anatomy", "anatomy label map for conditioning", required=False),
+        ),
+        outputs=(Output("volume", "lesion inpainted"),),
+        settings=(
+            Setting("steps", 50, "reverse steps (default 50)", kind="int", minimum=1, panel="steps"),
+            Setting(
+                "jump_length",
+                10,
+                "RePaint jump length in steps (default 10)",
+                kind="int",
+                minimum=1,
+                panel="jumpLength",
+            ),
+            Setting(
+                "jump_count",
+                1,
+                "RePaint re-noising jumps per position (default 1)",
+                kind="int",
+                minimum=1,
+                panel="jumpCount",
+            ),
+            Setting(
+                "margin_mm",
+                0.0,
+                "blend generated and original voxels in a band this wide (mm) around the mask; default 0: only the "
+                "mask changes",
+                flag="--margin",
+                minimum=0.0,
+                maximum=30.0,
+                panel="margin",
+            ),
+        ),
+        controlnet_task="controlnet-lesion",
+    )
+)
