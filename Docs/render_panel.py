@@ -11,7 +11,6 @@ dependency; use a throwaway environment)::
 
 from __future__ import annotations
 
-import ast
 import os
 import sys
 import xml.etree.ElementTree as ET
@@ -20,8 +19,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 UI = ROOT / "MedDiffFM" / "Resources" / "UI" / "MedDiffFM.ui"
 sys.path.insert(0, str(ROOT / "MedDiffFM"))
+sys.path.insert(0, str(ROOT))
 
-from MedDiffFMSlicer.taskinfo import DEVICE_LABELS, REGION_LABELS, TASKS, task_for_label  # noqa: E402
+from MedDiffFMSlicer.taskinfo import (  # noqa: E402
+    DEVICE_LABELS,
+    REGION_LABELS,
+    TASK_ROWS,
+    TASKS,
+    rows_of_task,
+    task_for_label,
+)
 
 STAND_INS = {
     "qMRMLWidget": "QWidget",
@@ -55,14 +62,6 @@ EXAMPLE_CONTENT = {
     "controlNetComboBox": ["(install a ControlNet)"],
     "catalogueComboBox": ["(no downloadable models listed; use Import from file)"],
 }
-
-
-def module_constant(name: str):
-    tree = ast.parse((ROOT / "MedDiffFM" / "MedDiffFM.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise KeyError(name)
 
 
 def stand_in_ui() -> tuple[bytes, set[str]]:
@@ -120,8 +119,8 @@ def render(task_label: str = "Detect anomalies", output: Path = ROOT / "Docs" / 
     find("installDependenciesButton").setEnabled(False)
     find("applyButton").setEnabled(True)
     find("statusLabel").setText("Choose the inputs and press Apply; the task runs in the background.")
-    shown = module_constant("ROWS_OF_TASK")[task]
-    for row, names in module_constant("TASK_ROWS").items():
+    shown = rows_of_task(task)
+    for row, names in TASK_ROWS.items():
         for name in names:
             find(name).setVisible(row in shown)
     for name in collapsed:

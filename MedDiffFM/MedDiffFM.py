@@ -26,7 +26,6 @@ import qt
 import slicer
 import vtk
 from MedDiffFMSlicer import dependencies
-from MedDiffFMSlicer.taskinfo import DEVICE_LABELS, REGION_LABELS, SAMPLER_LABELS, TASKS, task_for_label
 from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -40,6 +39,17 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 dependencies.put_library_on_path(os.path.dirname(os.path.abspath(__file__)))
+
+from MedDiffFMSlicer.taskinfo import (  # noqa: E402 - the task definitions come from MedDiffFMLib, put on the path above
+    DEVICE_LABELS,
+    REGION_LABELS,
+    SAMPLER_LABELS,
+    TASK_ROWS,
+    TASKS,
+    anatomy_use,
+    rows_of_task,
+    task_for_label,
+)
 
 SETTINGS = "MedDiffFM"
 TIMER_INTERVAL_MS = 200
@@ -118,43 +128,25 @@ class MedDiffFMParameterNode:
 # Widget
 #
 
-# Rows of the panel (label and field object names) shown only for some tasks.
-TASK_ROWS = {
-    "inputVolume": ("inputVolumeLabel", "inputVolumeSelector"),
-    "anatomy": ("anatomyLabel", "anatomyRow"),
-    "lesion": ("lesionLabel", "lesionSegmentSelector"),
-    "organs": ("organsLabel", "organsComboBox"),
-    "spacing": ("spacingLabel", "spacingSpinBox"),
-    "sampler": ("samplerLabel", "samplerComboBox"),
-    "eta": ("etaLabel", "etaSpinBox"),
-    "sigma": ("sigmaLabel", "sigmaRow"),
-    "lambda": ("lambdaLabel", "lambdaSpinBox"),
-    "timestep": ("timestepLabel", "timestepSpinBox"),
-    "threshold": ("thresholdLabel", "thresholdRow"),
-    "jumpLength": ("jumpLengthLabel", "jumpLengthSpinBox"),
-    "jumpCount": ("jumpCountLabel", "jumpCountSpinBox"),
-    "margin": ("marginLabel", "marginSpinBox"),
-    "volumes": ("extraVolumesLabel", "extraVolumesComboBox"),
-    "controlNet": ("controlNetLabel", "controlNetComboBox"),
-}
 
-ROWS_OF_TASK = {
-    "synthesize": {"inputVolume", "anatomy", "sampler", "eta"},
-    "denoise": {"inputVolume", "volumes", "anatomy", "sigma", "lambda"},
-    "detect_anomalies": {"inputVolume", "volumes", "anatomy", "organs", "timestep", "threshold"},
-    "super_resolve": {"inputVolume", "volumes", "spacing", "sigma", "lambda", "controlNet"},
-    "generate_lesion": {"inputVolume", "anatomy", "lesion", "sampler", "eta", "controlNet"},
-    "inpaint_lesion": {
-        "inputVolume",
-        "volumes",
-        "anatomy",
-        "lesion",
-        "jumpLength",
-        "jumpCount",
-        "margin",
-        "controlNet",
-    },
-}
+def panelSettings(p, spec) -> dict:
+    """The task's settings from the panel's state: each row's reading is shared by the tasks that show it.
+    None leaves a setting to the task's default (0 steps or lambda, an "auto" box for a setting without auto)."""
+    readers = {
+        "steps": lambda setting: p.steps or None,
+        "sampler": lambda setting: SAMPLER_LABELS[p.sampler],
+        "eta": lambda setting: p.eta,
+        "sigma": lambda setting: ("auto" if setting.auto else None) if p.sigmaAuto else p.sigma,
+        "lambda": lambda setting: p.lam or None,
+        "timestep": lambda setting: p.t,
+        "threshold": lambda setting: None if p.thresholdAuto else p.threshold,
+        "organs": lambda setting: list(p.organs),
+        "spacing": lambda setting: p.spacing,
+        "jumpLength": lambda setting: p.jumpLength,
+        "jumpCount": lambda setting: p.jumpCount,
+        "margin": lambda setting: p.margin,
+    }
+    return {setting.name: readers[setting.panel](setting) for setting in spec.settings if setting.panel}
 
 
 class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -287,14 +279,19 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateTaskRows(self, *args) -> None:
         task = self.currentTask()
-        info = TASKS[task]
-        visible = ROWS_OF_TASK[task]
+        spec = TASKS[task]
+        visible = rows_of_task(task)
         for row, names in TASK_ROWS.items():
             for name in names:
                 getattr(self.ui, name).visible = row in visible
-        self.ui.inputVolumeLabel.text = _("Output grid:") if info.volume_is_grid_only else _("CT volume:")
-        self.ui.anatomyLabel.text = _("Anatomy (optional):") if info.anatomy == "optional" else _("Anatomy:")
-        self.ui.taskDescriptionLabel.text = info.description
+        fields = {row: names[1] for row, names in TASK_ROWS.items()}
+        fields["steps"] = "stepsSpinBox"
+        for setting in spec.settings:
+            if setting.panel in fields:
+                getattr(self.ui, fields[setting.panel]).toolTip = setting.help[:1].upper() + setting.help[1:] + "."
+        self.ui.inputVolumeLabel.text = _("Output grid:") if spec.grid_from_volume else _("CT volume:")
+        self.ui.anatomyLabel.text = _("Anatomy (optional):") if anatomy_use(spec) == "optional" else _("Anatomy:")
+        self.ui.taskDescriptionLabel.text = spec.description
         self.refreshControlNets()
         self.updateEnabled()
 
@@ -302,26 +299,28 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode is None:
             self.ui.applyButton.enabled = False
             return
-        self.ui.sigmaSpinBox.enabled = not self.ui.sigmaAutoCheckBox.checked or self.currentTask() == "super_resolve"
+        spec = TASKS[self.currentTask()]
+        sigma = next((setting for setting in spec.settings if setting.panel == "sigma"), None)
+        self.ui.sigmaSpinBox.enabled = not self.ui.sigmaAutoCheckBox.checked or (sigma is not None and not sigma.auto)
         self.ui.thresholdSpinBox.enabled = not self.ui.thresholdAutoCheckBox.checked
         if self._running is not None and not self._running.finished:
             self.ui.applyButton.enabled = True
             return
-        info = TASKS[self.currentTask()]
+        p = self._parameterNode
         missing = []
-        if info.needs_volume and not self._parameterNode.inputVolume:
+        if spec.role("ct") and not p.inputVolume:
             missing.append(_("a CT volume"))
-        if info.anatomy == "required" and not self._parameterNode.anatomy:
+        if anatomy_use(spec) == "required" and not p.anatomy:
             missing.append(_("an anatomy segmentation"))
-        if info.needs_lesion and not (self._parameterNode.lesionSegmentation and self._parameterNode.lesionSegmentID):
+        if spec.role("lesion") and not (p.lesionSegmentation and p.lesionSegmentID):
             missing.append(_("a lesion segment"))
-        if info.needs_organs and not self._parameterNode.organs:
+        if any(setting.name == "organs" and setting.required for setting in spec.settings) and not p.organs:
             missing.append(_("an organ"))
         self.ui.applyButton.enabled = not missing
         self.ui.applyButton.toolTip = (
             _("Choose {inputs}.").format(inputs=", ".join(missing))
             if missing
-            else _("Run {task}.").format(task=info.label)
+            else _("Run {task}.").format(task=spec.label)
         )
 
     def onLesionChanged(self, *args) -> None:
@@ -533,22 +532,11 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return TaskParameters(
             task=task,
             volume=p.inputVolume,
-            anatomy=p.anatomy if TASKS[task].anatomy != "no" else None,
+            anatomy=p.anatomy if anatomy_use(TASKS[task]) != "no" else None,
             lesion_segmentation=p.lesionSegmentation,
             lesion_segment_id=p.lesionSegmentID,
-            organs=list(p.organs),
+            settings=panelSettings(p, TASKS[task]),
             region=REGION_LABELS[p.region],
-            steps=p.steps or None,
-            sampler=SAMPLER_LABELS[p.sampler],
-            eta=p.eta,
-            sigma=None if (p.sigmaAuto and task != "super_resolve") else p.sigma,
-            lam=p.lam or None,
-            t=p.t,
-            threshold=None if p.thresholdAuto else p.threshold,
-            spacing=p.spacing,
-            jump_length=p.jumpLength,
-            jump_count=p.jumpCount,
-            margin_mm=p.margin,
             seed=p.seed,
             device=DEVICE_LABELS[p.device],
             overlap=p.overlap,
@@ -580,7 +568,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         qt.QSettings().setValue(f"{SETTINGS}/Device", self._parameterNode.device)
         qt.QSettings().setValue(f"{SETTINGS}/Model", self.ui.modelComboBox.currentText)
         extra = []
-        if "volumes" in ROWS_OF_TASK[parameters.task]:
+        if "volumes" in rows_of_task(parameters.task):
             extra = [node for node in self.ui.extraVolumesComboBox.checkedNodes() if node is not parameters.volume]
         self._queue = [dataclasses.replace(parameters, volume=node) for node in extra]
         self._batch = {"count": 1 + len(extra), "failed": []}
@@ -865,7 +853,9 @@ class MedDiffFMTest(ScriptedLoadableModuleTest):
         self.assertEqual(denoised.GetName(), "Phantom CT denoised")
         self._assertSameGrid(denoised, volume)
 
-        parameters = TaskParameters("denoise", volume=volume, anatomy=anatomy, steps=2, untrained="tiny", device="cpu")
+        parameters = TaskParameters(
+            "denoise", volume=volume, anatomy=anatomy, settings={"steps": 2}, untrained="tiny", device="cpu"
+        )
         running = logic.start(parameters, python=pythonCommand(), launcher=launchChild)
         folder = running.job.folder
         running.job.wait(timeout=600)
@@ -908,7 +898,7 @@ class MedDiffFMTest(ScriptedLoadableModuleTest):
             self.assertEqual(widget.currentTask(), task)
             for row, names in TASK_ROWS.items():
                 shown = not getattr(widget.ui, names[1]).isHidden()
-                self.assertEqual(shown, row in ROWS_OF_TASK[task], (task, row))
+                self.assertEqual(shown, row in rows_of_task(task), (task, row))
         missing = dependencies.missing_packages()
         self.assertEqual(widget.ui.installDependenciesButton.enabled, bool(missing))
         for package in missing:

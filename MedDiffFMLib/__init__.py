@@ -22,11 +22,15 @@ from .errors import (
     ReadError,
     WeightsError,
 )
-from .volume import Geometry, Volume, read_volume, write_volume
 
 # torch and MONAI load only when a model or task is first used, so that file handling, data
-# preparation and the command line's --help start in a fraction of a second.
+# preparation and the command line's --help start in a fraction of a second; numpy and SimpleITK
+# only with volumes, so that the task definitions (task_spec) import with the standard library alone.
 _LAZY = {
+    "Geometry": "volume",
+    "Volume": "volume",
+    "read_volume": "volume",
+    "write_volume": "volume",
     "load_controlled_model": "model",
     "load_model": "model",
     "resolve_weights": "model",
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
         super_resolve,
         synthesize,
     )
+    from .volume import Geometry, Volume, read_volume, write_volume
 
 
 def __getattr__(name: str):

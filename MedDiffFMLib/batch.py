@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CancelledError, InputError, MedDiffFMError
+from .job import output_path_beside
 from .progress import CancelToken
+from .task_spec import TASKS, task_by_command
 
 SUMMARY_FIELDS = ("input", "output", "task", "status", "seconds", "error")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -104,9 +106,6 @@ def shard_of(text: str | None) -> tuple[int, int]:
 def outputs_of(case: BatchCase) -> list[Path]:
     """The files a case writes: its output and the task's further outputs beside it (anomaly
     detection's mask)."""
-    from .job import output_path_beside
-    from .task_spec import task_by_command
-
     try:
         further = task_by_command(case.task).outputs[1:]
     except KeyError:
@@ -166,11 +165,12 @@ def run_batch(args: argparse.Namespace, cancel: CancelToken) -> None:
         else:
             try:
                 argv = [case.task, case.input, case.output, *case.options, *common, "--quiet"]
-                if case.task not in cli.TASK_COMMANDS:
-                    raise InputError(f"Unknown task '{case.task}'. Choose one of: {', '.join(cli.TASK_COMMANDS)}.")
+                commands = [spec.command for spec in TASKS.values()]
+                if case.task not in commands:
+                    raise InputError(f"Unknown task '{case.task}'. Choose one of: {', '.join(commands)}.")
                 task_args = _parse(parser, argv)
                 task_args.engine_cache = engines
-                cli.COMMANDS[task_args.command](task_args, cancel)
+                cli.run_task(task_args, cancel)
                 row["status"] = "done"
             except (KeyboardInterrupt, CancelledError):
                 _write_summary(summary, rows)

@@ -399,10 +399,8 @@ def run_models(args: argparse.Namespace, cancel: CancelToken) -> None:
         print(f"imported into {path}")
 
 
-TASK_COMMANDS = {spec.command: run_task for spec in TASKS.values()}
-"""The subcommands that run one task on one input (what ``batch`` can run per case)."""
-
-COMMANDS = {**TASK_COMMANDS, "run": run_job_file, "demo": run_demo, "models": run_models, "batch": batch.run_batch}
+COMMANDS = {"run": run_job_file, "demo": run_demo, "models": run_models, "batch": batch.run_batch}
+"""The subcommands besides the tasks' (which :func:`run_task` runs, from :data:`~MedDiffFMLib.task_spec.TASKS`)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -414,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         args.common = common
     cancel = CancelToken()
     try:
-        COMMANDS[args.command](args, cancel)
+        (run_task if getattr(args, "spec", None) else COMMANDS[args.command])(args, cancel)
     except KeyboardInterrupt:
         print("meddiff-fm: cancelled; nothing was written.", file=sys.stderr)
         return 130

@@ -82,8 +82,15 @@ class Setting:
             raise InputError(f"{self.cli_flag} must be a {allowed}, got {value!r}.") from None
         if self.choices and value not in self.choices:
             raise InputError(f"{self.cli_flag} must be one of {', '.join(self.choices)}, got '{value}'.")
-        if self.minimum is not None and value < self.minimum or self.maximum is not None and value > self.maximum:
-            raise InputError(f"{self.cli_flag} must be within [{self.minimum}, {self.maximum}], got {value}.")
+        low = self.minimum is not None and value < self.minimum
+        if low or (self.maximum is not None and value > self.maximum):
+            if self.maximum is None:
+                allowed = f"at least {self.minimum:g}"
+            elif self.minimum is None:
+                allowed = f"at most {self.maximum:g}"
+            else:
+                allowed = f"within [{self.minimum:g}, {self.maximum:g}]"
+            raise InputError(f"{self.cli_flag} must be {allowed}, got {value}.")
         return value
 
 
@@ -118,12 +125,16 @@ class Output:
         help: its description for ``--help``.
         flag: the command-line flag of a second output (its default path is the first output's with
             ``_<name>`` before the extension); empty: the positional ``output``.
+        kind: ``image`` (CT in HU), ``difference`` (signed HU map, shown with a diverging colour
+            map) or ``mask`` (0/1, a segmentation in Slicer whose segment is named ``segment``).
     """
 
     name: str
     suffix: str
     help: str = "output file (.nii.gz, .nii, .nrrd, .mha)"
     flag: str = ""
+    kind: str = "image"
+    segment: str = ""
 
 
 @dataclass
@@ -150,7 +161,8 @@ class TaskSpec:
         label: the Slicer panel's name for it.
         help: one line for ``meddiff-fm --help``.
         description: one line under the panel's task selector.
-        runner: ``module:function`` (relative to ``MedDiffFMLib.tasks``) that runs it.
+        runner: ``module:function`` (a module of ``MedDiffFMLib.tasks``) that runs it, imported when
+            the task first runs, or the function itself (a task defined outside the library).
         inputs, outputs, settings: see :class:`Role`, :class:`Output`, :class:`Setting`.
         region_required: the region cannot be detected from the CT (synthesis): the command line
             requires ``--region``; Slicer reads it from the anatomy or asks.
@@ -163,7 +175,7 @@ class TaskSpec:
     label: str
     help: str
     description: str
-    runner: str
+    runner: str | Callable[..., TaskResult]
     inputs: tuple[Role, ...]
     outputs: tuple[Output, ...]
     settings: tuple[Setting, ...]
@@ -224,12 +236,18 @@ class TaskSpec:
             raise InputError(f"Unknown region '{region}'. Choose one of: {', '.join(REGION_NAMES)}.")
         if self.region_required and region is None:
             raise InputError(f"{self.label} needs the region ({', '.join(REGION_NAMES)}).")
-        module, function = self.runner.split(":")
-        runner = getattr(importlib.import_module(f".tasks.{module}", __package__), function)
         context = dict(region=region, seed=seed, cancel=cancel)
         if progress is not None:
             context["progress"] = progress
-        return runner(engine, {k: v for k, v in inputs.items() if v is not None}, self.resolve(settings), **context)
+        given = {role: volume for role, volume in inputs.items() if volume is not None}
+        return self.runner_function()(engine, given, self.resolve(settings), **context)
+
+    def runner_function(self) -> Callable[..., TaskResult]:
+        """The function that runs the task (raises AttributeError/ImportError when the library lacks it)."""
+        if callable(self.runner):
+            return self.runner
+        module, function = self.runner.split(":")
+        return getattr(importlib.import_module(f".tasks.{module}", __package__), function)
 
 
 TASKS: dict[str, TaskSpec] = {}
@@ -339,12 +357,14 @@ register(
         "anomaly:run",
         inputs=(_CT, Role("anatomy", "anatomy label map containing the organ")),
         outputs=(
-            Output("map", "anomaly map", "anomaly map file (HU difference)"),
+            Output("map", "anomaly map", "anomaly map file (HU difference)", kind="difference"),
             Output(
                 "mask",
                 "anomalies",
                 "anomaly mask file (default: OUTPUT with '_mask' before the extension)",
                 flag="--mask-output",
+                kind="mask",
+                segment="anomaly",
             ),
         ),
         settings=(
@@ -439,17 +459,17 @@ register(
             Setting(
                 "jump_length",
                 10,
-                "RePaint jump length in steps (default 10)",
+                "RePaint jump length in steps (default 10; 0: no jumps)",
                 kind="int",
-                minimum=1,
+                minimum=0,
                 panel="jumpLength",
             ),
             Setting(
                 "jump_count",
                 1,
-                "RePaint re-noising jumps per position (default 1)",
+                "RePaint re-noising jumps per position (default 1; 0: no jumps)",
                 kind="int",
-                minimum=1,
+                minimum=0,
                 panel="jumpCount",
             ),
             Setting(

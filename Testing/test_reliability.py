@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -77,14 +79,14 @@ def test_cancelling_at_any_step_raises_and_the_cli_writes_nothing(
             run(progress, cancel)
 
     source = write_volume(small_ct, tmp_path / "ct.nrrd")
-    real_denoise = cli.denoise
+    task_module = importlib.import_module("MedDiffFMLib.tasks.denoise")
+    real_denoise = task_module.denoise
 
     def cancelled_denoise(*args, **kwargs):
-        kwargs_cancel = args[10] if len(args) > 10 else kwargs["cancel"]
-        kwargs_cancel.cancel()
+        kwargs["cancel"].cancel()
         return real_denoise(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "denoise", cancelled_denoise)
+    monkeypatch.setattr(task_module, "denoise", cancelled_denoise)
     assert cli.main(["denoise", str(source), str(tmp_path / "out.nrrd"), "--untrained", "tiny", "--quiet"]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nrrd"]
 

@@ -367,9 +367,9 @@ def test_missing_inputs_are_refused_before_any_work(scene, ct_node, engine):
 
 
 def test_a_task_missing_from_the_library_says_so(scene, ct_node, monkeypatch):
-    import MedDiffFMLib.tasks as library_tasks
+    import importlib
 
-    monkeypatch.delattr(library_tasks, "super_resolve")
+    monkeypatch.delattr(importlib.import_module("MedDiffFMLib.tasks.super_resolution"), "run")
     assert not task_available("super_resolve") and "super_resolve" not in available_tasks()
     with pytest.raises(InputError, match="newer MedDiffFMLib"):
         TaskLogic(scene).validate(TaskParameters("super_resolve", volume=ct_node))
@@ -465,7 +465,7 @@ def _wait_for(condition, timeout=60.0):
 def test_child_process_denoise_end_to_end(scene, ct_node, anatomy_node, study, tmp_path):
     logic = TaskLogic(scene)
     parameters = TaskParameters(
-        "denoise", volume=ct_node, anatomy=anatomy_node, steps=2, untrained="tiny", device="cpu"
+        "denoise", volume=ct_node, anatomy=anatomy_node, settings={"steps": 2}, untrained="tiny", device="cpu"
     )
     running = logic.start(parameters, temp_parent=tmp_path)
     folder = running.job.folder
@@ -491,7 +491,7 @@ def test_child_process_denoise_end_to_end(scene, ct_node, anatomy_node, study, t
 
 def test_results_of_a_run_whose_input_left_the_scene_are_discarded(scene, ct_node, tmp_path):
     logic = TaskLogic(scene)
-    parameters = TaskParameters("denoise", volume=ct_node, steps=1, untrained="tiny", device="cpu")
+    parameters = TaskParameters("denoise", volume=ct_node, settings={"steps": 1}, untrained="tiny", device="cpu")
     running = logic.start(parameters, temp_parent=tmp_path)
     running.job.wait(timeout=240)
     volumes = scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")
@@ -506,7 +506,12 @@ def test_child_process_anomalies_end_to_end(scene, ct_node, anatomy_node, tmp_pa
     logic = TaskLogic(scene)
     running = logic.start(
         TaskParameters(
-            "detect_anomalies", volume=ct_node, anatomy=anatomy_node, organs=["liver"], untrained="tiny", device="cpu"
+            "detect_anomalies",
+            volume=ct_node,
+            anatomy=anatomy_node,
+            settings={"organs": ["liver"]},
+            untrained="tiny",
+            device="cpu",
         ),
         temp_parent=tmp_path,
     )
@@ -526,8 +531,7 @@ def test_child_process_inpaint_lesion_end_to_end(scene, ct_node, lesion_segmenta
             volume=ct_node,
             lesion_segmentation=segmentation,
             lesion_segment_id=segment_id,
-            steps=2,
-            margin_mm=0.0,
+            settings={"steps": 2, "margin_mm": 0.0},
             untrained="tiny",
             device="cpu",
         ),
@@ -543,7 +547,7 @@ def test_child_process_inpaint_lesion_end_to_end(scene, ct_node, lesion_segmenta
 
 def test_a_failing_child_shows_its_real_error(scene, ct_node, tmp_path):
     logic = TaskLogic(scene)
-    parameters = TaskParameters("denoise", volume=ct_node, steps=2, model="no-such-model", device="cpu")
+    parameters = TaskParameters("denoise", volume=ct_node, settings={"steps": 2}, model="no-such-model", device="cpu")
     running = logic.start(parameters, temp_parent=tmp_path)
     outcome = running.job.wait(timeout=240)
     assert outcome.returncode == 2 and outcome.error_kind == "WeightsError"
@@ -617,7 +621,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(os.name == "nt", reason="POSIX process listing")
 def test_cancel_kills_the_process_tree_and_leaves_nothing(scene, ct_node, tmp_path):
     logic = TaskLogic(scene)
-    parameters = TaskParameters("denoise", volume=ct_node, steps=200, untrained="tiny", device="cpu")
+    parameters = TaskParameters("denoise", volume=ct_node, settings={"steps": 200}, untrained="tiny", device="cpu")
     running = logic.start(parameters, launcher=_through_a_launcher, temp_parent=tmp_path)
     launcher_pid = running.job.process.pid
     _wait_for(lambda: running.poll() is not None and running.progress is not None, timeout=120)
@@ -862,27 +866,24 @@ def test_the_panel_builds_task_parameters_with_known_fields():
         assert {keyword.arg for keyword in call.keywords} - known == set()
 
 
-@pytest.mark.parametrize(
-    "task", ["synthesize", "denoise", "detect_anomalies", "super_resolve", "generate_lesion", "inpaint_lesion"]
-)
-def test_child_command_lines_are_accepted_by_the_library_cli(
+@pytest.mark.parametrize("task", list(TASKS))
+def test_child_job_files_carry_the_panel_settings_to_the_library(
     scene, ct_node, anatomy_node, lesion_segmentation, task, tmp_path
 ):
-    """Every option the panel passes exists in ``python -m MedDiffFMLib.cli`` with the right value type."""
-    from MedDiffFMLib import cli
+    """The job file the module writes for its background process reads back as the same run."""
+    from MedDiffFMLib.job import Job
 
     segmentation, segment_id, _ = lesion_segmentation
+    spec = TASKS[task]
+    given = {"organs": ["liver", "spleen"], "sigma_n": 0.05, "lam": 2.0, "threshold": 30.0, "steps": 3}
     parameters = TaskParameters(
         task,
         volume=ct_node,
         anatomy=anatomy_node,
         lesion_segmentation=segmentation,
         lesion_segment_id=segment_id,
-        organs=["liver", "spleen"],
+        settings={name: value for name, value in given.items() if name in spec.defaults()},
         region="abdomen",
-        sigma=0.05,
-        lam=2.0,
-        threshold=30.0,
         model="base@1",
         controlnet="cn@1",
         device="cpu",
@@ -890,22 +891,19 @@ def test_child_command_lines_are_accepted_by_the_library_cli(
     logic = TaskLogic(scene)
     job = ChildJob(temp_parent=tmp_path)
     try:
-        positional, options, outputs = logic._command_line(parameters, logic.prepare(parameters), job)
-        arguments = cli_arguments(TASKS[task].command, positional, options)
-        parsed = cli.build_parser().parse_args(arguments[2:])
+        job_file, outputs = logic.write_job(parameters, logic.prepare(parameters), job)
+        read = Job.read(job_file)
+        assert all(Path(path).exists() for path in read.inputs.values())
     finally:
         job.cleanup()
-    assert parsed.command == TASKS[task].command and parsed.progress_format == "json"
-    assert parsed.model == "base@1" and parsed.device == "cpu" and parsed.seed == 0
-    assert getattr(parsed, "region", "abdomen") == "abdomen"
-    if TASKS[task].controlnet_task:
-        assert parsed.controlnet == "cn@1"
-    if task == "detect_anomalies":
-        assert (
-            parsed.organ == ["liver", "spleen"] and parsed.threshold == 30.0 and parsed.mask_output == outputs["mask"]
-        )
-    if task in ("denoise", "super_resolve"):
-        assert parsed.sigma == 0.05 and parsed.lam == 2.0
+    assert read.task == task and read.region == "abdomen" and read.seed == 0
+    assert set(read.inputs) == {role.name for role in spec.inputs if role.required or role.name == "anatomy"}
+    assert read.outputs == {name: str(path) for name, path in outputs.items()}
+    assert read.engine.model == "base@1" and read.engine.device == "cpu"
+    assert read.engine.controlnet == "cn@1" and read.engine.controlnet_task == spec.controlnet_task
+    resolved = spec.resolve(read.settings)
+    assert resolved == spec.resolve(parameters.settings)
+    assert resolved.get("steps", 3) == 3
 
 
 def test_one_task_runs_on_several_volumes_and_a_failing_one_does_not_stop_the_others(scene, small_ct, engine):
@@ -914,7 +912,7 @@ def test_one_task_runs_on_several_volumes_and_a_failing_one_does_not_stop_the_ot
     second = nodes.node_from_volume(small_ct.with_array(small_ct.array + 5), "CT B", scene=scene)
     flat = nodes.node_from_volume(small_ct.with_array(np.full_like(small_ct.array, 3000)), "not CT", scene=scene)
     seen = []
-    parameters = TaskParameters("denoise", steps=1, untrained="tiny", device="cpu")
+    parameters = TaskParameters("denoise", settings={"steps": 1}, untrained="tiny", device="cpu")
     results = logic.run_on_volumes(parameters, [first, flat, second], progress=lambda *a: seen.append(a))
     assert [volume.GetName() for volume, _ in results] == ["CT A", "not CT", "CT B"]
     assert isinstance(results[1][1], MedDiffFMError)
@@ -942,6 +940,8 @@ def test_the_panel_and_the_command_line_build_the_same_engine(scene, ct_node):
 
 
 def test_compiling_the_network_reaches_both_ways_of_running(scene, ct_node, tmp_path):
+    from MedDiffFMLib.job import Job
+
     logic = TaskLogic(scene)
     parameters = TaskParameters("denoise", volume=ct_node, untrained="tiny", device="cpu", compile=True)
     assert logic.engine(parameters).compile
@@ -953,6 +953,6 @@ def test_compiling_the_network_reaches_both_ways_of_running(scene, ct_node, tmp_
     for compile_network in (True, False):
         parameters.compile = compile_network
         running = logic.start(parameters, launcher=finish_at_once, temp_parent=tmp_path)
-        assert ("--compile" in running.job.arguments) == compile_network
+        assert Job.read(running.job.path("job.json")).engine.compile == compile_network
         running.job.wait(timeout=60)
         running.job.cleanup()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -23,7 +24,7 @@ WIDGET_SOURCE = MODULE / "MedDiffFM.py"
 
 sys.path.insert(0, str(MODULE))
 
-from MedDiffFMSlicer.taskinfo import SAMPLER_LABELS, TASKS  # noqa: E402
+from MedDiffFMSlicer.taskinfo import SAMPLER_LABELS, TASK_ROWS, TASKS, anatomy_use, rows_of_task  # noqa: E402
 
 
 def cmake_sets(path: Path) -> dict[str, list[str]]:
@@ -190,19 +191,22 @@ def _module_constant(name: str):
 
 def test_task_rows_name_ui_widgets_and_cover_every_task():
     widgets = ui_widgets()
-    rows = _module_constant("TASK_ROWS")
-    for label, field in rows.values():
+    for label, field in TASK_ROWS.values():
         assert label in widgets and field in widgets
         assert widgets[label].get("class") == "QLabel"
-    rows_of_task = _module_constant("ROWS_OF_TASK")
-    assert set(rows_of_task) == set(TASKS)
-    for task, shown in rows_of_task.items():
-        assert shown <= set(rows), task
-        info = TASKS[task]
-        assert ("anatomy" in shown) == (info.anatomy != "no"), task
-        assert ("lesion" in shown) == info.needs_lesion, task
-        assert ("organs" in shown) == info.needs_organs, task
-        assert ("controlNet" in shown) == bool(info.controlnet_task), task
+    for task, spec in TASKS.items():
+        shown = rows_of_task(task)
+        assert shown <= set(TASK_ROWS), task
+        assert ("anatomy" in shown) == (anatomy_use(spec) != "no"), task
+        assert ("lesion" in shown) == (spec.role("lesion") is not None), task
+        assert ("organs" in shown) == any(s.name == "organs" for s in spec.settings), task
+        assert ("controlNet" in shown) == bool(spec.controlnet_task), task
+        panel = {setting.panel for setting in spec.settings if setting.panel}
+        assert panel <= set(TASK_ROWS) | {"steps"}, task
+    # The rows each task showed before its rows were derived from its definition.
+    assert rows_of_task("denoise") == {"inputVolume", "volumes", "anatomy", "sigma", "lambda"}
+    assert rows_of_task("synthesize") == {"inputVolume", "anatomy", "sampler", "eta"}
+    assert rows_of_task("super_resolve") == {"inputVolume", "volumes", "spacing", "sigma", "lambda", "controlNet"}
 
 
 def test_the_panel_offers_every_sampler_of_the_library():
@@ -268,7 +272,15 @@ def test_module_file_imports_no_torch_or_library_at_load_time():
             if isinstance(node, (ast.Import, ast.ImportFrom))
             for alias in node.names
         }
+        imported -= {"MedDiffFMLib.task_spec"}  # the task definitions: standard library only (below)
         assert not any(name.split(".")[0] in ("torch", "MedDiffFMLib", "qt", "slicer") for name in imported), light
+    code = (
+        f"import sys; sys.path.insert(0, {str(MODULE)!r}); sys.path.insert(0, {str(ROOT)!r}); "
+        "import MedDiffFMSlicer.taskinfo; "
+        "print(sorted(m for m in ('numpy', 'SimpleITK', 'torch', 'monai') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
 
 
 def _method_source(name: str) -> str:

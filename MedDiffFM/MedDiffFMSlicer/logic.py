@@ -4,13 +4,15 @@
 Slicer application, in ``Slicer --no-main-window --python-script`` and headlessly with ``slicer-core``.
 The module's ``MedDiffFMLogic`` (in ``MedDiffFM.py``) adds Slicer's parameter node on top of it.
 
-Every task is described by a :class:`TaskParameters` and can run two ways that create the same nodes:
+Every task is defined once in the library (:data:`MedDiffFMLib.task_spec.TASKS`: inputs, settings,
+outputs); a run is described by a :class:`TaskParameters` and can go two ways that create the same nodes:
 
 * in this process (:meth:`TaskLogic.run`, and one method per task such as :meth:`TaskLogic.denoise`):
-  nodes -> :class:`~MedDiffFMLib.volume.Volume` -> library task -> new nodes;
+  nodes -> :class:`~MedDiffFMLib.volume.Volume` -> the task's ``run`` -> new nodes;
 * in a child process (:meth:`TaskLogic.start` then :meth:`TaskLogic.finish`, used by the panel): the
-  inputs are written as NRRD into the job's temporary folder, ``python -m MedDiffFMLib.cli`` runs there
-  (see :mod:`.runner`), and the outputs are read back onto the input's exact grid.
+  inputs are written as NRRD and a :class:`~MedDiffFMLib.job.Job` file into the job's temporary folder,
+  ``python -m MedDiffFMLib.cli run job.json`` runs there (see :mod:`.runner`), and the outputs are read
+  back onto the input's exact grid.
 """
 
 from __future__ import annotations
@@ -23,17 +25,17 @@ from typing import Any
 import numpy as np
 import slicer
 
-import MedDiffFMLib.tasks as library_tasks
 from MedDiffFMLib.errors import CancelledError, InputError, MedDiffFMError
+from MedDiffFMLib.job import Job
 from MedDiffFMLib.preprocessing import REGIONS
 from MedDiffFMLib.progress import CancelToken, no_progress
 from MedDiffFMLib.region import region_from_anatomy
+from MedDiffFMLib.task_spec import TASKS, TaskSpec
 from MedDiffFMLib.tasks.engine import EngineOptions, build_engine
 from MedDiffFMLib.volume import Volume, read_volume, write_volume
 
 from . import nodes
 from .runner import ChildJob, RunOutcome
-from .taskinfo import TASKS, TaskInfo
 
 logger = logging.getLogger(__name__)
 
@@ -45,46 +47,38 @@ ANOMALY_COLOR_NODES = (
 )
 ANOMALY_COLOR = (1.0, 0.2, 0.1)
 LESION_COLOR = (0.9, 0.8, 0.1)
+REQUIRED_SETTING_MESSAGES = {"organs": "Choose at least one organ to inspect (for example liver)."}
 
 
 def task_available(task: str) -> bool:
-    """True when the installed MedDiffFMLib provides the task's function."""
-    return hasattr(library_tasks, TASKS[task].function)
+    """True when the installed MedDiffFMLib provides the task's ``run`` function."""
+    try:
+        TASKS[task].runner_function()
+    except (AttributeError, ImportError):
+        return False
+    return True
 
 
 def available_tasks() -> list[str]:
     return [key for key in TASKS if task_available(key)]
 
 
-def _given(**settings: Any) -> dict[str, Any]:
-    """The settings that are not None: the others are left to the library's defaults."""
-    return {name: value for name, value in settings.items() if value is not None}
-
-
 @dataclass
 class TaskParameters:
-    """Inputs and settings of one task run (``None`` means "the task's default" or "automatic")."""
+    """One task run: the task, its input nodes, its ``settings`` and how to compute.
+
+    ``settings`` holds the task's settings by name (:class:`~MedDiffFMLib.task_spec.Setting`: ``steps``,
+    ``sigma_n``, ``organs``, ...); those missing or None take the task's defaults. ``region`` None:
+    detected (or read from the anatomy where the task needs it).
+    """
 
     task: str
     volume: Any = None
     anatomy: Any = None
     lesion_segmentation: Any = None
     lesion_segment_id: str = ""
-    organs: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
     region: str | None = None
-    steps: int | None = None
-    sampler: str = "ddim"
-    eta: float = 1.0
-    sigma: float | str | None = None
-    lam: float | None = None
-    zeta: float | None = None
-    t: int = 950
-    threshold: float | None = None
-    draws: int = 1
-    spacing: float = 1.0
-    jump_length: int = 10
-    jump_count: int = 1
-    margin_mm: float = 0.0
     seed: int = 0
     device: str = "auto"
     overlap: float = 0.5
@@ -95,8 +89,12 @@ class TaskParameters:
     untrained: str | None = None
 
     @property
-    def info(self) -> TaskInfo:
+    def spec(self) -> TaskSpec:
         return TASKS[self.task]
+
+    def given_settings(self) -> dict[str, Any]:
+        """The settings that are set (not None): the others are the task's defaults."""
+        return {name: value for name, value in self.settings.items() if value is not None}
 
     def with_changes(self, **changes) -> TaskParameters:
         return replace(self, **changes)
@@ -126,6 +124,11 @@ class PreparedInputs:
     region: str | None = None
     reference_node: Any = None
     base_name: str = ""
+
+    def volumes(self) -> dict[str, Volume]:
+        """The inputs by role (``ct``, ``anatomy``, ``lesion``) that are given."""
+        given = {"ct": self.ct, "anatomy": self.anatomy, "lesion": self.lesion}
+        return {role: volume for role, volume in given.items() if volume is not None}
 
 
 @dataclass
@@ -171,54 +174,56 @@ class TaskLogic:
         """Raise :class:`InputError` naming what is missing, before any work starts."""
         if parameters.task not in TASKS:
             raise InputError(f"Unknown task '{parameters.task}'. Choose one of: {', '.join(TASKS)}.")
-        info = parameters.info
+        spec = parameters.spec
         if not task_available(parameters.task):
-            raise InputError(
-                f"'{info.label}' needs a newer MedDiffFMLib (it has no '{info.function}' yet). Update the extension."
-            )
-        if info.needs_volume and parameters.volume is None:
-            raise InputError(f"'{info.label}' needs a CT volume: choose one under Inputs.")
+            raise InputError(f"'{spec.label}' needs a newer MedDiffFMLib (it has no '{spec.runner}' yet). Update it.")
+        if spec.role("ct") and parameters.volume is None:
+            raise InputError(f"'{spec.label}' needs a CT volume: choose one under Inputs.")
         if parameters.volume is not None and not parameters.volume.IsA("vtkMRMLScalarVolumeNode"):
             raise InputError(f"'{parameters.volume.GetName()}' is not a scalar volume.")
-        if info.anatomy == "required" and parameters.anatomy is None:
+        anatomy = spec.role("anatomy")
+        if anatomy is not None and anatomy.required and parameters.anatomy is None:
             raise InputError(
-                f"'{info.label}' needs an anatomy segmentation: choose one, or compute it with TotalSegmentator."
+                f"'{spec.label}' needs an anatomy segmentation: choose one, or compute it with TotalSegmentator."
             )
-        if info.needs_lesion and (parameters.lesion_segmentation is None or not parameters.lesion_segment_id):
-            raise InputError(f"'{info.label}' needs a lesion segment: draw it in the Segment Editor and choose it.")
-        if info.needs_organs and not parameters.organs:
-            raise InputError("Choose at least one organ to inspect (for example liver).")
+        if spec.role("lesion") and (parameters.lesion_segmentation is None or not parameters.lesion_segment_id):
+            raise InputError(f"'{spec.label}' needs a lesion segment: draw it in the Segment Editor and choose it.")
+        for setting in spec.settings:
+            if setting.required and not parameters.settings.get(setting.name):
+                raise InputError(REQUIRED_SETTING_MESSAGES.get(setting.name, f"'{spec.label}' needs {setting.help}."))
+        spec.resolve(parameters.given_settings())
         if parameters.region is not None and parameters.region not in REGIONS:
             raise InputError(f"Unknown region '{parameters.region}'. Choose one of: {', '.join(REGIONS)}.")
 
     def prepare(self, parameters: TaskParameters) -> PreparedInputs:
         """Convert the input nodes to library volumes on the right grids."""
         self.validate(parameters)
-        info = parameters.info
+        spec = parameters.spec
+        takes_ct = spec.role("ct") is not None
         prepared = PreparedInputs(region=parameters.region)
         volume_node = parameters.volume
-        if volume_node is not None and (info.needs_volume or info.volume_is_grid_only):
-            if info.needs_volume:
+        if volume_node is not None and (takes_ct or spec.grid_from_volume):
+            if takes_ct:
                 prepared.ct = nodes.volume_from_node(volume_node)
             prepared.reference_node = volume_node
             prepared.base_name = volume_node.GetName()
-        if parameters.anatomy is not None and info.anatomy != "no":
-            reference = volume_node if (info.needs_volume or info.volume_is_grid_only) else None
+        if parameters.anatomy is not None and spec.role("anatomy") is not None:
+            reference = volume_node if (takes_ct or spec.grid_from_volume) else None
             prepared.anatomy = nodes.anatomy_from_node(parameters.anatomy, reference, self.scene)
             if prepared.reference_node is None:
                 prepared.reference_node = parameters.anatomy
                 prepared.base_name = parameters.anatomy.GetName()
-        if info.needs_lesion:
+        if spec.role("lesion") is not None:
             grid = prepared.ct if prepared.ct is not None else prepared.anatomy
             grid_node = volume_node if prepared.ct is not None else None
             prepared.lesion = self._mask_on(
                 parameters.lesion_segmentation, parameters.lesion_segment_id, grid, grid_node, prepared.reference_node
             )
-        if info.region_required and prepared.region is None:
+        if spec.region_required and prepared.region is None:
             prepared.region = region_from_anatomy(prepared.anatomy.array) if prepared.anatomy is not None else None
             if prepared.region is None:
                 raise InputError(
-                    f"'{info.label}' needs the region: the anatomy does not show it, so choose Head & neck, Chest "
+                    f"'{spec.label}' needs the region: the anatomy does not show it, so choose Head & neck, Chest "
                     "or Abdomen."
                 )
         return prepared
@@ -250,10 +255,18 @@ class TaskLogic:
     def engine(self, parameters: TaskParameters):
         """The :class:`~MedDiffFMLib.tasks.Engine` for the parameters' model, ControlNet and device (the last
         one is kept loaded)."""
-        options = EngineOptions(
+        options = self.engine_options(parameters)
+        if options not in self._engines:
+            self._engines.clear()
+            self._engines[options] = build_engine(options)
+        return self._engines[options]
+
+    @staticmethod
+    def engine_options(parameters: TaskParameters) -> EngineOptions:
+        return EngineOptions(
             model=parameters.model,
             untrained=parameters.untrained,
-            controlnet_task=parameters.info.controlnet_task,
+            controlnet_task=parameters.spec.controlnet_task,
             controlnet=parameters.controlnet,
             device=parameters.device,
             overlap=parameters.overlap,
@@ -261,10 +274,6 @@ class TaskLogic:
             compile=parameters.compile,
             seed=parameters.seed if parameters.untrained else None,
         )
-        if options not in self._engines:
-            self._engines.clear()
-            self._engines[options] = build_engine(options)
-        return self._engines[options]
 
     def run(
         self,
@@ -276,8 +285,10 @@ class TaskLogic:
         """Run a task in this process (blocking) and create its output nodes."""
         inputs = self.prepare(parameters)
         engine = engine or self.engine(parameters)
-        volumes, summary = self._call_library(parameters, inputs, engine, progress, cancel)
-        return self._create_outputs(parameters, inputs, volumes, summary)
+        result = parameters.spec.run(
+            engine, inputs.volumes(), parameters.given_settings(), inputs.region, parameters.seed, progress, cancel
+        )
+        return self._create_outputs(parameters, inputs, result.volumes, result.summary())
 
     def run_on_volumes(
         self,
@@ -308,84 +319,6 @@ class TaskLogic:
         progress(len(volumes), len(volumes), "done")
         return results
 
-    def _call_library(self, p: TaskParameters, inputs: PreparedInputs, engine, progress, cancel):
-        info = p.info
-        function = getattr(library_tasks, info.function)
-        steps = p.steps or info.default_steps
-        common = dict(seed=p.seed, progress=progress, cancel=cancel)
-        if p.task == "synthesize":
-            volume = function(
-                inputs.anatomy, inputs.region, engine, sampler=p.sampler, steps=steps, eta=p.eta, **common
-            )
-            return {"volume": volume}, f"synthesised a {inputs.region} CT of shape {volume.array.shape}"
-        if p.task == "denoise":
-            result = function(
-                inputs.ct,
-                engine,
-                region=inputs.region,
-                anatomy=inputs.anatomy,
-                steps=steps,
-                **_given(sigma_n=p.sigma, lam=p.lam, zeta=p.zeta),
-                **common,
-            )
-            summary = (
-                f"region {result.region} ({result.region_source}), sigma_n {result.sigma_n:.4f}, t_start "
-                f"{result.t_start}, {result.network_evaluations} window evaluations"
-            )
-            return {"volume": result.volume}, summary
-        if p.task == "detect_anomalies":
-            result = function(
-                inputs.ct,
-                inputs.anatomy,
-                list(p.organs),
-                engine,
-                region=inputs.region,
-                t=p.t,
-                threshold=p.threshold,
-                draws=p.draws,
-                **common,
-            )
-            summary = f"threshold {result.threshold:.1f} HU, {int(result.anomaly_mask.array.sum())} anomalous voxels"
-            return {"map": result.anomaly_map, "mask": result.anomaly_mask}, summary
-        if p.task == "super_resolve":
-            volume = function(
-                inputs.ct,
-                engine,
-                spacing=p.spacing,
-                steps=steps,
-                **_given(sigma_n=None if p.sigma == "auto" else p.sigma, lam=p.lam, zeta=p.zeta),
-                region=inputs.region,
-                **common,
-            )
-            return {"volume": volume}, f"super-resolved to {volume.spacing[2]:g} mm slices, shape {volume.array.shape}"
-        if p.task == "generate_lesion":
-            volume = function(
-                inputs.anatomy,
-                inputs.lesion,
-                inputs.region,
-                engine,
-                sampler=p.sampler,
-                steps=steps,
-                eta=p.eta,
-                **common,
-            )
-            return {"volume": volume}, f"generated a {inputs.region} CT with a lesion"
-        if p.task == "inpaint_lesion":
-            volume = function(
-                inputs.ct,
-                inputs.lesion,
-                engine,
-                region=inputs.region,
-                anatomy=inputs.anatomy,
-                steps=steps,
-                jump_length=p.jump_length,
-                jump_count=p.jump_count,
-                margin_mm=p.margin_mm,
-                **common,
-            )
-            return {"volume": volume}, f"inpainted a lesion of {int(inputs.lesion.array.sum())} voxels"
-        raise InputError(f"Unknown task '{p.task}'.")
-
     # ----------------------------------------------------------------------------------------------
     # In a child process
     # ----------------------------------------------------------------------------------------------
@@ -399,102 +332,33 @@ class TaskLogic:
         inputs = self.prepare(parameters)
         job = ChildJob(python=python, launcher=launcher, temp_parent=temp_parent)
         try:
-            positional, options, outputs = self._command_line(parameters, inputs, job)
-            job.start(parameters.info.command, positional, options)
+            job_file, outputs = self.write_job(parameters, inputs, job)
+            job.start("run", [job_file])
         except BaseException:
             job.cleanup()
             raise
         return RunningTask(parameters, inputs, job, outputs)
 
-    def _command_line(self, p: TaskParameters, inputs: PreparedInputs, job: ChildJob):
-        info = p.info
-        files: dict[str, str] = {}
-        for role, volume in (("ct", inputs.ct), ("anatomy", inputs.anatomy), ("lesion", inputs.lesion)):
-            if volume is not None:
-                files[role] = str(write_volume(volume, job.path(f"{role}.nrrd")))
-        outputs = {"volume": job.path("output.nrrd")}
-        options: dict[str, Any] = {}
-        steps = p.steps or info.default_steps
-        if p.task == "synthesize":
-            positional = [files["anatomy"], outputs["volume"]]
-            options.update({"--region": inputs.region, "--sampler": p.sampler, "--steps": steps, "--eta": p.eta})
-        elif p.task == "denoise":
-            positional = [files["ct"], outputs["volume"]]
-            options.update(
-                {
-                    "--anatomy": files.get("anatomy"),
-                    "--region": inputs.region,
-                    "--sigma": "auto" if p.sigma is None else p.sigma,
-                    "--lam": p.lam,
-                    "--steps": steps,
-                    "--zeta": p.zeta,
-                }
-            )
-        elif p.task == "detect_anomalies":
-            outputs = {"map": job.path("anomaly_map.nrrd"), "mask": job.path("anomaly_mask.nrrd")}
-            positional = [files["ct"], outputs["map"]]
-            options.update(
-                {
-                    "--anatomy": files["anatomy"],
-                    "--organ": list(p.organs),
-                    "--mask-output": outputs["mask"],
-                    "--region": inputs.region,
-                    "--t": p.t,
-                    "--threshold": p.threshold,
-                    "--draws": p.draws,
-                }
-            )
-        elif p.task == "super_resolve":
-            positional = [files["ct"], outputs["volume"]]
-            options.update(
-                {
-                    "--spacing": p.spacing,
-                    "--steps": steps,
-                    "--sigma": None if p.sigma in (None, "auto") else p.sigma,
-                    "--lam": p.lam,
-                    "--zeta": p.zeta,
-                    "--controlnet": p.controlnet,
-                    "--region": inputs.region,
-                }
-            )
-        elif p.task == "generate_lesion":
-            positional = [files["anatomy"], outputs["volume"]]
-            options.update(
-                {
-                    "--lesion": files["lesion"],
-                    "--region": inputs.region,
-                    "--controlnet": p.controlnet,
-                    "--sampler": p.sampler,
-                    "--steps": steps,
-                    "--eta": p.eta,
-                }
-            )
-        else:  # inpaint_lesion
-            positional = [files["ct"], outputs["volume"]]
-            options.update(
-                {
-                    "--lesion": files["lesion"],
-                    "--anatomy": files.get("anatomy"),
-                    "--region": inputs.region,
-                    "--controlnet": p.controlnet,
-                    "--steps": steps,
-                    "--jump-length": p.jump_length,
-                    "--jump-count": p.jump_count,
-                    "--margin": p.margin_mm,
-                }
-            )
-        options.update(
-            {
-                "--model": None if p.untrained else p.model,
-                "--untrained": p.untrained,
-                "--device": p.device,
-                "--overlap": p.overlap,
-                "--batch-size": p.batch_size,
-                "--compile": p.compile,
-                "--seed": p.seed,
-            }
+    def write_job(self, p: TaskParameters, inputs: PreparedInputs, job: ChildJob) -> tuple[str, dict[str, str]]:
+        """Write the inputs as NRRD and the :class:`~MedDiffFMLib.job.Job` file into the job's folder.
+
+        Returns the job file and the output files by name.
+        """
+        files = {role: str(write_volume(volume, job.path(f"{role}.nrrd"))) for role, volume in inputs.volumes().items()}
+        outputs = {output.name: job.path(f"{output.name}.nrrd") for output in p.spec.outputs}
+        engine = self.engine_options(p)
+        if p.untrained:
+            engine = replace(engine, model=None)
+        description = Job(
+            p.task,
+            files,
+            outputs,
+            p.given_settings(),
+            region=inputs.region,
+            seed=p.seed,
+            engine=engine,
         )
-        return positional, options, outputs
+        return str(description.write(job.path("job.json"))), outputs
 
     def _check_inputs_still_in_scene(self, parameters: TaskParameters) -> None:
         """Refuse to add results for inputs that left the scene during the run (e.g. the scene was closed)."""
@@ -538,36 +402,28 @@ class TaskLogic:
         return volume
 
     def _create_outputs(self, p: TaskParameters, inputs: PreparedInputs, volumes: dict, summary: str) -> TaskResult:
+        """One node per output of the task: a volume (images and difference maps) or a segmentation (masks)."""
         base = inputs.base_name or "MedDiffFM"
         outputs: dict[str, Any] = {}
         reference = inputs.reference_node
-        if p.task == "detect_anomalies":
-            anomaly_map = self._on_input_grid(volumes["map"], inputs)
-            map_node = nodes.node_from_volume(
-                anomaly_map.with_array(anomaly_map.array.astype(np.float32)), f"{base} anomaly map", scene=self.scene
-            )
-            self._show_anomaly_map(map_node, anomaly_map)
-            mask = self._on_input_grid(volumes["mask"], inputs)
-            organs = ", ".join(p.organs)
-            mask_node = nodes.segmentation_from_masks(
-                [(f"{organs} anomaly", mask, ANOMALY_COLOR)], f"{base} anomalies", reference, self.scene
-            )
-            outputs = {"map": map_node, "mask": mask_node}
-        else:
-            suffix = {
-                "synthesize": "synthetic CT",
-                "denoise": "denoised",
-                "super_resolve": "super-resolved",
-                "generate_lesion": "synthetic lesion CT",
-                "inpaint_lesion": "lesion inpainted",
-            }[p.task]
-            volume = self._on_input_grid(volumes["volume"], inputs)
-            node = nodes.node_from_volume(volume, f"{base} {suffix}", scene=self.scene)
-            self._copy_window(node, reference, inputs.region)
-            outputs = {"volume": node}
-        for node in outputs.values():
+        for output in p.spec.outputs:
+            volume = self._on_input_grid(volumes[output.name], inputs)
+            name = f"{base} {output.suffix}"
+            if output.kind == "mask":
+                organs = ", ".join(p.settings.get("organs") or [])
+                segment = f"{organs} {output.segment}" if organs else output.segment
+                node = nodes.segmentation_from_masks([(segment, volume, ANOMALY_COLOR)], name, reference, self.scene)
+            elif output.kind == "difference":
+                node = nodes.node_from_volume(
+                    volume.with_array(volume.array.astype(np.float32)), name, scene=self.scene
+                )
+                self._show_difference(node, volume)
+            else:
+                node = nodes.node_from_volume(volume, name, scene=self.scene)
+                self._copy_window(node, reference, inputs.region)
             nodes.place_next_to(node, reference)
             node.SetAttribute("MedDiffFM.summary", summary)
+            outputs[output.name] = node
         return TaskResult(p.task, outputs, summary)
 
     def _copy_window(self, node, reference, region: str | None) -> None:
@@ -584,7 +440,7 @@ class TaskLogic:
             display.SetAutoWindowLevel(False)
             display.SetWindowLevel(REGIONS[region].width, REGIONS[region].level)
 
-    def _show_anomaly_map(self, node, volume: Volume) -> None:
+    def _show_difference(self, node, volume: Volume) -> None:
         display = node.GetDisplayNode()
         if display is None:
             return
@@ -602,12 +458,16 @@ class TaskLogic:
     # One method per task (in this process; for scripts and the Python console)
     # ----------------------------------------------------------------------------------------------
 
-    def _task(self, task: str, engine=None, progress=no_progress, cancel=None, **settings) -> TaskResult:
-        known = {f.name for f in fields(TaskParameters)}
-        unknown = set(settings) - known
+    def _task(self, task: str, engine=None, progress=no_progress, cancel=None, **keywords) -> TaskResult:
+        """Run ``task``; ``keywords`` are :class:`TaskParameters` fields and the task's settings by name."""
+        own = {f.name for f in fields(TaskParameters)} - {"task", "settings"}
+        settings = {name: value for name, value in keywords.items() if name not in own}
+        unknown = set(settings) - {setting.name for setting in TASKS[task].settings}
         if unknown:
-            raise TypeError(f"Unknown setting(s) for {task}: {', '.join(sorted(unknown))}")
-        return self.run(TaskParameters(task=task, **settings), engine=engine, progress=progress, cancel=cancel)
+            known = ", ".join(sorted(own | {setting.name for setting in TASKS[task].settings}))
+            raise TypeError(f"Unknown setting(s) for {task}: {', '.join(sorted(unknown))}. Known: {known}.")
+        parameters = TaskParameters(task, settings=settings, **{k: v for k, v in keywords.items() if k in own})
+        return self.run(parameters, engine=engine, progress=progress, cancel=cancel)
 
     def synthesize(self, anatomyNode, region=None, referenceVolumeNode=None, engine=None, **settings):
         """A synthetic CT node ("<anatomy> synthetic CT") from an anatomy segmentation or label map node."""

@@ -1,105 +1,13 @@
-"""The six MedDiff-FM tasks as the panel and the logic see them: labels, inputs, defaults.
+"""The tasks as the panel sees them: which rows each shows, and the panel's choice labels.
 
-Plain Python (no MedDiffFMLib, torch, Qt or MRML), so the module can describe its tasks before the
-Python dependencies are installed.
+Everything about a task comes from its definition in the library (:data:`MedDiffFMLib.task_spec.TASKS`),
+which imports only the standard library, so the module can describe its tasks before the Python
+dependencies (torch, MONAI, ...) are installed. Nothing here imports Qt, MRML or torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """What a task needs and produces."""
-
-    key: str
-    label: str
-    command: str
-    function: str
-    needs_volume: bool = False
-    volume_is_grid_only: bool = False
-    anatomy: str = "no"  # "no", "optional" or "required"
-    needs_lesion: bool = False
-    needs_organs: bool = False
-    region_required: bool = False
-    controlnet_task: str | None = None
-    default_steps: int | None = 10  # None: the sampler's own default (DDIM 50, DPM-Solver++ 20)
-    description: str = ""
-
-
-TASKS: dict[str, TaskInfo] = {
-    info.key: info
-    for info in (
-        TaskInfo(
-            "synthesize",
-            "Synthesize",
-            "synthesize",
-            "synthesize",
-            volume_is_grid_only=True,
-            anatomy="required",
-            region_required=True,
-            default_steps=None,
-            description="Generate a CT from an anatomy segmentation (its grid, or the chosen volume's grid).",
-        ),
-        TaskInfo(
-            "denoise",
-            "Denoise",
-            "denoise",
-            "denoise",
-            needs_volume=True,
-            anatomy="optional",
-            default_steps=10,
-            description="Low-dose CT denoising (DiffPIR, zero-shot).",
-        ),
-        TaskInfo(
-            "detect_anomalies",
-            "Detect anomalies",
-            "detect-anomalies",
-            "detect_anomalies",
-            needs_volume=True,
-            anatomy="required",
-            needs_organs=True,
-            default_steps=1,
-            description="Anomaly map and mask inside the chosen organs (zero-shot).",
-        ),
-        TaskInfo(
-            "super_resolve",
-            "Super-resolve",
-            "super-resolve",
-            "super_resolve",
-            needs_volume=True,
-            controlnet_task="controlnet-sr",
-            default_steps=100,
-            description="Thick-slice to thin-slice CT along z (ControlNet + DiffPIR).",
-        ),
-        TaskInfo(
-            "generate_lesion",
-            "Generate lesion",
-            "generate-lesion",
-            "generate_lesion",
-            volume_is_grid_only=True,
-            anatomy="required",
-            needs_lesion=True,
-            region_required=True,
-            controlnet_task="controlnet-lesion",
-            default_steps=None,
-            description="Synthesize a CT with a lesion where the lesion segment is (lesion ControlNet).",
-        ),
-        TaskInfo(
-            "inpaint_lesion",
-            "Inpaint lesion",
-            "inpaint-lesion",
-            "inpaint_lesion",
-            needs_volume=True,
-            anatomy="optional",
-            needs_lesion=True,
-            controlnet_task="controlnet-lesion",
-            default_steps=50,
-            description="Paint a lesion into a real CT inside the lesion segment (RePaint); voxels outside stay.",
-        ),
-    )
-}
+from MedDiffFMLib.task_spec import TASKS, TaskSpec
 
 REGION_LABELS = {"Auto": None, "Head & neck": "head_neck", "Chest": "chest", "Abdomen": "abdomen"}
 DEVICE_LABELS = {"Auto": "auto", "GPU (CUDA)": "cuda", "Apple GPU (MPS)": "mps", "CPU": "cpu"}
@@ -108,10 +16,50 @@ SAMPLER_LABELS = {"DDIM": "ddim", "DDPM": "ddpm", "DPM-Solver++": "dpm++2m"}
 
 REGION_KEYS = ("head_neck", "chest", "abdomen")
 
+TASK_ROWS = {
+    "inputVolume": ("inputVolumeLabel", "inputVolumeSelector"),
+    "anatomy": ("anatomyLabel", "anatomyRow"),
+    "lesion": ("lesionLabel", "lesionSegmentSelector"),
+    "organs": ("organsLabel", "organsComboBox"),
+    "spacing": ("spacingLabel", "spacingSpinBox"),
+    "sampler": ("samplerLabel", "samplerComboBox"),
+    "eta": ("etaLabel", "etaSpinBox"),
+    "sigma": ("sigmaLabel", "sigmaRow"),
+    "lambda": ("lambdaLabel", "lambdaSpinBox"),
+    "timestep": ("timestepLabel", "timestepSpinBox"),
+    "threshold": ("thresholdLabel", "thresholdRow"),
+    "jumpLength": ("jumpLengthLabel", "jumpLengthSpinBox"),
+    "jumpCount": ("jumpCountLabel", "jumpCountSpinBox"),
+    "margin": ("marginLabel", "marginSpinBox"),
+    "volumes": ("extraVolumesLabel", "extraVolumesComboBox"),
+    "controlNet": ("controlNetLabel", "controlNetComboBox"),
+}
+"""The panel's rows shown only for some tasks: (label, field) object names in the .ui. A setting's
+``panel`` names its row; rows that every task shows (``steps``) are not listed."""
+
+
+def rows_of_task(task: str) -> set[str]:
+    """The rows of :data:`TASK_ROWS` that ``task`` shows: its inputs, settings and ControlNet."""
+    spec = TASKS[task]
+    rows = {"inputVolume"}
+    rows |= {role.name for role in spec.inputs if role.name in ("anatomy", "lesion")}
+    if spec.role("ct") is not None:
+        rows.add("volumes")
+    rows |= {setting.panel for setting in spec.settings if setting.panel in TASK_ROWS}
+    if spec.controlnet_task:
+        rows.add("controlNet")
+    return rows
+
+
+def anatomy_use(spec: TaskSpec) -> str:
+    """``no``, ``optional`` or ``required``: how the task uses an anatomy segmentation."""
+    role = spec.role("anatomy")
+    return "no" if role is None else "required" if role.required else "optional"
+
 
 def task_for_label(label: str) -> str:
     """The task key of a task label (``\"Detect anomalies\"`` -> ``\"detect_anomalies\"``)."""
-    for key, info in TASKS.items():
-        if info.label == label:
+    for key, spec in TASKS.items():
+        if spec.label == label:
             return key
     raise KeyError(f"Unknown task '{label}'")

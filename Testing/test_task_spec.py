@@ -1,0 +1,235 @@
+"""The task definitions (MedDiffFMLib/task_spec.py): settings, generated command line, job files, a new task."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import random_tiny_model
+
+from MedDiffFMLib import cli
+from MedDiffFMLib.diffusion.samplers import SAMPLERS
+from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.job import Job, output_path_beside
+from MedDiffFMLib.model import weights as w
+from MedDiffFMLib.preprocessing import REGIONS
+from MedDiffFMLib.task_spec import (
+    REGION_NAMES,
+    SAMPLER_NAMES,
+    TASKS,
+    Output,
+    Role,
+    Setting,
+    TaskResult,
+    TaskSpec,
+    register,
+)
+from MedDiffFMLib.volume import read_volume, write_volume
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FLAGS_BEFORE_THE_SPECS = {
+    "denoise": {"--anatomy", "--sigma", "--noise-gain", "--lam", "--steps", "--zeta", "--series-uid", "--region"},
+    "synthesize": {"--region", "--sampler", "--steps", "--eta"},
+    "detect-anomalies": {
+        "--anatomy",
+        "--organ",
+        "--mask-output",
+        "--t",
+        "--threshold",
+        "--draws",
+        "--series-uid",
+        "--region",
+    },
+    "super-resolve": {"--spacing", "--steps", "--sigma", "--lam", "--zeta", "--controlnet", "--series-uid", "--region"},
+    "generate-lesion": {"--lesion", "--region", "--sampler", "--steps", "--eta", "--controlnet"},
+    "inpaint-lesion": {
+        "--lesion",
+        "--anatomy",
+        "--steps",
+        "--jump-length",
+        "--jump-count",
+        "--margin",
+        "--controlnet",
+        "--series-uid",
+        "--region",
+    },
+}
+"""Every task flag the command line had when each task was spelled out by hand (engine flags aside)."""
+
+
+def _subcommands(parser):
+    action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return action.choices
+
+
+def _task_flags(parser) -> set[str]:
+    engine = {
+        a.option_strings[0] for g in parser._action_groups if g.title == "model and compute" for a in g._group_actions
+    }
+    return {a.option_strings[0] for a in parser._actions if a.option_strings} - engine - {"-h"}
+
+
+def test_the_names_the_definitions_repeat_are_the_library_s():
+    assert REGION_NAMES == tuple(REGIONS) and SAMPLER_NAMES == SAMPLERS
+
+
+def test_the_command_line_has_the_flags_it_had_with_their_defaults():
+    commands = _subcommands(cli.build_parser())
+    for command, flags in FLAGS_BEFORE_THE_SPECS.items():
+        assert _task_flags(commands[command]) == flags, command
+    for spec in TASKS.values():
+        parser = commands[spec.command]
+        positional = ["input" if r.name == "ct" else r.name for r in spec.inputs if r.positional] + ["output"]
+        required = [
+            flag for role in spec.inputs if not role.positional and role.required for flag in (role.cli_flag, "x")
+        ]
+        required += [flag for s in spec.settings if s.required for flag in (s.cli_flag, "x")]
+        required += ["--region", "chest"] if spec.region_required else []
+        args = parser.parse_args([*(f"{name}.nrrd" for name in positional), *required])
+        for setting in spec.settings:
+            if not setting.required:
+                assert getattr(args, setting.name) == setting.default, (spec.key, setting.name)
+
+
+def test_settings_are_checked_against_their_definition():
+    denoise = TASKS["denoise"]
+    assert denoise.resolve({})["sigma_n"] == "auto" and denoise.resolve({"steps": 4.0})["steps"] == 4
+    assert denoise.resolve({"steps": None})["steps"] == denoise.setting("steps").default
+    with pytest.raises(InputError, match="Unknown setting.*stepz.*Known: sigma_n"):
+        denoise.resolve({"stepz": 3})
+    with pytest.raises(InputError, match=r"--steps must be a int, got 2.5"):
+        denoise.resolve({"steps": 2.5})
+    with pytest.raises(InputError, match=r"--zeta must be within \[0, 1\]"):
+        denoise.resolve({"zeta": 1.5})
+    with pytest.raises(InputError, match="--steps must be at least 1, got 0"):
+        denoise.resolve({"steps": 0})
+    with pytest.raises(InputError, match="--sigma must be a float or 'auto'"):
+        denoise.resolve({"sigma_n": "automatic"})
+    with pytest.raises(InputError, match="--sigma must be a float, got 'auto'"):
+        TASKS["super_resolve"].resolve({"sigma_n": "auto"})
+    anomaly = TASKS["detect_anomalies"]
+    assert anomaly.resolve({"organs": "liver"})["organs"] == ["liver"]
+    with pytest.raises(InputError, match="needs --organ"):
+        anomaly.resolve({})
+    with pytest.raises(InputError, match="must be one of ddpm, ddim, dpm"):
+        TASKS["synthesize"].resolve({"sampler": "euler"})
+    with pytest.raises(InputError, match="needs the ct input"):
+        denoise.check_inputs({"anatomy": object()})
+
+
+@pytest.fixture
+def files(tmp_path, small_ct, small_seg):
+    model = tmp_path / "tiny.safetensors"
+    w.save_checkpoint(random_tiny_model(), model, w.ModelCard(name="tiny", version="1", task="base", config={}))
+    ct = write_volume(small_ct, tmp_path / "ct.nrrd")
+    seg = write_volume(small_seg, tmp_path / "seg.nrrd")
+    return str(ct), str(seg), str(model)
+
+
+def test_a_job_file_runs_like_the_subcommand(tmp_path, files, capsys):
+    ct, seg, model = files
+    direct = tmp_path / "direct.nrrd"
+    assert cli.main(["denoise", ct, str(direct), "--anatomy", seg, "--model", model, "--steps", "2", "--quiet"]) == 0
+    job = Job(
+        "denoise",
+        {"ct": ct, "anatomy": seg},
+        {"volume": str(tmp_path / "from_job.nrrd")},
+        {"steps": 2},
+        engine={"model": model},
+    )
+    path = job.write(tmp_path / "job.json")
+    assert Job.read(path) == job
+    assert cli.main(["run", str(path), "--quiet"]) == 0
+    assert "window evaluations" in capsys.readouterr().out
+    np.testing.assert_array_equal(read_volume(tmp_path / "from_job.nrrd").array, read_volume(direct).array)
+    assert cli.main(["run", str(path), "--quiet"]) == 2  # the output exists: refused, not overwritten
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_broken_job_files_say_what_is_wrong(tmp_path):
+    path = tmp_path / "job.json"
+    job = {"version": 1, "task": "denoise", "inputs": {}, "outputs": {"volume": "o.nrrd"}}
+    path.write_text(json.dumps({**job, "x": 1}))
+    with pytest.raises(InputError, match="Unknown key.*x"):
+        Job.read(path)
+    path.write_text(json.dumps({**job, "outputs": {"map": "o.nrrd"}}))
+    with pytest.raises(InputError, match="writes the outputs volume"):
+        Job.read(path)
+    path.write_text("{}")
+    with pytest.raises(InputError, match="not a MedDiffFM job file"):
+        Job.read(path)
+    with pytest.raises(InputError, match="Unknown engine option"):
+        Job("denoise", {"ct": "c.nrrd"}, {"volume": "o.nrrd"}, engine={"devices": "cpu"})
+    assert output_path_beside("a/map.nii.gz", "mask").as_posix() == "a/map_mask.nii.gz"
+
+
+def _denoise_then_detect(engine, inputs, settings, region=None, seed=0, progress=None, cancel=None) -> TaskResult:
+    """A task defined outside the library: denoise, then look for anomalies in the denoised CT."""
+    denoised = TASKS["denoise"].run(engine, inputs, {"steps": settings["steps"]}, region, seed, progress, cancel)
+    found = TASKS["detect_anomalies"].run(
+        engine,
+        {"ct": denoised.volumes["volume"], "anatomy": inputs["anatomy"]},
+        {"organs": settings["organs"]},
+        region,
+        seed,
+        progress,
+        cancel,
+    )
+    return TaskResult({"volume": denoised.volumes["volume"], **found.volumes}, message=found.message)
+
+
+@pytest.fixture
+def new_task():
+    """The TaskSpec of a task defined here, registered for the test and removed after it."""
+    spec = register(
+        TaskSpec(
+            "denoise_then_detect",
+            "denoise-then-detect",
+            "Denoise, then detect anomalies",
+            "denoise a low-dose CT, then find anomalies in an organ",
+            "Denoising followed by anomaly detection.",
+            _denoise_then_detect,
+            inputs=(Role("ct", "CT (HU)", positional=True), Role("anatomy", "anatomy label map")),
+            outputs=(
+                Output("volume", "denoised"),
+                Output("map", "anomaly map", flag="--map-output", kind="difference"),
+                Output("mask", "anomalies", flag="--mask-output", kind="mask", segment="anomaly"),
+            ),
+            settings=(
+                Setting("steps", 2, "denoising steps", kind="int", minimum=1, panel="steps"),
+                Setting("organs", None, "organ name", kind="names", flag="--organ", required=True, panel="organs"),
+            ),
+        )
+    )
+    yield spec
+    TASKS.pop(spec.key)
+
+
+def test_a_new_task_is_its_definition_and_its_run_function(tmp_path, files, new_task, capsys):
+    """Registering one TaskSpec gives the command line a subcommand, job files and the panel its rows."""
+    sys.path.insert(0, str(ROOT / "MedDiffFM"))
+    from MedDiffFMSlicer.taskinfo import rows_of_task
+
+    spec = new_task
+    assert rows_of_task(spec.key) == {"inputVolume", "volumes", "anatomy", "organs"}
+    ct, seg, model = files
+    out = tmp_path / "denoised.nrrd"
+    arguments = ["denoise-then-detect", ct, str(out), "--anatomy", seg, "--organ", "liver", "--model", model]
+    assert cli.main([*arguments, "--quiet"]) == 0, capsys.readouterr().err
+    assert "anomalous voxels" in capsys.readouterr().out
+    for name in ("denoised.nrrd", "denoised_map.nrrd", "denoised_mask.nrrd"):
+        assert read_volume(tmp_path / name).geometry.same_grid(read_volume(ct).geometry)
+    with pytest.raises(ValueError, match="exists already"):
+        register(spec)
+
+
+def test_the_definitions_import_without_numpy_or_torch():
+    code = "import sys, MedDiffFMLib.task_spec; print([m for m in ('numpy', 'torch') if m in sys.modules])"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )
