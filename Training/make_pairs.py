@@ -202,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     sr = makers.add_parser("sr", help="thick/thin pairs from a prepared cache")
     sr.add_argument("--data", type=Path, required=True)
     sr.add_argument("--output", type=Path, required=True)
-    sr.add_argument(
-        "--thickness", type=float, nargs="+", default=[5.0], help="slab thickness(es) in mm (default 5)"
-    )
+    sr.add_argument("--thickness", type=float, nargs="+", default=[5.0], help="slab thickness(es) in mm (default 5)")
     msd = makers.add_parser("lesion", help="CT + lesion masks in MSD layout")
     msd.add_argument("--msd", type=Path, required=True, help="folder with imagesTr/ and labelsTr/")
     msd.add_argument("--output", type=Path, required=True)
