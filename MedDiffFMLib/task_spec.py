@@ -137,6 +137,31 @@ class Output:
     segment: str = ""
 
 
+def _no_progress(done: int, total: int, message: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every task's run gets besides its inputs and settings.
+
+    Attributes:
+        region: ``head_neck``, ``chest``, ``abdomen``, or None (detected where the task can).
+        seed: random seed (None: a random one).
+        progress: ``progress(done, total, message)``, called as the work advances.
+        cancel: a :class:`~MedDiffFMLib.progress.CancelToken` checked between steps, or None.
+    """
+
+    region: str | None = None
+    seed: int | None = 0
+    progress: Callable[[int, int, str], None] = _no_progress
+    cancel: Any = None
+
+    def keywords(self) -> dict[str, Any]:
+        """The four as keyword arguments of a task function."""
+        return dict(region=self.region, seed=self.seed, progress=self.progress, cancel=self.cancel)
+
+
 @dataclass
 class TaskResult:
     """What a task produced: named volumes (on the input's grid or the anatomy's), fields, a summary."""
@@ -162,7 +187,8 @@ class TaskSpec:
         help: one line for ``meddiff-fm --help``.
         description: one line under the panel's task selector.
         runner: ``module:function`` (a module of ``MedDiffFMLib.tasks``) that runs it, imported when
-            the task first runs, or the function itself (a task defined outside the library).
+            the task first runs, or the function itself (a task defined outside the library):
+            ``run(engine, inputs, settings, context: RunContext) -> TaskResult``.
         inputs, outputs, settings: see :class:`Role`, :class:`Output`, :class:`Setting`.
         region_required: the region cannot be detected from the CT (synthesis): the command line
             requires ``--region``; Slicer reads it from the anatomy or asks.
@@ -236,11 +262,9 @@ class TaskSpec:
             raise InputError(f"Unknown region '{region}'. Choose one of: {', '.join(REGION_NAMES)}.")
         if self.region_required and region is None:
             raise InputError(f"{self.label} needs the region ({', '.join(REGION_NAMES)}).")
-        context = dict(region=region, seed=seed, cancel=cancel)
-        if progress is not None:
-            context["progress"] = progress
+        context = RunContext(region, seed, progress or _no_progress, cancel)
         given = {role: volume for role, volume in inputs.items() if volume is not None}
-        return self.runner_function()(engine, given, self.resolve(settings), **context)
+        return self.runner_function()(engine, given, self.resolve(settings), context)
 
     def runner_function(self) -> Callable[..., TaskResult]:
         """The function that runs the task (raises AttributeError/ImportError when the library lacks it)."""

@@ -23,6 +23,7 @@ from MedDiffFMLib.task_spec import (
     TASKS,
     Output,
     Role,
+    RunContext,
     Setting,
     TaskResult,
     TaskSpec,
@@ -168,19 +169,15 @@ def test_broken_job_files_say_what_is_wrong(tmp_path):
     assert output_path_beside("a/map.nii.gz", "mask").as_posix() == "a/map_mask.nii.gz"
 
 
-def _denoise_then_detect(engine, inputs, settings, region=None, seed=0, progress=None, cancel=None) -> TaskResult:
+def _denoise_then_detect(engine, inputs, settings, context: RunContext) -> TaskResult:
     """A task defined outside the library: denoise, then look for anomalies in the denoised CT."""
-    denoised = TASKS["denoise"].run(engine, inputs, {"steps": settings["steps"]}, region, seed, progress, cancel)
+    keywords = dict(region=context.region, seed=context.seed, progress=context.progress, cancel=context.cancel)
+    denoised = TASKS["denoise"].run(engine, inputs, {"steps": settings["steps"]}, **keywords)
+    ct = denoised.volumes["volume"]
     found = TASKS["detect_anomalies"].run(
-        engine,
-        {"ct": denoised.volumes["volume"], "anatomy": inputs["anatomy"]},
-        {"organs": settings["organs"]},
-        region,
-        seed,
-        progress,
-        cancel,
+        engine, {"ct": ct, "anatomy": inputs["anatomy"]}, {"organs": settings["organs"]}, **keywords
     )
-    return TaskResult({"volume": denoised.volumes["volume"], **found.volumes}, message=found.message)
+    return TaskResult({"volume": ct, **found.volumes}, message=found.message)
 
 
 @pytest.fixture

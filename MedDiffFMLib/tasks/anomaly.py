@@ -25,7 +25,7 @@ from ..errors import InputError, MaskError
 from ..preprocessing import REGION_CLASS, REGIONS, check_region, resample
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..region import detect_region
-from ..task_spec import TASKS, TaskResult
+from ..task_spec import TASKS, RunContext, TaskResult
 from ..volume import Volume
 from .engine import Engine, anatomy_on, checked_ct, to_working
 
@@ -143,24 +143,13 @@ def stack_slices(slices: Sequence[np.ndarray], spacing: tuple[float, float, floa
     return Volume(np.stack([np.asarray(s) for s in slices]), spacing=spacing)
 
 
-def run(
-    engine: Engine,
-    inputs: dict[str, Volume],
-    settings: dict,
-    region: str | None = None,
-    seed: int | None = 0,
-    progress: ProgressCallback = no_progress,
-    cancel: CancelToken | None = None,
-) -> TaskResult:
+def run(engine: Engine, inputs: dict[str, Volume], settings: dict, context: RunContext) -> TaskResult:
     """The ``detect_anomalies`` task: ``ct`` and ``anatomy`` in, ``map`` and ``mask`` out."""
     result = detect_anomalies(
         inputs["ct"],
         inputs["anatomy"],
         engine=engine,
-        region=region,
-        seed=seed,
-        progress=progress,
-        cancel=cancel,
+        **context.keywords(),
         **settings,
     )
     anomalous = int(result.anomaly_mask.array.sum())

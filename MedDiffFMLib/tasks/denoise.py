@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..preprocessing import REGION_CLASS, check_region
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..region import detect_region
-from ..task_spec import TASKS, TaskResult
+from ..task_spec import TASKS, RunContext, TaskResult
 from ..volume import Geometry, Volume
 from .engine import Engine, anatomy_on, checked_ct, outside_body_on, to_input_grid, to_working
 
@@ -178,19 +178,9 @@ def denoise(
     return DenoiseResult(volume, region, source, sigma_n, t_start, predictor.evaluations, predictor.skipped_windows)
 
 
-def run(
-    engine: Engine,
-    inputs: dict[str, Volume],
-    settings: dict,
-    region: str | None = None,
-    seed: int | None = 0,
-    progress: ProgressCallback = no_progress,
-    cancel: CancelToken | None = None,
-) -> TaskResult:
+def run(engine: Engine, inputs: dict[str, Volume], settings: dict, context: RunContext) -> TaskResult:
     """The ``denoise`` task (:data:`~MedDiffFMLib.task_spec.TASKS`): ``ct`` and optional ``anatomy`` in."""
-    result = denoise(
-        inputs["ct"], engine, region, inputs.get("anatomy"), seed=seed, progress=progress, cancel=cancel, **settings
-    )
+    result = denoise(inputs["ct"], engine, anatomy=inputs.get("anatomy"), **context.keywords(), **settings)
     fields = {name: getattr(result, name) for name in ("region", "region_source", "sigma_n", "t_start")}
     fields.update(network_evaluations=result.network_evaluations, skipped_windows=result.skipped_windows)
     message = (

@@ -23,7 +23,7 @@ from ..diffusion.sliding_window import Conditions
 from ..errors import MaskError
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..region import detect_region
-from ..task_spec import TASKS, TaskResult
+from ..task_spec import TASKS, RunContext, TaskResult
 from ..volume import Volume
 from .engine import Engine, anatomy_on, checked_ct
 from .synthesize import synthesize
@@ -172,41 +172,21 @@ def inpaint_lesion(
     )
 
 
-def run_generate(
-    engine: Engine,
-    inputs: dict[str, Volume],
-    settings: dict,
-    region: str | None = None,
-    seed: int | None = 0,
-    progress: ProgressCallback = no_progress,
-    cancel: CancelToken | None = None,
-) -> TaskResult:
+def run_generate(engine: Engine, inputs: dict[str, Volume], settings: dict, context: RunContext) -> TaskResult:
     """The ``generate_lesion`` task: ``anatomy`` and ``lesion`` in, a CT ``volume`` out."""
-    volume = generate_lesion(
-        inputs["anatomy"], inputs["lesion"], region, engine, seed=seed, progress=progress, cancel=cancel, **settings
-    )
+    volume = generate_lesion(inputs["anatomy"], inputs["lesion"], engine=engine, **context.keywords(), **settings)
+    region = context.region
     return TaskResult({"volume": volume}, dict(region=region), f"synthesised a {region} CT with a lesion")
 
 
-def run_inpaint(
-    engine: Engine,
-    inputs: dict[str, Volume],
-    settings: dict,
-    region: str | None = None,
-    seed: int | None = 0,
-    progress: ProgressCallback = no_progress,
-    cancel: CancelToken | None = None,
-) -> TaskResult:
+def run_inpaint(engine: Engine, inputs: dict[str, Volume], settings: dict, context: RunContext) -> TaskResult:
     """The ``inpaint_lesion`` task: ``ct``, ``lesion`` and optional ``anatomy`` in, the CT ``volume`` out."""
     volume = inpaint_lesion(
         inputs["ct"],
         inputs["lesion"],
         engine,
-        region,
-        inputs.get("anatomy"),
-        seed=seed,
-        progress=progress,
-        cancel=cancel,
+        anatomy=inputs.get("anatomy"),
+        **context.keywords(),
         **settings,
     )
     changed, outside = (
@@ -214,8 +194,6 @@ def run_inpaint(
     )
     return TaskResult(
         {"volume": volume},
-        dict(
-            region=volume.metadata.get("MedDiffFM_region", region), changed_voxels=changed, changed_outside_mask=outside
-        ),
+        dict(region=volume.metadata["MedDiffFM_region"], changed_voxels=changed, changed_outside_mask=outside),
         f"{changed} voxels may differ ({outside} of them outside the lesion mask)",
     )

@@ -22,7 +22,7 @@ from ..diffusion.sliding_window import Conditions
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..region import detect_region
-from ..task_spec import TASKS, TaskResult
+from ..task_spec import TASKS, RunContext, TaskResult
 from ..volume import Geometry, Volume
 from .engine import Engine, checked_ct
 
@@ -133,18 +133,10 @@ def super_resolve(
     )
 
 
-def run(
-    engine: Engine,
-    inputs: dict[str, Volume],
-    settings: dict,
-    region: str | None = None,
-    seed: int | None = 0,
-    progress: ProgressCallback = no_progress,
-    cancel: CancelToken | None = None,
-) -> TaskResult:
+def run(engine: Engine, inputs: dict[str, Volume], settings: dict, context: RunContext) -> TaskResult:
     """The ``super_resolve`` task: the thick ``ct`` in, the thin ``volume`` out."""
     ct = inputs["ct"]
-    volume = super_resolve(ct, engine, region=region, seed=seed, progress=progress, cancel=cancel, **settings)
+    volume = super_resolve(ct, engine, **context.keywords(), **settings)
     return TaskResult(
         {"volume": volume},
         dict(region=volume.metadata["MedDiffFM_region"], slab_factor=int(volume.metadata["MedDiffFM_slab_factor"])),

@@ -12,7 +12,7 @@ from ..diffusion.sliding_window import Conditions
 from ..errors import InputError
 from ..preprocessing import REGION_CLASS, check_region, model_to_hu, resample
 from ..progress import CancelToken, ProgressCallback, no_progress
-from ..task_spec import TaskResult
+from ..task_spec import RunContext, TaskResult
 from ..volume import Volume
 from .engine import Engine
 
@@ -115,17 +115,10 @@ def synthesize(
     )
 
 
-def run(
-    engine: Engine,
-    inputs: dict[str, Volume],
-    settings: dict,
-    region: str | None = None,
-    seed: int | None = 0,
-    progress: ProgressCallback = no_progress,
-    cancel: CancelToken | None = None,
-) -> TaskResult:
+def run(engine: Engine, inputs: dict[str, Volume], settings: dict, context: RunContext) -> TaskResult:
     """The ``synthesize`` task: the ``anatomy`` in (its grid is the result's), a CT ``volume`` out."""
-    volume = synthesize(inputs["anatomy"], region, engine, seed=seed, progress=progress, cancel=cancel, **settings)
+    volume = synthesize(inputs["anatomy"], engine=engine, **context.keywords(), **settings)
+    region = context.region
     return TaskResult(
         {"volume": volume}, dict(region=region), f"synthesised a {region} CT of shape {volume.array.shape}"
     )
