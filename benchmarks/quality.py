@@ -185,10 +185,9 @@ def tuning_case(tuning: Path) -> DenoiseCase:
 
 def true_sigma(engine: Engine, case: DenoiseCase, region: str) -> float:
     """The noise level in the model's scale on its working grid: std of low dose - reference in the body."""
-    working = engine.working_geometry(case.low.geometry)
-    low = pp.hu_to_model(pp.resample(case.low, working).array, region)
-    reference = pp.hu_to_model(pp.resample(case.reference, working).array, region)
-    body = pp.resample(case.reference.with_array(case.body.astype(np.uint8)), working, labels=True).array > 0
+    grid = engine.grid(case.low.geometry, region)
+    low, reference = grid.image(case.low.array), grid.image(case.reference.array)
+    body = grid.mask(case.body)
     return float(np.std((low - reference)[body]))
 
 
@@ -216,7 +215,7 @@ def bench_denoise(engine: Engine, tuning: Path, output: Path, quick: bool) -> No
     rows, figures = [], [case.low, case.reference]
     low_psnr, low_ssim = case.score(case.low.array)
     rows.append(["low dose (input)", "", f"{low_psnr:.2f}", f"{low_ssim:.3f}", "", ""])
-    working = engine.working_geometry(case.low.geometry)
+    working = engine.grid(case.low.geometry, region).working
     round_trip = pp.resample(pp.resample(case.low, working), case.low.geometry).array
     trip_psnr, trip_ssim = case.score(round_trip)
     rows.append(

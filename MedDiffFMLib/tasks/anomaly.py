@@ -22,12 +22,12 @@ from ..anatomy import organ_mask
 from ..device import make_generator, randn
 from ..diffusion.sliding_window import Conditions
 from ..errors import InputError, MaskError
-from ..preprocessing import REGION_CLASS, REGIONS, check_region, resample
+from ..preprocessing import REGION_CLASS, REGIONS, check_region
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..region import detect_region
 from ..task_spec import TASKS, RunContext, TaskResult
 from ..volume import Volume
-from .engine import Engine, anatomy_on, checked_ct, to_working
+from .engine import Engine, anatomy_on, checked_ct
 
 DEFAULT_TIMESTEP = TASKS["detect_anomalies"].setting("t").default
 
@@ -84,11 +84,13 @@ def detect_anomalies(
     if region is None:
         region, _ = detect_region(ct, hu, labels)
     window = check_region(region)
-    working, image, working_labels = to_working(engine, ct, region, labels)
+    grid = engine.grid(ct.geometry, region)
+    image = torch.from_numpy(grid.image(hu)).to(engine.device)
+    working_labels = torch.from_numpy(grid.labels(labels))
     working_organ = torch.from_numpy(organ_mask_on(working_labels.numpy(), organs)).to(engine.device)
     masked = torch.where(working_organ, image, torch.full_like(image, -1.0))
     known = (~working_organ, torch.full_like(masked, -1.0))
-    predictor = engine.predictor(Conditions(REGION_CLASS[region], working_labels), working.shape, known=known)
+    predictor = engine.predictor(Conditions(REGION_CLASS[region], working_labels), grid.working.shape, known=known)
     generator = make_generator(seed)
     difference = torch.zeros_like(masked)
     with torch.no_grad():
@@ -100,8 +102,7 @@ def detect_anomalies(
             difference += (masked - reconstruction) / draws
             progress(draw + 1, draws, f"draw {draw + 1}/{draws}")
     difference = torch.where(working_organ, difference, torch.zeros_like(difference))
-    difference_hu = (difference * (REGIONS[region].width / 2.0)).cpu().numpy().astype(np.float32)
-    on_input = resample(Volume.on_geometry(difference_hu, working), ct.geometry).array
+    on_input = grid.to_source(difference * (REGIONS[region].width / 2.0))
     anomaly_map = np.where(organ, on_input, 0.0).astype(np.float32)
     if threshold is None:
         threshold = default_threshold(anomaly_map[organ])

@@ -19,7 +19,7 @@ from ..progress import CancelToken, ProgressCallback, no_progress
 from ..region import detect_region
 from ..task_spec import TASKS, RunContext, TaskResult
 from ..volume import Geometry, Volume
-from .engine import Engine, anatomy_on, checked_ct, outside_body_on, to_input_grid, to_working
+from .engine import Engine, anatomy_on, checked_ct
 
 SPEC = TASKS["denoise"]
 DEFAULT_STEPS, DEFAULT_LAMBDA, DEFAULT_ZETA, DEFAULT_NOISE_GAIN = (
@@ -133,7 +133,9 @@ def denoise(
     else:
         check_region(region)
         source = "given"
-    working, y0, working_labels = to_working(engine, ct, region, labels)
+    grid = engine.grid(ct.geometry, region)
+    y0 = torch.from_numpy(grid.image(hu)).to(engine.device)
+    working_labels = None if labels is None else torch.from_numpy(grid.labels(labels))
     factor = resampled_noise_factor(ct.geometry, engine.config.spacing_mm)
     if sigma_n == "auto":
         sigma_n = estimate_noise_sigma(pp.hu_to_model(hu, region), ct.spacing) * factor
@@ -144,8 +146,10 @@ def denoise(
     if not noise_gain > 0:
         raise InputError(f"The noise gain must be positive, got {noise_gain}.")
     level = sigma_n * noise_gain
-    known = (outside_body_on(ct, body, working), y0) if skip_air else None
-    predictor = engine.predictor(Conditions(REGION_CLASS[region], working_labels), working.shape, known=known)
+    # Windows at least two working voxels outside the body need no network call.
+    outside_body = torch.from_numpy(~ndimage.binary_dilation(grid.mask(body), iterations=2))
+    known = (outside_body, y0) if skip_air else None
+    predictor = engine.predictor(Conditions(REGION_CLASS[region], working_labels), grid.working.shape, known=known)
     with torch.no_grad():
         x0 = diffpir(
             predictor,
@@ -160,12 +164,10 @@ def denoise(
             cancel=cancel,
         )
     t_start = engine.schedule.timestep_for_sigma(level)
-    volume = to_input_grid(
+    volume = grid.restore(
         x0,
-        working,
         ct,
         hu,
-        region,
         keep=pp.outside_window_structures(hu, region, noise_hu),
         MedDiffFM_task="denoise",
         MedDiffFM_model=engine.name,

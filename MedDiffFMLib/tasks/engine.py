@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch import nn
 
 from .. import preprocessing as pp
@@ -22,6 +21,7 @@ from ..diffusion.sliding_window import Conditions, KnownVoxels, WindowedNoisePre
 from ..errors import InputError, ResourceError
 from ..model.config import ModelConfig
 from ..volume import Geometry, Volume
+from ..working_grid import WorkingGrid
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +129,9 @@ class Engine:
         channels_last = self.memory_format != "contiguous" and self.device.type in CHANNELS_LAST_DEVICES
         return torch.channels_last_3d if channels_last else torch.contiguous_format
 
-    def working_geometry(self, geometry: Geometry) -> Geometry:
-        """The model's isotropic grid over the extent of ``geometry``."""
-        return pp.isotropic_geometry(geometry, self.config.spacing_mm)
+    def grid(self, geometry: Geometry, region: str) -> WorkingGrid:
+        """The model's isotropic grid over the extent of ``geometry``, for ``region``'s window."""
+        return WorkingGrid.over(geometry, self.config.spacing_mm, region)
 
 
 @dataclass(frozen=True)
@@ -305,60 +305,6 @@ def anatomy_on(
     if not (labels == BODY_LABEL).any():
         labels[(labels == 0) & (body_mask(hu) if body is None else body)] = BODY_LABEL
     return labels
-
-
-def to_working(
-    engine: Engine, ct: Volume, region: str, anatomy: np.ndarray | None
-) -> tuple[Geometry, torch.Tensor, torch.Tensor | None]:
-    """Resample a CT (and its anatomy on the CT's grid) to the working grid.
-
-    Returns the working grid, the image ``(D, H, W)`` in [-1, 1] on the engine's device, and the
-    anatomy ``(D, H, W)`` uint8 (or None).
-    """
-    working = engine.working_geometry(ct.geometry)
-    image = pp.hu_to_model(pp.resample(ct, working).array, region)
-    labels = None
-    if anatomy is not None:
-        labels = pp.resample(Volume.on_geometry(anatomy, ct.geometry), working, labels=True, extrapolate=True).array
-        labels = torch.from_numpy(labels.astype(np.uint8))
-    return working, torch.from_numpy(image).to(engine.device), labels
-
-
-def to_input_grid(
-    values: torch.Tensor,
-    working: Geometry,
-    ct: Volume,
-    input_hu: np.ndarray,
-    region: str,
-    keep: np.ndarray | None = None,
-    **metadata: str,
-) -> Volume:
-    """A model-scale result on the working grid back to HU on the CT's grid, lossless outside the window.
-
-    Voxels whose input HU lies outside the region window (or those in ``keep``, a bool array on
-    the CT's grid) are carried over from the input; how many is written into the metadata.
-    """
-    hu = pp.model_to_hu(values.detach().cpu().numpy(), region)
-    on_input = pp.resample(Volume.on_geometry(hu, working), ct.geometry).array
-    merged, carried = pp.restore_outside_window(on_input, input_hu, region, keep)
-    window = pp.REGIONS[region]
-    return ct.with_array(
-        merged.astype(np.float32),
-        MedDiffFM_region=region,
-        MedDiffFM_carried_over_voxels=str(carried),
-        MedDiffFM_note=(
-            f"{carried} voxels outside the {region} window [{window.low:g}, {window.high:g}] HU were copied "
-            "from the input unchanged."
-        ),
-        **metadata,
-    )
-
-
-def outside_body_on(ct: Volume, body: np.ndarray, working: Geometry, margin: int = 2) -> torch.Tensor:
-    """``(D, H, W)`` bool on the working grid: voxels at least ``margin`` working voxels outside
-    ``body`` (the CT's thresholded body mask on its grid), whose windows need no network call."""
-    on_working = pp.resample(ct.with_array(body.astype(np.uint8)), working, labels=True, extrapolate=True).array > 0
-    return torch.from_numpy(~ndimage.binary_dilation(on_working, iterations=margin))
 
 
 def unknown_anatomy(shape: tuple[int, ...]) -> torch.Tensor:

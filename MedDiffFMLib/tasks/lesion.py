@@ -112,24 +112,18 @@ def inpaint_lesion(
         region, _ = detect_region(ct, hu, labels)
     weights = blend_weights(mask, ct.spacing, margin_mm)
     changed = weights > 0
-    whole = engine.working_geometry(ct.geometry)
-    changed_working = (
-        pp.resample(ct.with_array(changed.astype(np.uint8)), whole, labels=True, extrapolate=True).array > 0
-    )
+    whole = engine.grid(ct.geometry, region)
+    changed_working = whole.mask(changed)
     if not changed_working.any():
         raise MaskError("The lesion is smaller than one voxel at the model's spacing; draw a larger lesion.")
     box = bounding_box(changed_working, (engine.config.patch_size // 2,) * 3)
-    working = whole.subgrid(box)
-    known = torch.from_numpy(pp.hu_to_model(pp.resample(ct, working).array, region)).to(engine.device)
-    control = pp.resample(ct.with_array(mask.astype(np.uint8)), working, labels=True, extrapolate=True).array
-    working_labels = None
-    if labels is not None:
-        working_labels = torch.from_numpy(
-            pp.resample(ct.with_array(labels), working, labels=True, extrapolate=True).array
-        )
-    conditions = Conditions(pp.REGION_CLASS[region], working_labels, torch.from_numpy(control.astype(np.float32))[None])
-    frame = (tuple(s.start for s in box), whole.shape)
-    predictor = engine.predictor(conditions, working.shape, frame)
+    grid = whole.cropped(box)
+    known = torch.from_numpy(grid.image(hu)).to(engine.device)
+    control = torch.from_numpy(grid.mask(mask).astype(np.float32))[None]
+    working_labels = None if labels is None else torch.from_numpy(grid.labels(labels))
+    conditions = Conditions(pp.REGION_CLASS[region], working_labels, control)
+    frame = (tuple(s.start for s in box), whole.working.shape)
+    predictor = engine.predictor(conditions, grid.working.shape, frame)
     timesteps = engine.schedule.strided_timesteps(engine.schedule.num_timesteps - 1, steps)
     with torch.no_grad():
         x0 = repaint(
@@ -145,9 +139,7 @@ def inpaint_lesion(
             cancel,
         )
     target = bounding_box(changed, (0, 0, 0))
-    generated = pp.resample(
-        Volume.on_geometry(pp.model_to_hu(x0.cpu().numpy(), region), working), ct.geometry.subgrid(target)
-    ).array
+    generated = grid.hu(x0, ct.geometry.subgrid(target))
     margin_outside_window = ~mask[target] & pp.outside_window(hu[target], region)
     inside, weight = changed[target] & ~margin_outside_window, weights[target]
     blended = weight * generated + (1.0 - weight) * hu[target]

@@ -24,6 +24,7 @@ from ..progress import CancelToken, ProgressCallback, no_progress
 from ..region import detect_region
 from ..task_spec import TASKS, RunContext, TaskResult
 from ..volume import Geometry, Volume
+from ..working_grid import WorkingGrid
 from .engine import Engine, checked_ct
 
 SPEC = TASKS["super_resolve"]
@@ -94,7 +95,7 @@ def super_resolve(
     )
     thin_working = thin_geometry(thick_working, factor)
     operator = ZSlabAverage(factor)
-    y0 = torch.from_numpy(pp.hu_to_model(pp.resample(ct, thick_working).array, region)).to(engine.device)
+    y0 = torch.from_numpy(WorkingGrid(ct.geometry, thick_working, region).image(hu)).to(engine.device)
     upsampled = operator.pseudo_inverse(y0)
     predictor = engine.predictor(Conditions(pp.REGION_CLASS[region], control=upsampled[None]), thin_working.shape)
     generator = make_generator(seed)
@@ -117,7 +118,7 @@ def super_resolve(
         )
     x0 = operator.data_step(x0, y0, 0.0).clamp(-1.0, 1.0)
     output = thin_geometry(ct.geometry, output_factor)
-    result = pp.resample(Volume.on_geometry(pp.model_to_hu(x0.cpu().numpy(), region), thin_working), output).array
+    result = WorkingGrid(output, thin_working, region).hu(x0)
     nearest_input = pp.resample(ct, output, labels=True).array.astype(np.float32)
     merged, carried = pp.restore_outside_window(result, nearest_input, region)
     return Volume.on_geometry(

@@ -10,7 +10,7 @@ from ..device import make_generator
 from ..diffusion.samplers import sample
 from ..diffusion.sliding_window import Conditions
 from ..errors import InputError
-from ..preprocessing import REGION_CLASS, check_region, model_to_hu, resample
+from ..preprocessing import REGION_CLASS, check_region
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..task_spec import RunContext, TaskResult
 from ..volume import Volume
@@ -74,21 +74,20 @@ def synthesize(
             body_source = "the given body mask"
         labels = np.where((labels == 0) & body, BODY_LABEL, np.where(body, labels, 0)).astype(np.uint8)
         anatomy = anatomy.with_array(labels)
-    working = engine.working_geometry(anatomy.geometry)
-    working_labels = resample(anatomy, working, labels=True, extrapolate=True).array.astype(np.uint8)
+    grid = engine.grid(anatomy.geometry, region)
+    working_labels = grid.labels(labels)
     condition = None
     if control is not None:
-        condition = resample(anatomy.with_array(control.astype(np.uint8)), working, labels=True, extrapolate=True).array
-        condition = torch.from_numpy(condition.astype(np.float32))[None]
+        condition = torch.from_numpy(grid.mask(control).astype(np.float32))[None]
     conditions = Conditions(REGION_CLASS[region], torch.from_numpy(working_labels), condition)
     outside = torch.from_numpy(working_labels == 0)
     known = (outside, torch.full(outside.shape, -1.0))
-    predictor = engine.predictor(conditions, working.shape, known=known)
+    predictor = engine.predictor(conditions, grid.working.shape, known=known)
     with torch.no_grad():
         x0 = sample(
             predictor,
             engine.schedule,
-            working.shape,
+            grid.working.shape,
             make_generator(seed),
             engine.device,
             sampler=sampler,
@@ -97,8 +96,7 @@ def synthesize(
             progress=progress,
             cancel=cancel,
         )
-    hu = Volume.on_geometry(model_to_hu(x0.cpu().numpy(), region), working)
-    result = resample(hu, anatomy.geometry).array.astype(np.float32)
+    result = grid.hu(x0)
     result[labels == 0] = AIR_HU
     note = f"Voxels outside the body ({body_source}) are air ({AIR_HU:g} HU)."
     return Volume.on_geometry(
