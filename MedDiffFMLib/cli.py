@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, batch
+from . import __version__, batch, resources
 from .device import DEVICE_CHOICES
 from .diffusion.sliding_window import BLEND_MODES
 from .errors import CancelledError, MedDiffFMError, OutputExistsError
@@ -29,7 +29,8 @@ from .volume import Volume, check_writable, read_volume
 
 logger = logging.getLogger("meddiff-fm")
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "Testing" / "Data" / "totalsegmentator_example"
+SAMPLE_DIR = resources.find(resources.SAMPLE)
+"""The bundled sample scans (None when not installed: the demo then says where it looked)."""
 DEMO_CT, DEMO_LABELS = "example_ct_dicom", "example_seg_dicom.nii.gz"
 """The demo's scan: the bundled upper-abdomen DICOM series (0.98 x 0.98 x 2 mm), held out of the
 training of every shipped 1 mm model (meddiff-fm-1mm@0.2 and later), and its TotalSegmentator labels."""
@@ -316,7 +317,8 @@ def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
         check_writable(path, args.overwrite)
     if figure.exists() and not args.overwrite:
         raise OutputExistsError(f"'{figure}' already exists. Choose another folder or allow overwriting.")
-    sample = read_volume(SAMPLE_DIR / DEMO_CT)
+    sample_dir = SAMPLE_DIR or resources.sample_dir()
+    sample = read_volume(sample_dir / DEMO_CT)
     simulated = simulate(sample, target_psnr=args.target_psnr, seed=args.seed)
     half = [round(DEMO_EXTENT_MM / 2 / s) for s in sample.spacing[1::-1]]
     centre = [n // 2 for n in sample.array.shape[1:]]
@@ -328,7 +330,7 @@ def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
     low_dose, reference = central(simulated.low_dose), central(simulated.reference)
     anatomy = None
     if args.with_anatomy:
-        anatomy = central(labels_on_grid(read_volume(SAMPLE_DIR / DEMO_LABELS), sample.geometry))
+        anatomy = central(labels_on_grid(read_volume(sample_dir / DEMO_LABELS), sample.geometry))
     engine = _engine(args)
     result = denoise(
         low_dose,

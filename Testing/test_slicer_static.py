@@ -8,6 +8,7 @@ the .ui file fails only when a user opens the panel, so both are checked here.
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -107,17 +108,19 @@ def test_the_library_is_installed_with_the_extension():
     assert (ROOT / "MedDiffFMLib" / "cli.py").exists()
 
 
-def test_the_extension_ships_the_demonstration_models_where_the_library_looks():
+def test_the_extension_ships_the_catalogued_models_where_the_library_looks():
     text = (ROOT / "CMakeLists.txt").read_text()
     listed = cmake_sets(ROOT / "CMakeLists.txt")["MedDiffFM_SHIPPED_MODELS"]
-    demo = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "models").glob("meddiff-fm-demo*"))
-    assert sorted(listed) == demo and len(demo) == 6
+    catalogue = json.loads((ROOT / "MedDiffFMLib" / "model" / "catalogue.json").read_text())["models"]
+    shipped = [f"models/{m['name']}-{m['version']}{suffix}" for m in catalogue for suffix in (".safetensors", ".json")]
+    assert sorted(listed) == sorted(shipped) and all((ROOT / path).exists() for path in shipped)
     destination = "DESTINATION ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/models"
     assert f"install(FILES ${{MedDiffFM_SHIPPED_MODELS}} {destination}" in text
     assert "DESTINATION ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/models" in text
     # The library is installed into the same folder, and looks for models/ beside itself.
-    source = (ROOT / "MedDiffFMLib" / "model" / "weights.py").read_text()
-    assert 'BUNDLED_DIR = Path(__file__).resolve().parents[2] / "models"' in source
+    from MedDiffFMLib import resources
+
+    assert resources.MODELS == "models" and resources.PACKAGE_DIR.parent in resources.roots()
     assert "DESTINATION_DIR ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}" in text
 
 

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import ChecksumError, OutputExistsError, WeightsError
 from ..progress import CancelToken, ProgressCallback, no_progress
+from ..resources import shipped_models_dir
 from ..volume import default_file_mode
 from .config import ModelConfig
 from .network import ControlledNet, MedDiffFMNet
@@ -38,8 +39,8 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("base", "controlnet-sr", "controlnet-lesion")
 CATALOGUE_PATH = Path(__file__).with_name("catalogue.json")
-BUNDLED_DIR = Path(__file__).resolve().parents[2] / "models"
-"""Weights shipped with a source checkout (the demonstration models)."""
+BUNDLED_DIR = shipped_models_dir()
+"""Weights shipped with MedDiffFM (checkout, wheel or Slicer extension; see :mod:`MedDiffFMLib.resources`)."""
 _CHUNK = 1 << 20
 
 
