@@ -120,6 +120,7 @@ class MedDiffFMParameterNode:
     overlap: Annotated[float, WithinRange(0.0, 0.9), Default(0.5)]
     batchSize: Annotated[int, WithinRange(1, 64), Default(4)]
     compileNetwork: Annotated[bool, Default(False)]
+    preview: Annotated[bool, Default(False)]
     model: str
     controlNet: str
 
@@ -545,6 +546,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             model=None if model == UNTRAINED_CHOICE else (model or None),
             controlnet=self.ui.controlNetComboBox.currentText or None,
             untrained="tiny" if model == UNTRAINED_CHOICE else None,
+            preview=p.preview,
         )
 
     def onApplyButton(self) -> None:

@@ -21,7 +21,7 @@ from .job import Job, output_path_beside, run_job, write_all
 from .model import weights as model_weights
 from .preprocessing import REGIONS, labels_on_grid
 from .progress import CancelToken, JsonLinesProgress, TqdmProgress, emit_json
-from .task_spec import TASKS, Setting, TaskSpec
+from .task_spec import PREVIEW_OVERLAP, TASKS, Setting, TaskSpec
 from .tasks import Engine, denoise
 from .tasks.denoise import DEFAULT_STEPS
 from .tasks.engine import MEMORY_FORMATS, PRECISIONS, EngineOptions, build_engine
@@ -143,6 +143,17 @@ def add_task_parser(commands, spec: TaskSpec) -> argparse.ArgumentParser:
         choices=tuple(REGIONS),
         required=spec.region_required,
         help="anatomical region" + ("" if spec.region_required else " (default: detected)"),
+    )
+    p.add_argument(
+        "--preview",
+        action="store_true",
+        help="fast preview: "
+        + (
+            ", ".join(f"{name.replace('_', '-')} {value}" for name, value in spec.preview) + ", "
+            if spec.preview
+            else ""
+        )
+        + f"window overlap at most {PREVIEW_OVERLAP:g} (settings changed from their defaults are kept)",
     )
     if spec.controlnet_task:
         p.add_argument(
@@ -269,6 +280,7 @@ def run_task(args: argparse.Namespace, cancel: CancelToken) -> None:
         series_uid=getattr(args, "series_uid", None),
         engine=_engine_options(args, spec.controlnet_task),
         overwrite=args.overwrite,
+        preview=args.preview,
     )
     _run(args, job, cancel)
 

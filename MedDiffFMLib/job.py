@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InputError, ReadError
-from .task_spec import TASKS, TaskResult, TaskSpec
+from .task_spec import PREVIEW_OVERLAP, TASKS, TaskResult, TaskSpec
 from .volume import WRITE_EXTENSIONS, Volume, check_writable, read_volume, write_volume
 
 if TYPE_CHECKING:
@@ -54,6 +54,8 @@ class Job:
         engine: how to build the engine (:class:`~MedDiffFMLib.tasks.engine.EngineOptions`; its
             ``controlnet_task`` is the task's).
         overwrite: replace existing output files.
+        preview: the fast preview (:attr:`~MedDiffFMLib.task_spec.TaskSpec.preview`: fewer steps,
+            window overlap at most :data:`~MedDiffFMLib.task_spec.PREVIEW_OVERLAP`).
     """
 
     task: str
@@ -65,6 +67,7 @@ class Job:
     series_uid: str | None = None
     engine: EngineOptions = field(default_factory=_engine_options)
     overwrite: bool = False
+    preview: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -138,7 +141,10 @@ def run_job(
 ) -> TaskResult:
     """Run ``job``: check, read, run (engine from ``engine_factory``), write. Returns the result."""
     spec = job.spec
-    settings = spec.resolve(job.settings)
+    engine_options = replace(job.engine, controlnet_task=spec.controlnet_task)
+    settings = spec.resolve(spec.preview_settings(job.settings) if job.preview else job.settings)
+    if job.preview:
+        engine_options = replace(engine_options, overlap=min(engine_options.overlap, PREVIEW_OVERLAP))
     spec.check_inputs(job.inputs)
     resolved = {Path(path).resolve() for path in job.outputs.values()}
     if len(resolved) < len(job.outputs):
@@ -148,7 +154,7 @@ def run_job(
     inputs = {
         role: read_volume(path, job.series_uid if role == "ct" else None) for role, path in job.inputs.items() if path
     }
-    engine = engine_factory(replace(job.engine, controlnet_task=spec.controlnet_task))
+    engine = engine_factory(engine_options)
     result = spec.run(engine, inputs, settings, job.region, job.seed, progress, cancel)
     write_all([(result.volumes[name], path) for name, path in job.outputs.items()], job.overwrite)
     return result

@@ -25,6 +25,10 @@ REGION_NAMES = ("head_neck", "chest", "abdomen")
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m")
 """The generative samplers (``MedDiffFMLib.diffusion.samplers.SAMPLERS``)."""
 
+PREVIEW_OVERLAP = 0.25
+"""Window overlap of the fast preview: half the windows of the default 0.5, no visible seams
+(benchmarks/README.md #5)."""
+
 KINDS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "names": list}
 
 
@@ -194,6 +198,8 @@ class TaskSpec:
             requires ``--region``; Slicer reads it from the anatomy or asks.
         controlnet_task: the ControlNet it needs (``controlnet-sr``), if any.
         grid_from_volume: in Slicer, a chosen volume (not an input) may give the result's grid.
+        preview: the settings of the fast preview (``--preview``, the panel's "Fast preview"), as
+            ``(name, value)`` pairs; it also lowers the window overlap to :data:`PREVIEW_OVERLAP`.
     """
 
     key: str
@@ -208,6 +214,15 @@ class TaskSpec:
     region_required: bool = False
     controlnet_task: str | None = None
     grid_from_volume: bool = False
+    preview: tuple[tuple[str, Any], ...] = ()
+
+    def preview_settings(self, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``settings`` with the fast preview's values where a setting is unset or at its default."""
+        result = dict(settings or {})
+        for name, value in self.preview:
+            if result.get(name) in (None, self.setting(name).default):
+                result[name] = value
+        return result
 
     def setting(self, name: str) -> Setting:
         for setting in self.settings:
@@ -334,6 +349,7 @@ register(
         settings=(_SAMPLER, _STEPS_OF_SAMPLER, _eta("DDIM stochasticity (0 deterministic, default 1)")),
         region_required=True,
         grid_from_volume=True,
+        preview=(("sampler", "dpm++2m"), ("steps", 10)),
     )
 )
 register(
@@ -369,6 +385,7 @@ register(
             Setting("steps", 10, "network evaluations (default 10)", kind="int", minimum=1, panel="steps"),
             Setting("zeta", 0.0, "fresh-noise share (default 0)", minimum=0.0, maximum=1.0),
         ),
+        preview=(("steps", 4),),
     )
 )
 register(
@@ -446,6 +463,7 @@ register(
             Setting("zeta", 0.3, "fresh-noise share (default 0.3)", minimum=0.0, maximum=1.0),
         ),
         controlnet_task="controlnet-sr",
+        preview=(("steps", 20),),
     )
 )
 register(
@@ -462,6 +480,7 @@ register(
         region_required=True,
         controlnet_task="controlnet-lesion",
         grid_from_volume=True,
+        preview=(("sampler", "dpm++2m"), ("steps", 10)),
     )
 )
 register(
@@ -508,5 +527,6 @@ register(
             ),
         ),
         controlnet_task="controlnet-lesion",
+        preview=(("steps", 20), ("jump_count", 0)),
     )
 )

@@ -939,6 +939,22 @@ def test_the_panel_and_the_command_line_build_the_same_engine(scene, ct_node):
         assert torch.equal(first, second)
 
 
+def test_the_fast_preview_reaches_both_ways_of_running(scene, ct_node, tmp_path):
+    from MedDiffFMLib.job import Job
+
+    logic = TaskLogic(scene)
+    parameters = TaskParameters("denoise", volume=ct_node, untrained="tiny", device="cpu", preview=True)
+    assert parameters.run_settings()["steps"] == 4 and logic.engine_options(parameters).overlap == 0.25
+    assert TaskParameters("denoise", settings={"steps": 6}, preview=True).run_settings()["steps"] == 6
+    job = ChildJob(temp_parent=tmp_path)
+    try:
+        job_file, _ = logic.write_job(parameters, logic.prepare(parameters), job)
+        read = Job.read(job_file)
+    finally:
+        job.cleanup()
+    assert read.preview and read.engine.overlap == 0.25
+
+
 def test_compiling_the_network_reaches_both_ways_of_running(scene, ct_node, tmp_path):
     from MedDiffFMLib.job import Job
 

@@ -14,10 +14,11 @@ from conftest import random_tiny_model
 from MedDiffFMLib import cli
 from MedDiffFMLib.diffusion.samplers import SAMPLERS
 from MedDiffFMLib.errors import InputError
-from MedDiffFMLib.job import Job, output_path_beside
+from MedDiffFMLib.job import Job, output_path_beside, run_job
 from MedDiffFMLib.model import weights as w
 from MedDiffFMLib.preprocessing import REGIONS
 from MedDiffFMLib.task_spec import (
+    PREVIEW_OVERLAP,
     REGION_NAMES,
     SAMPLER_NAMES,
     TASKS,
@@ -82,7 +83,7 @@ def test_the_names_the_definitions_repeat_are_the_library_s():
 def test_the_command_line_has_the_flags_it_had_with_their_defaults():
     commands = _subcommands(cli.build_parser())
     for command, flags in FLAGS_BEFORE_THE_SPECS.items():
-        assert _task_flags(commands[command]) == flags, command
+        assert _task_flags(commands[command]) == flags | {"--preview"}, command
     for spec in TASKS.values():
         parser = commands[spec.command]
         positional = ["input" if r.name == "ct" else r.name for r in spec.inputs if r.positional] + ["output"]
@@ -150,6 +151,27 @@ def test_a_job_file_runs_like_the_subcommand(tmp_path, files, capsys):
     np.testing.assert_array_equal(read_volume(tmp_path / "from_job.nrrd").array, read_volume(direct).array)
     assert cli.main(["run", str(path), "--quiet"]) == 2  # the output exists: refused, not overwritten
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_fast_preview_does_less_work_and_keeps_what_the_user_changed(tmp_path, files):
+    denoise = TASKS["denoise"]
+    assert denoise.preview_settings({})["steps"] == 4 and denoise.preview_settings({"steps": 7})["steps"] == 7
+    assert denoise.preview_settings({"steps": denoise.setting("steps").default})["steps"] == 4
+    for spec in TASKS.values():  # every preview is a valid setting of its task
+        spec.resolve(spec.preview_settings({"organs": ["liver"]} if spec.key == "detect_anomalies" else {}))
+    ct, seg, model = files
+    evaluations, overlaps = {}, {}
+
+    def engine_factory(options):
+        overlaps[len(overlaps)] = options.overlap
+        return cli._cached_engine(options, None)
+
+    for preview in (False, True):
+        job = Job("denoise", {"ct": ct}, {"volume": str(tmp_path / f"{preview}.nrrd")}, engine={"model": model})
+        job.preview = preview
+        evaluations[preview] = run_job(job, engine_factory).fields["network_evaluations"]
+    assert overlaps == {0: 0.5, 1: PREVIEW_OVERLAP}
+    assert evaluations[True] * 3 < evaluations[False]
 
 
 def test_broken_job_files_say_what_is_wrong(tmp_path):

@@ -30,7 +30,7 @@ from MedDiffFMLib.job import Job
 from MedDiffFMLib.preprocessing import REGIONS
 from MedDiffFMLib.progress import CancelToken, no_progress
 from MedDiffFMLib.region import region_from_anatomy
-from MedDiffFMLib.task_spec import TASKS, TaskSpec
+from MedDiffFMLib.task_spec import PREVIEW_OVERLAP, TASKS, TaskSpec
 from MedDiffFMLib.tasks.engine import EngineOptions, build_engine
 from MedDiffFMLib.volume import Volume, read_volume, write_volume
 
@@ -69,7 +69,8 @@ class TaskParameters:
 
     ``settings`` holds the task's settings by name (:class:`~MedDiffFMLib.task_spec.Setting`: ``steps``,
     ``sigma_n``, ``organs``, ...); those missing or None take the task's defaults. ``region`` None:
-    detected (or read from the anatomy where the task needs it).
+    detected (or read from the anatomy where the task needs it). ``preview``: the task's fast preview
+    (:attr:`~MedDiffFMLib.task_spec.TaskSpec.preview`).
     """
 
     task: str
@@ -87,6 +88,7 @@ class TaskParameters:
     model: str | None = None
     controlnet: str | None = None
     untrained: str | None = None
+    preview: bool = False
 
     @property
     def spec(self) -> TaskSpec:
@@ -95,6 +97,11 @@ class TaskParameters:
     def given_settings(self) -> dict[str, Any]:
         """The settings that are set (not None): the others are the task's defaults."""
         return {name: value for name, value in self.settings.items() if value is not None}
+
+    def run_settings(self) -> dict[str, Any]:
+        """The settings a run uses: the given ones, with the fast preview's where asked for."""
+        given = self.given_settings()
+        return self.spec.preview_settings(given) if self.preview else given
 
     def with_changes(self, **changes) -> TaskParameters:
         return replace(self, **changes)
@@ -269,7 +276,7 @@ class TaskLogic:
             controlnet_task=parameters.spec.controlnet_task,
             controlnet=parameters.controlnet,
             device=parameters.device,
-            overlap=parameters.overlap,
+            overlap=min(parameters.overlap, PREVIEW_OVERLAP) if parameters.preview else parameters.overlap,
             batch_size=parameters.batch_size,
             compile=parameters.compile,
             seed=parameters.seed if parameters.untrained else None,
@@ -286,7 +293,7 @@ class TaskLogic:
         inputs = self.prepare(parameters)
         engine = engine or self.engine(parameters)
         result = parameters.spec.run(
-            engine, inputs.volumes(), parameters.given_settings(), inputs.region, parameters.seed, progress, cancel
+            engine, inputs.volumes(), parameters.run_settings(), inputs.region, parameters.seed, progress, cancel
         )
         return self._create_outputs(parameters, inputs, result.volumes, result.summary())
 
@@ -357,6 +364,7 @@ class TaskLogic:
             region=inputs.region,
             seed=p.seed,
             engine=engine,
+            preview=p.preview,
         )
         return str(description.write(job.path("job.json"))), outputs
 
