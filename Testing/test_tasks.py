@@ -95,6 +95,9 @@ def test_noise_estimate_is_close_to_the_truth():
         assert estimate_noise_sigma(organs + correlated) == pytest.approx(sigma, rel=0.15)
         white = rng.normal(0, sigma, organs.shape)
         assert sigma < estimate_noise_sigma(organs + white) < 1.35 * sigma
+        # Constant padding outside the field of view (inside a wide window such as the chest's) is no tissue.
+        padded = np.pad(organs + correlated, ((0, 0), (40, 40), (40, 40)), constant_values=-0.5)
+        assert estimate_noise_sigma(padded) == pytest.approx(sigma, rel=0.15)
 
 
 def test_resampled_noise_factor_predicts_the_noise_on_the_working_grid():

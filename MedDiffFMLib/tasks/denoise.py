@@ -35,10 +35,11 @@ def estimate_noise_sigma(image: np.ndarray, spacing: tuple[float, float, float] 
     """Noise standard deviation of a CT image ``[z, y, x]`` on its own grid, in the image's units.
 
     The local standard deviation is taken in-plane over about 5 x 5 mm (at least 3 x 3 pixels;
-    ``spacing`` is (x, y, z) in mm) where no voxel is clipped by the window (|value| < 0.95); the
-    25th percentile of those values, the spread of homogeneous tissue, times ``NOISE_CALIBRATION``
-    is the estimate. The constant was fitted on projection-domain simulated low-dose CT of the
-    training scans (``benchmarks/noise_level.py``). Working on the input's own slices avoids the
+    ``spacing`` is (x, y, z) in mm) where no voxel is clipped by the window (|value| < 0.95) and the
+    values are not all equal (padding outside the field of view, e.g. -1024 HU); the 25th percentile
+    of those values, the spread of homogeneous tissue, times ``NOISE_CALIBRATION`` is the estimate.
+    The constant was fitted on projection-domain simulated low-dose CT of the training scans
+    (``benchmarks/noise_level.py``). Working on the input's own slices avoids the
     bias of interpolated slices, whose noise is lower than the scan's; :func:`resampled_noise_factor`
     carries the estimate to another grid.
     """
@@ -48,7 +49,8 @@ def estimate_noise_sigma(image: np.ndarray, spacing: tuple[float, float, float] 
     count = pixels * pixels
     mean = ndimage.uniform_filter(image, size=size)
     variance = np.maximum(ndimage.uniform_filter(image * image, size=size) - mean * mean, 0.0) * count / (count - 1)
-    usable = ndimage.minimum_filter(np.abs(image) < 0.95, size=size)
+    # Constant neighbourhoods are padding (outside the scanner's field of view), not tissue.
+    usable = ndimage.minimum_filter(np.abs(image) < 0.95, size=size) & (variance > 1e-12)
     if usable.sum() < 1000:
         raise InputError(
             "Too few voxels inside the window to estimate the noise level; give the noise level explicitly "
