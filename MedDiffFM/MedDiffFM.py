@@ -47,6 +47,7 @@ from MedDiffFMSlicer.taskinfo import (  # noqa: E402 - the task definitions come
     TASK_ROWS,
     TASKS,
     anatomy_use,
+    panel_settings,
     rows_of_task,
     task_for_label,
 )
@@ -128,26 +129,6 @@ class MedDiffFMParameterNode:
 #
 # Widget
 #
-
-
-def panelSettings(p, spec) -> dict:
-    """The task's settings from the panel's state: each row's reading is shared by the tasks that show it.
-    None leaves a setting to the task's default (0 steps or lambda, an "auto" box for a setting without auto)."""
-    readers = {
-        "steps": lambda setting: p.steps or None,
-        "sampler": lambda setting: SAMPLER_LABELS[p.sampler],
-        "eta": lambda setting: p.eta,
-        "sigma": lambda setting: ("auto" if setting.auto else None) if p.sigmaAuto else p.sigma,
-        "lambda": lambda setting: p.lam or None,
-        "timestep": lambda setting: p.t,
-        "threshold": lambda setting: None if p.thresholdAuto else p.threshold,
-        "organs": lambda setting: list(p.organs),
-        "spacing": lambda setting: p.spacing,
-        "jumpLength": lambda setting: p.jumpLength,
-        "jumpCount": lambda setting: p.jumpCount,
-        "margin": lambda setting: p.margin,
-    }
-    return {setting.name: readers[setting.panel](setting) for setting in spec.settings if setting.panel}
 
 
 class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -536,7 +517,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             anatomy=p.anatomy if anatomy_use(TASKS[task]) != "no" else None,
             lesion_segmentation=p.lesionSegmentation,
             lesion_segment_id=p.lesionSegmentID,
-            settings=panelSettings(p, TASKS[task]),
+            settings=panel_settings(p, TASKS[task]),
             region=REGION_LABELS[p.region],
             seed=p.seed,
             device=DEVICE_LABELS[p.device],

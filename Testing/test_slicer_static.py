@@ -25,7 +25,14 @@ WIDGET_SOURCE = MODULE / "MedDiffFM.py"
 
 sys.path.insert(0, str(MODULE))
 
-from MedDiffFMSlicer.taskinfo import SAMPLER_LABELS, TASK_ROWS, TASKS, anatomy_use, rows_of_task  # noqa: E402
+from MedDiffFMSlicer.taskinfo import (  # noqa: E402
+    SAMPLER_LABELS,
+    TASK_ROWS,
+    TASKS,
+    anatomy_use,
+    panel_settings,
+    rows_of_task,
+)
 
 
 def cmake_sets(path: Path) -> dict[str, list[str]]:
@@ -210,6 +217,40 @@ def test_task_rows_name_ui_widgets_and_cover_every_task():
     assert rows_of_task("denoise") == {"inputVolume", "volumes", "anatomy", "sigma", "lambda"}
     assert rows_of_task("synthesize") == {"inputVolume", "anatomy", "sampler", "eta"}
     assert rows_of_task("super_resolve") == {"inputVolume", "volumes", "spacing", "sigma", "lambda", "controlNet"}
+
+
+def _parameter_node_defaults() -> dict:
+    defaults = {}
+    for node in widget_source().body:
+        if isinstance(node, ast.ClassDef) and node.name == "MedDiffFMParameterNode":
+            for statement in node.body:
+                if isinstance(statement, ast.AnnAssign):
+                    for call in ast.walk(statement.annotation):
+                        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "Default":
+                            defaults[statement.target.id] = ast.literal_eval(call.args[0])
+    return defaults
+
+
+def test_the_panel_s_defaults_give_each_task_its_library_defaults():
+    """With the panel as it starts (no organ chosen), every task runs with the settings its definition has."""
+    import types
+
+    state = types.SimpleNamespace(**_parameter_node_defaults(), organs=[])
+    for task, spec in TASKS.items():
+        read = panel_settings(state, spec)
+        resolved = spec.resolve(
+            {**{k: v for k, v in read.items() if v is not None}, "organs": ["liver"]}
+            if task == "detect_anomalies"
+            else read
+        )
+        expected = spec.defaults() | ({"organs": ["liver"]} if task == "detect_anomalies" else {})
+        assert resolved == expected, task
+    state.steps, state.sigmaAuto, state.sigma, state.thresholdAuto, state.threshold = 7, False, 0.2, False, 40.0
+    assert (
+        panel_settings(state, TASKS["denoise"])["steps"] == 7
+        and panel_settings(state, TASKS["denoise"])["sigma_n"] == 0.2
+    )
+    assert panel_settings(state, TASKS["detect_anomalies"])["threshold"] == 40.0
 
 
 def test_the_panel_offers_every_sampler_of_the_library():

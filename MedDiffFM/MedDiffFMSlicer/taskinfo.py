@@ -51,6 +51,29 @@ def rows_of_task(task: str) -> set[str]:
     return rows
 
 
+def panel_settings(state, spec: TaskSpec) -> dict:
+    """The task's settings from the panel's state (the parameter node, or anything with its field names).
+
+    Each row is read the same way for every task that shows it. None leaves a setting to the task's
+    default: 0 steps or lambda, and a checked "auto" box of a setting that has no automatic value.
+    """
+    readers = {
+        "steps": lambda setting: state.steps or None,
+        "sampler": lambda setting: SAMPLER_LABELS[state.sampler],
+        "eta": lambda setting: state.eta,
+        "sigma": lambda setting: ("auto" if setting.auto else None) if state.sigmaAuto else state.sigma,
+        "lambda": lambda setting: state.lam or None,
+        "timestep": lambda setting: state.t,
+        "threshold": lambda setting: None if state.thresholdAuto else state.threshold,
+        "organs": lambda setting: list(state.organs),
+        "spacing": lambda setting: state.spacing,
+        "jumpLength": lambda setting: state.jumpLength,
+        "jumpCount": lambda setting: state.jumpCount,
+        "margin": lambda setting: state.margin,
+    }
+    return {setting.name: readers[setting.panel](setting) for setting in spec.settings if setting.panel}
+
+
 def anatomy_use(spec: TaskSpec) -> str:
     """``no``, ``optional`` or ``required``: how the task uses an anatomy segmentation."""
     role = spec.role("anatomy")
