@@ -76,6 +76,10 @@ def test_super_resolution_with_an_oracle_recovers_thin_slices_and_is_data_consis
     assert np.abs(result.array - thin.array)[inside].max() < 1.0
     averaged = ZSlabAverage(factor)(torch.from_numpy(result.array.astype(np.float64))).numpy()
     np.testing.assert_allclose(averaged[in_window], thick.array[in_window], atol=0.05)
+    # Slabs outside the window (air, bone) take the thick input's linear interpolation along z.
+    outside = np.repeat(pp.outside_window(thick.array, region), factor, axis=0)
+    assert outside.any() and result.metadata["MedDiffFM_carried_over_voxels"] == str(int(outside.sum()))
+    np.testing.assert_allclose(result.array[outside], pp.resample(thick, result.geometry).array[outside], atol=1e-3)
 
 
 def test_super_resolution_rejects_incompatible_spacing(small_ct, tiny_engine):

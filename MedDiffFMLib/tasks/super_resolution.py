@@ -6,7 +6,9 @@ The ControlNet is conditioned on the thick volume brought to the thin grid (``H^
 starts from ``H^+ y`` noised to ``t_start`` (``sigma_bar = sigma_n``), applies the data step
 ``x0 + H^+(y - H x0) / (1 + rho_t)`` at every step, and ends with an exact projection onto the
 data (``rho = 0``), so the result's slab averages reproduce the input inside the HU window.
-The result is resampled to the input's in-plane grid and the requested slice spacing.
+The result is resampled to the input's in-plane grid and the requested slice spacing; voxels of
+thick slices outside the window (which the model cannot represent) take the thick input's linear
+interpolation along z.
 """
 
 from __future__ import annotations
@@ -119,8 +121,10 @@ def super_resolve(
     x0 = operator.data_step(x0, y0, 0.0).clamp(-1.0, 1.0)
     output = thin_geometry(ct.geometry, output_factor)
     result = WorkingGrid(output, thin_working, region).hu(x0)
-    nearest_input = pp.resample(ct, output, labels=True).array.astype(np.float32)
-    merged, carried = pp.restore_outside_window(result, nearest_input, region)
+    # Slabs whose average the model cannot represent (air, bone) take the thick input interpolated along z.
+    nearest = pp.resample(ct, output, labels=True).array
+    interpolated = pp.resample(ct.with_array(hu), output).array.astype(np.float32)
+    merged, carried = pp.restore_outside_window(result, interpolated, region, pp.outside_window(nearest, region))
     return Volume.on_geometry(
         merged,
         output,
@@ -130,7 +134,9 @@ def super_resolve(
         MedDiffFM_slab_factor=str(factor),
         MedDiffFM_seed=str(seed),
         MedDiffFM_carried_over_voxels=str(carried),
-        MedDiffFM_note=f"{carried} voxels outside the {region} window were copied from the thick input.",
+        MedDiffFM_note=(
+            f"{carried} voxels outside the {region} window were interpolated (linearly) from the thick input."
+        ),
     )
 
 
