@@ -330,7 +330,7 @@ def bench_anomaly(engine: Engine, tuning: Path, output: Path, quick: bool) -> No
         scores.append((value, t, draws))
     _, t, draws = max(scores)
     print(
-        f"\nanomaly timestep and draws tuned on the training abdomen CT (seeded lesions): t = {t}, {draws} draws {scores}"
+        f"\nanomaly t and draws tuned on the training abdomen CT (seeded lesions): t = {t}, {draws} draws {scores}"
     )
 
     ct, labels = held_out()
