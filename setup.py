@@ -23,6 +23,8 @@ class BuildWithData(build_py):
         if getattr(self, "editable_mode", False):  # an editable install reads the checkout's own files
             return
         target = Path(self.build_lib) / "MedDiffFMLib" / "data"
+        shutil.rmtree(target, ignore_errors=True)  # nothing left over from an earlier build
+        copied = 0
         for folder, patterns in SHIPPED.items():
             for pattern in patterns:
                 for path in (ROOT / folder).glob(pattern):
@@ -30,6 +32,9 @@ class BuildWithData(build_py):
                         destination = target / path.relative_to(ROOT)
                         destination.parent.mkdir(parents=True, exist_ok=True)
                         shutil.copy2(path, destination)
+                        copied += 1
+        if not copied:
+            raise RuntimeError(f"No shipped models or sample scans under {ROOT}: build from a checkout or the sdist.")
 
 
 setup(cmdclass={"build_py": BuildWithData})

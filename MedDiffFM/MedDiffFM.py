@@ -266,6 +266,8 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for row, names in TASK_ROWS.items():
             for name in names:
                 getattr(self.ui, name).visible = row in visible
+        has_steps = any(setting.panel == "steps" for setting in spec.settings)
+        self.ui.stepsLabel.visible = self.ui.stepsSpinBox.visible = has_steps
         fields = {row: names[1] for row, names in TASK_ROWS.items()}
         fields["steps"] = "stepsSpinBox"
         for setting in spec.settings:
@@ -282,8 +284,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.enabled = False
             return
         spec = TASKS[self.currentTask()]
-        sigma = next((setting for setting in spec.settings if setting.panel == "sigma"), None)
-        self.ui.sigmaSpinBox.enabled = not self.ui.sigmaAutoCheckBox.checked or (sigma is not None and not sigma.auto)
+        self.ui.sigmaSpinBox.enabled = not self.ui.sigmaAutoCheckBox.checked  # auto: estimated, or the task's default
         self.ui.thresholdSpinBox.enabled = not self.ui.thresholdAutoCheckBox.checked
         if self._running is not None and not self._running.finished:
             self.ui.applyButton.enabled = True

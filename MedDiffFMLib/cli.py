@@ -133,7 +133,7 @@ def add_task_parser(commands, spec: TaskSpec) -> argparse.ArgumentParser:
             action="append" if setting.kind == "names" else "store",
             choices=setting.choices or None,
             required=setting.required,
-            default=setting.default,
+            default=None,  # the task's default (TaskSpec.resolve): --preview can tell it from a given value
             help=setting.help,
         )
     if spec.role("ct") is not None:
@@ -153,7 +153,7 @@ def add_task_parser(commands, spec: TaskSpec) -> argparse.ArgumentParser:
             if spec.preview
             else ""
         )
-        + f"window overlap at most {PREVIEW_OVERLAP:g} (settings changed from their defaults are kept)",
+        + f"window overlap at most {PREVIEW_OVERLAP:g} (settings given on the command line are kept)",
     )
     if spec.controlnet_task:
         p.add_argument(
@@ -401,7 +401,7 @@ def run_models(args: argparse.Namespace, cancel: CancelToken) -> None:
         print("installed:")
         for card in model_weights.list_installed():
             print(f"  {card.identifier} ({card.task}) {card.intended_use}")
-        print(f"shipped with this checkout ({model_weights.BUNDLED_DIR}):")
+        print(f"shipped with MedDiffFM ({model_weights.BUNDLED_DIR}):")
         for card, _ in model_weights.list_bundled():
             print(f"  {card.identifier} ({card.task}) {card.intended_use}")
     elif args.action == "install":

@@ -77,7 +77,7 @@ class Job:
         wanted = [output.name for output in self.spec.outputs]
         if sorted(self.outputs) != sorted(wanted):
             raise InputError(f"A {self.spec.command} job writes the outputs {', '.join(wanted)}.")
-        self.inputs = {role: str(path) for role, path in self.inputs.items()}
+        self.inputs = {role: str(path) for role, path in self.inputs.items() if path is not None}
         self.outputs = {name: str(path) for name, path in self.outputs.items()}
 
     @property

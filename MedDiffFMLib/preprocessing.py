@@ -131,6 +131,8 @@ def resample(
     if volume.geometry.same_grid(target):
         return Volume.on_geometry(volume.array.copy(), target, **volume.metadata)
     image = volume.to_sitk()
+    if extrapolate is None:
+        extrapolate = not labels and fill is None
     if fill is None:
         fill = 0.0 if labels else float(np.min(volume.array))
     if labels:
@@ -138,8 +140,6 @@ def resample(
     else:
         interpolator = sitk.sitkLinear
         image = sitk.Cast(image, sitk.sitkFloat32)
-    if extrapolate is None:
-        extrapolate = not labels and fill is None
     resampler = sitk.ResampleImageFilter()
     resampler.SetReferenceImage(target.to_sitk_reference())
     resampler.SetInterpolator(interpolator)

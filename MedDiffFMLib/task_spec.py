@@ -3,8 +3,9 @@
 A :class:`TaskSpec` is what the command line's subcommands and flags, the Slicer panel's rows and
 defaults, the background job file (``meddiff-fm run JOB.json``) and the tests are generated from.
 The six tasks are defined at the end of this module (:data:`TASKS`); each one's computation is a
-``run(engine, inputs, settings, progress, cancel) -> TaskResult`` function in its module under
-:mod:`MedDiffFMLib.tasks`, named by :attr:`TaskSpec.runner` and imported only when the task runs.
+``run(engine, inputs, settings, context) -> TaskResult`` function in its module under
+:mod:`MedDiffFMLib.tasks` (``context``: a :class:`RunContext` with the region, seed, progress
+callback and cancel token), named by :attr:`TaskSpec.runner` and imported only when the task runs.
 
 This module imports nothing beyond the standard library, so that the Slicer module can describe
 the tasks before PyTorch is installed. A new task is a new module under ``tasks/`` plus its
@@ -81,7 +82,7 @@ class Setting:
                 value = int(float(value))
             else:
                 value = KINDS[self.kind](value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             allowed = f"{self.kind} or 'auto'" if self.auto else self.kind
             raise InputError(f"{self.cli_flag} must be a {allowed}, got {value!r}.") from None
         if self.choices and value not in self.choices:
@@ -217,10 +218,10 @@ class TaskSpec:
     preview: tuple[tuple[str, Any], ...] = ()
 
     def preview_settings(self, settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """``settings`` with the fast preview's values where a setting is unset or at its default."""
+        """``settings`` with the fast preview's values for the settings that are not given (None)."""
         result = dict(settings or {})
         for name, value in self.preview:
-            if result.get(name) in (None, self.setting(name).default):
+            if result.get(name) is None:
                 result[name] = value
         return result
 
@@ -378,8 +379,7 @@ register(
                 DENOISE_NOISE_GAIN,
                 f"DiffPIR runs at this multiple of the noise std: CT noise is correlated (default "
                 f"{DENOISE_NOISE_GAIN:g}; 1 for white noise)",
-                minimum=0.1,
-                maximum=20.0,
+                minimum=1e-3,
             ),
             Setting("lam", 10.0, "DiffPIR lambda (default 10)", minimum=0.0, panel="lambda"),
             Setting("steps", 10, "network evaluations (default 10)", kind="int", minimum=1, panel="steps"),
@@ -418,7 +418,7 @@ register(
                 required=True,
                 panel="organs",
             ),
-            Setting("t", 950, "noise timestep (default 950)", kind="int", minimum=1, maximum=999, panel="timestep"),
+            Setting("t", 950, "noise timestep (default 950)", kind="int", minimum=0, maximum=999, panel="timestep"),
             Setting(
                 "threshold",
                 None,

@@ -78,8 +78,8 @@ class WorkingGrid:
     ) -> Volume:
         """A model-scale result back to HU on the CT's grid (``source``), lossless outside the window.
 
-        Voxels whose input HU lies outside the window (or those in ``keep``, bool on ``source``) are
-        carried over from ``input_hu``; how many, and the window, go into the metadata.
+        The voxels in ``keep`` (bool on ``source``; default: those whose input HU lies outside the
+        window) are carried over from ``input_hu``; how many, and the window, go into the metadata.
         """
         merged, carried = pp.restore_outside_window(self.hu(values), input_hu, self.region, keep)
         window = pp.REGIONS[self.region]

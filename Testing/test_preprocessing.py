@@ -11,6 +11,7 @@ from hypothesis.extra import numpy as hnp
 from MedDiffFMLib import anatomy
 from MedDiffFMLib import preprocessing as pp
 from MedDiffFMLib.errors import InputError, MaskError
+from MedDiffFMLib.volume import Geometry, Volume
 
 hu_arrays = hnp.arrays(np.float32, (4, 5, 6), elements=st.floats(-3000, 4000, width=32))
 
@@ -82,3 +83,13 @@ def test_organ_mask_errors():
         anatomy.organ_mask(labels, ["liver"])
     with pytest.raises(InputError, match="Unknown organ"):
         anatomy.organ_mask(labels, ["lever"])
+
+
+def test_intensities_beyond_the_last_voxel_centre_take_the_nearest_voxel():
+    """The working grid reaches up to one voxel past the input's last voxel centre: no fake air there."""
+    volume = Volume(np.full((3, 4, 4), 40.0, np.float32), spacing=(1.0, 1.0, 3.0))
+    volume.array[0] = -1000.0
+    beyond = pp.isotropic_geometry(Geometry((4, 4, 4), (1.0, 1.0, 2.5), (0.0, 0.0, 0.0), volume.direction), 1.0)
+    resampled = pp.resample(volume, beyond).array
+    assert resampled.shape[0] > 7 and resampled[-1].min() == 40.0
+    assert pp.resample(volume, beyond, fill=-2000.0).array[-1].min() == -2000.0

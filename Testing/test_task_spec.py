@@ -93,9 +93,13 @@ def test_the_command_line_has_the_flags_it_had_with_their_defaults():
         required += [flag for s in spec.settings if s.required for flag in (s.cli_flag, "x")]
         required += ["--region", "chest"] if spec.region_required else []
         args = parser.parse_args([*(f"{name}.nrrd" for name in positional), *required])
+        resolved = spec.resolve({setting.name: getattr(args, setting.name) for setting in spec.settings})
         for setting in spec.settings:
             if not setting.required:
-                assert getattr(args, setting.name) == setting.default, (spec.key, setting.name)
+                assert resolved[setting.name] == setting.default, (spec.key, setting.name)
+    # A value given on the command line is kept by --preview, even when it equals the default.
+    args = commands["denoise"].parse_args(["in.nrrd", "out.nrrd", "--steps", "10", "--preview"])
+    assert TASKS["denoise"].preview_settings({"steps": args.steps})["steps"] == 10
 
 
 def test_settings_are_checked_against_their_definition():
@@ -156,7 +160,7 @@ def test_a_job_file_runs_like_the_subcommand(tmp_path, files, capsys):
 def test_the_fast_preview_does_less_work_and_keeps_what_the_user_changed(tmp_path, files):
     denoise = TASKS["denoise"]
     assert denoise.preview_settings({})["steps"] == 4 and denoise.preview_settings({"steps": 7})["steps"] == 7
-    assert denoise.preview_settings({"steps": denoise.setting("steps").default})["steps"] == 4
+    assert denoise.preview_settings({"steps": None})["steps"] == 4
     for spec in TASKS.values():  # every preview is a valid setting of its task
         spec.resolve(spec.preview_settings({"organs": ["liver"]} if spec.key == "detect_anomalies" else {}))
     ct, seg, model = files

@@ -329,9 +329,7 @@ def bench_anomaly(engine: Engine, tuning: Path, output: Path, quick: bool) -> No
         value = aurocs(smoothed(np.abs(result.anomaly_map.array), seeded.spacing), lesions, train_liver)[0]
         scores.append((value, t, draws))
     _, t, draws = max(scores)
-    print(
-        f"\nanomaly t and draws tuned on the training abdomen CT (seeded lesions): t = {t}, {draws} draws {scores}"
-    )
+    print(f"\nanomaly t and draws tuned on the training abdomen CT (seeded lesions): t = {t}, {draws} draws {scores}")
 
     ct, labels = held_out()
     liver = organ_mask(from_totalsegmentator(labels.array), ["liver"])

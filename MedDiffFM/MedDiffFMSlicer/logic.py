@@ -54,7 +54,7 @@ def task_available(task: str) -> bool:
     """True when the installed MedDiffFMLib provides the task's ``run`` function."""
     try:
         TASKS[task].runner_function()
-    except (AttributeError, ImportError):
+    except AttributeError:
         return False
     return True
 
@@ -469,6 +469,8 @@ class TaskLogic:
     def _task(self, task: str, engine=None, progress=no_progress, cancel=None, **keywords) -> TaskResult:
         """Run ``task``; ``keywords`` are :class:`TaskParameters` fields and the task's settings by name."""
         own = {f.name for f in fields(TaskParameters)} - {"task", "settings"}
+        if "sigma" in keywords and any(setting.name == "sigma_n" for setting in TASKS[task].settings):
+            keywords["sigma_n"] = keywords.pop("sigma")  # the keyword's name before the task definitions
         settings = {name: value for name, value in keywords.items() if name not in own}
         unknown = set(settings) - {setting.name for setting in TASKS[task].settings}
         if unknown:

@@ -54,8 +54,9 @@ def rows_of_task(task: str) -> set[str]:
 def panel_settings(state, spec: TaskSpec) -> dict:
     """The task's settings from the panel's state (the parameter node, or anything with its field names).
 
-    Each row is read the same way for every task that shows it. None leaves a setting to the task's
-    default: 0 steps or lambda, and a checked "auto" box of a setting that has no automatic value.
+    Each row is read the same way for every task that shows it. None leaves a setting to the task
+    (its default, or the fast preview's value): a row left at the task's default, 0 steps or lambda,
+    and a checked "auto" box of a setting that has no automatic value.
     """
     readers = {
         "steps": lambda setting: state.steps or None,
@@ -71,7 +72,8 @@ def panel_settings(state, spec: TaskSpec) -> dict:
         "jumpCount": lambda setting: state.jumpCount,
         "margin": lambda setting: state.margin,
     }
-    return {setting.name: readers[setting.panel](setting) for setting in spec.settings if setting.panel}
+    values = {setting.name: readers[setting.panel](setting) for setting in spec.settings if setting.panel}
+    return {name: None if value == spec.setting(name).default else value for name, value in values.items()}
 
 
 def anatomy_use(spec: TaskSpec) -> str:
