@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import random_tiny_model
 
+from MedDiffFMLib import resources
 from MedDiffFMLib.errors import ChecksumError, OutputExistsError, WeightsError
 from MedDiffFMLib.model import weights as w
 from MedDiffFMLib.model.network import ControlledNet
@@ -223,3 +224,17 @@ def test_a_task_gets_a_controlnet_and_base_model_that_match(tmp_path):
         w.load_task_model("base-b", "controlnet-sr")
     with pytest.raises(WeightsError, match="trained on base model"):
         w.load_task_model("base-b", "controlnet-sr", "sr-a")
+
+
+def test_every_shipped_model_loads_with_its_checksum_and_each_controlnet_onto_its_base():
+    shipped = sorted(resources.shipped_models_dir().glob("*.safetensors"))
+    assert len(shipped) >= 5
+    cards = {path: w.read_card(path) for path in shipped}
+    bases = {card.sha256: path for path, card in cards.items() if card.task == "base"}
+    for path, card in cards.items():
+        assert card.sha256 == w.sha256_of(path), path.name
+        if card.task == "base":
+            continue
+        assert card.base_sha256 in bases, f"{path.name}: its base model is not shipped"
+        model = w.load_controlled_model(w.load_model(bases[card.base_sha256]), path, card.task)
+        assert isinstance(model, ControlledNet) and model.card.identifier == card.identifier
