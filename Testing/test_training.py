@@ -21,7 +21,7 @@ from MedDiffFMLib.model.embeddings import window_coordinates
 from MedDiffFMLib.model.weights import load_model
 from MedDiffFMLib.volume import read_volume
 from Training import prepare_data
-from Training.config import load_config
+from Training.config import TrainingConfig, load_config
 from Training.dataset import MultiLevelDataset, manifest_entries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -358,3 +358,26 @@ def test_foreground_patches_are_centred_inside_the_body(tmp_path):
 
     assert with_body(1.0) == 16
     assert with_body(0.0) < 8
+
+
+def test_lesion_patches_are_centred_on_the_mask(tmp_path):
+    """A 4-voxel lesion in a 40 x 64 x 64 body: uniform patches rarely show it, focused ones do."""
+    from MedDiffFMLib.volume import Volume, write_volume
+
+    hu = np.full((40, 64, 64), 40, dtype=np.int16)
+    anatomy = np.full(hu.shape, BODY_LABEL, dtype=np.uint8)
+    lesion = np.zeros(hu.shape, dtype=np.uint8)
+    lesion[34:36, 4:6, 58:60] = 1
+    for name, array in (("ct", hu), ("anatomy", anatomy), ("condition", lesion)):
+        write_volume(Volume(array, (1.0, 1.0, 1.0)), tmp_path / f"{name}.nii.gz")
+    entry = {key: str(tmp_path / f"{key}.nii.gz") for key in ("anatomy", "condition")}
+    entry.update(region="abdomen", image=str(tmp_path / "ct.nii.gz"), condition_kind="mask")
+
+    def with_lesion(focus: float) -> int:
+        dataset = MultiLevelDataset([entry], 16, (0.0, 0.0, 1.0), foreground=1.0, condition_focus=focus, seed=5)
+        return sum(bool((dataset[index]["condition"] > 0).any()) for index in range(16))
+
+    assert with_lesion(1.0) == 16
+    assert with_lesion(0.0) < 8
+    with pytest.raises(InputError, match="condition_focus"):
+        TrainingConfig(condition_focus=1.5)

@@ -21,6 +21,8 @@ class TrainingConfig:
         level_probabilities: chances of the three multi-level inputs (whole region resized to the
             patch, 2x-patch crop resized, patch crop; Docs/METHOD.md 1.2).
         foreground: chance that a patch is centred on a voxel inside the body (else placed uniformly).
+        condition_focus: for mask conditions (lesion fine-tuning), chance that a patch is centred on
+            a voxel of the mask, so that most patches show a lesion; checked before ``foreground``.
         region_dropout / anatomy_dropout: chances of replacing the region by the null class and the
             anatomy by "unknown" (classifier-free conditioning, unconditioned use).
         learning_rate, batch_size, accumulation: Adam step size, samples per step per process, and
@@ -42,6 +44,7 @@ class TrainingConfig:
     model_overrides: dict = field(default_factory=dict)
     level_probabilities: tuple[float, float, float] = (0.2, 0.3, 0.5)
     foreground: float = 0.0
+    condition_focus: float = 0.0
     region_dropout: float = 0.1
     anatomy_dropout: float = 0.2
     learning_rate: float = 1e-4
@@ -61,8 +64,9 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if len(self.level_probabilities) != 3 or abs(sum(self.level_probabilities) - 1.0) > 1e-6:
             raise InputError("level_probabilities must be three numbers that sum to 1.")
-        if not 0.0 <= self.foreground <= 1.0:
-            raise InputError("foreground must be between 0 and 1.")
+        for name in ("foreground", "condition_focus"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InputError(f"{name} must be between 0 and 1.")
         if self.mixed_precision not in ("auto", "bf16", "no"):
             raise InputError("mixed_precision must be 'auto', 'bf16' or 'no'.")
         if self.memory_format not in ("auto", "channels_last", "contiguous"):

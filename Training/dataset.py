@@ -76,6 +76,17 @@ def _body_voxels(anatomy: str, stride: int = 4) -> np.ndarray:
     return np.argwhere(labels > 0) * stride
 
 
+@functools.lru_cache(maxsize=64)
+def _mask_voxels(mask: str, stride: int = 2) -> np.ndarray:
+    """``[z, y, x]`` indices ``(K, 3)`` of every ``stride``-th voxel per axis inside a 0/1 mask."""
+    return np.argwhere(read_volume(mask).array[::stride, ::stride, ::stride] > 0) * stride
+
+
+def _random_voxel(voxels: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """One row of ``voxels (K, 3)`` drawn uniformly, or None when there is none."""
+    return voxels[int(rng.integers(len(voxels)))] if len(voxels) else None
+
+
 def _nearest(key: str, kind: str) -> bool:
     """Whether a tensor is resized by nearest neighbour (labels, masks) rather than linearly."""
     return key == "anatomy" or (key == "condition" and kind == "mask")
@@ -98,6 +109,8 @@ class MultiLevelDataset(Dataset):
         seed: base seed of all randomness.
         foreground: chance that a patch (levels 1 and 2) is centred on a random voxel inside the
             body (anatomy label > 0) rather than placed uniformly, so fewer patches are all air.
+        condition_focus: chance that a patch (levels 1 and 2) of a crop with a mask condition is
+            centred on a voxel of that mask (checked first; crops with an empty mask fall through).
     """
 
     def __init__(
@@ -110,6 +123,7 @@ class MultiLevelDataset(Dataset):
         samples_per_volume: int = 16,
         seed: int = 0,
         foreground: float = 0.0,
+        condition_focus: float = 0.0,
     ) -> None:
         self.entries = entries
         self.patch = patch_size
@@ -119,6 +133,7 @@ class MultiLevelDataset(Dataset):
         self.samples_per_volume = samples_per_volume
         self.seed = seed
         self.foreground = foreground
+        self.condition_focus = condition_focus
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -133,11 +148,12 @@ class MultiLevelDataset(Dataset):
         level = int(rng.choice(3, p=self.levels))
         volumes = load_entry(entry)
         centre = None
-        if level > 0 and self.foreground > 0 and rng.random() < self.foreground:
-            inside = _body_voxels(entry["anatomy"])
-            if len(inside):
-                centre = inside[int(rng.integers(len(inside)))]
-        sample = self.view(volumes, level, rng, entry.get("condition_kind", "image"), centre)
+        kind = entry.get("condition_kind", "image")
+        if level > 0 and kind == "mask" and self.condition_focus > 0 and rng.random() < self.condition_focus:
+            centre = _random_voxel(_mask_voxels(entry["condition"]), rng)
+        if centre is None and level > 0 and self.foreground > 0 and rng.random() < self.foreground:
+            centre = _random_voxel(_body_voxels(entry["anatomy"]), rng)
+        sample = self.view(volumes, level, rng, kind, centre)
         region = 0 if rng.random() < self.region_dropout else REGION_CLASS[entry["region"]]
         if rng.random() < self.anatomy_dropout:
             sample["anatomy"] = torch.full_like(sample["anatomy"], UNKNOWN_LABEL)

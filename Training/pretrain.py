@@ -175,6 +175,7 @@ class Trainer:
             config.anatomy_dropout,
             seed=config.seed,
             foreground=config.foreground,
+            condition_focus=config.condition_focus,
         )
         self.network = DistributedDataParallel(self.model) if env.world > 1 else self.model
         base_sha256 = self.model.base.card.sha256 if task != "base" else ""
