@@ -26,9 +26,11 @@ CTA and the abdomen CT of the ``totalsegmentator`` 2.18.0 source archive (fetche
 4. Synthesis from the held-out TotalSegmentator map (its label 0 is both air and unlabelled tissue;
    the body is derived from the labelled structures): the share of true air synthesised below
    -900 HU, the body outline's Dice, and every large organ's median HU against the real scan's.
-5. Lesion inpainting (when a lesion ControlNet exists for the base model): a 12 mm sphere painted
-   in the held-out liver; its HU statistics, the share that came out as air, and the voxels changed
-   outside the mask.
+5. Lesions (when a lesion ControlNet exists for the base model): a 12 mm sphere painted in the
+   held-out liver. Inpainting: its HU statistics, the share that came out as air, its contrast to
+   the liver against the training lesions' range, and the voxels changed outside the mask.
+   Generation: the same mask in a CT synthesised from the held-out labels (96 mm around it); its
+   contrast to the synthetic liver.
 
 Prints one Markdown table per task and writes a PNG per task into ``--output``.
 """
@@ -68,12 +70,14 @@ from MedDiffFMLib.tasks import (  # noqa: E402
     Engine,
     denoise,
     detect_anomalies,
+    generate_lesion,
     inpaint_lesion,
     super_resolve,
     synthesize,
 )
 from MedDiffFMLib.volume import Volume, read_volume  # noqa: E402
 from Training.demo_data import fetch_totalsegmentator  # noqa: E402
+from Training.make_pairs import LESION_CONTRAST_HU  # noqa: E402
 from Training.prepare_data import crop_z  # noqa: E402
 
 TEST_DATA = ROOT / "Testing" / "Data" / "totalsegmentator_example"
@@ -439,11 +443,13 @@ def bench_super_resolution(engine: Engine, output: Path, quick: bool) -> None:
 
 
 def bench_lesions(engine: Engine, output: Path) -> None:
-    """Inpainting a painted 12 mm lesion in the held-out liver: must not come out as air, the
-    surrounding voxels must be kept, and its HU statistics are printed beside the liver's."""
+    """A 12 mm sphere in the held-out liver. Inpainting: it must not come out as air, the voxels
+    around it must be kept, and its contrast to the liver should fall in the training lesions'
+    range. Generation: the same mask in a CT synthesised from the held-out labels (a 96 mm cube
+    around it); its contrast to the synthetic liver, against the same range."""
     lesion_engine, why = controlled_engine(engine, "controlnet-lesion")
     if lesion_engine is None:
-        table("Lesion inpainting", ["model", "result"], [[f"lesion ControlNet for {engine.name}", why]])
+        table("Lesion inpainting and generation", ["model", "result"], [[f"lesion ControlNet for {engine.name}", why]])
         return
     ct, labels = held_out()
     liver = organ_mask(from_totalsegmentator(labels.array), ["liver"])
@@ -452,16 +458,63 @@ def bench_lesions(engine: Engine, output: Path) -> None:
     centre = np.unravel_index(int(np.argmax(inner)), liver.shape)
     distance = np.sqrt((((np.indices(liver.shape).T - np.asarray(centre)) * spacing) ** 2).sum(axis=-1)).T
     mask = distance <= 6.0
+    low, high = LESION_CONTRAST_HU
+    started = time.perf_counter()
     result = inpaint_lesion(ct, ct.with_array(mask.astype(np.uint8)), lesion_engine, "abdomen", labels, seed=0)
+    seconds = time.perf_counter() - started
     inside, outside = result.array[mask], result.array[~mask] != ct.array[~mask]
+    liver_mean = float(ct.array[liver & ~mask].mean())
     rows = [
-        ["mean / std HU inside the painted lesion", f"{inside.mean():.0f} / {inside.std():.0f}"],
-        ["share of lesion voxels below -500 HU (air)", f"{100 * float((inside < -500).mean()):.1f} %"],
-        ["liver median HU outside the lesion (real)", f"{float(np.median(ct.array[liver & ~mask])):.0f}"],
-        ["voxels changed outside the mask", f"{int(outside.sum())}"],
+        ["inpainting: mean / std HU inside the painted lesion", f"{inside.mean():.0f} / {inside.std():.0f}", ""],
+        [
+            "inpainting: share of lesion voxels below -500 HU (air)",
+            f"{100 * float((inside < -500).mean()):.1f} %",
+            "0 %",
+        ],
+        [
+            "inpainting: lesion mean - liver mean (HU)",
+            f"{inside.mean() - liver_mean:+.0f}",
+            f"training lesions {low:+.0f} .. {high:+.0f}",
+        ],
+        ["inpainting: voxels changed outside the mask", f"{int(outside.sum())}", f"0 ({seconds:.0f} s)"],
     ]
-    table(f"Lesion inpainting: a 12 mm sphere in the held-out liver ({lesion_engine.name})", ["measure", "value"], rows)
+    half = [int(round(48.0 / s)) for s in spacing]
+    box = tuple(slice(max(0, c - h), min(n, c + h)) for c, h, n in zip(centre, half, liver.shape))
+    started = time.perf_counter()
+    generated = generate_lesion(
+        crop(labels, box),
+        crop(ct.with_array(mask.astype(np.uint8)), box),
+        "abdomen",
+        lesion_engine,
+        sampler="dpm++2m",
+        steps=10,
+        seed=0,
+    )
+    seconds = time.perf_counter() - started
+    liver_box, mask_box = liver[box], mask[box]
+    synthetic_liver = float(np.median(generated.array[liver_box & ~mask_box]))
+    made = generated.array[mask_box]
+    rows += [
+        ["generation: mean / std HU inside the lesion", f"{made.mean():.0f} / {made.std():.0f}", ""],
+        [
+            "generation: lesion mean - synthetic liver median (HU)",
+            f"{made.mean() - synthetic_liver:+.0f}",
+            f"training lesions {low:+.0f} .. {high:+.0f} ({seconds:.0f} s)",
+        ],
+    ]
+    table(
+        f"Lesion inpainting and generation: a 12 mm sphere in the held-out liver ({lesion_engine.name})",
+        ["measure", "value", "expected"],
+        rows,
+    )
     comparison_png([ct, result], ["held-out CT", "inpainted lesion"], WINDOW, output / "lesion.png", int(centre[0]))
+    comparison_png(
+        [crop(ct, box), generated],
+        ["held-out CT", "generated from its labels + lesion"],
+        WINDOW,
+        output / "lesion_generation.png",
+        int(centre[0] - box[0].start),
+    )
 
 
 # --- synthesis -------------------------------------------------------------------------------------
