@@ -418,7 +418,15 @@ register(
                 required=True,
                 panel="organs",
             ),
-            Setting("t", 950, "noise timestep (default 950)", kind="int", minimum=0, maximum=999, panel="timestep"),
+            Setting(
+                "t",
+                300,
+                "noise timestep (default 300; the paper, with --organ-only: 950)",
+                kind="int",
+                minimum=0,
+                maximum=999,
+                panel="timestep",
+            ),
             Setting(
                 "threshold",
                 None,
@@ -427,6 +435,13 @@ register(
                 panel="threshold",
             ),
             Setting("draws", 1, "noise draws to average (default 1)", kind="int", minimum=1),
+            Setting(
+                "organ_only",
+                False,
+                "show the model the organ alone, the rest set to air, as the paper does "
+                "(default: the CT around the organ is kept as context)",
+                kind="bool",
+            ),
         ),
     )
 )

@@ -173,13 +173,16 @@ def _healthy_and_lesion(small_ct, small_seg):
     return liver, lesion, small_ct.with_array(image)
 
 
-def test_anomaly_map_peaks_at_an_inserted_blob_with_a_healthy_oracle(small_ct, small_seg):
+@pytest.mark.parametrize("organ_only", [False, True])
+def test_anomaly_map_peaks_at_an_inserted_blob_with_a_healthy_oracle(small_ct, small_seg, organ_only):
+    """The oracle knows the healthy CT: with context (the whole CT), or the organ alone on air."""
     liver, lesion, with_blob = _healthy_and_lesion(small_ct, small_seg)
     region = "abdomen"
     healthy = pp.hu_to_model(small_ct.array, region)
-    healthy_masked = torch.from_numpy(np.where(liver, healthy, -1.0).astype(np.float32))
-    engine = Engine(OracleNet(healthy_masked), device="cpu", batch_size=16)
-    result = detect_anomalies(with_blob, small_seg, ["liver"], engine, region=region)
+    seen = np.where(liver, healthy, -1.0) if organ_only else healthy
+    engine = Engine(OracleNet(torch.from_numpy(seen.astype(np.float32))), device="cpu", batch_size=16)
+    result = detect_anomalies(with_blob, small_seg, ["liver"], engine, region=region, organ_only=organ_only)
+    assert result.anomaly_map.metadata["MedDiffFM_context"] == ("organ only" if organ_only else "CT around the organ")
     anomaly = result.anomaly_map.array
     assert np.all(anomaly[~liver] == 0)
     assert np.abs(anomaly[lesion]).min() > np.abs(anomaly[liver & ~lesion]).max()

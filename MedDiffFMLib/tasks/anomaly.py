@@ -1,11 +1,14 @@
 """Anomaly detection inside an organ (zero-shot, Docs/METHOD.md 1.5).
 
-The CT is restricted to the chosen organ(s) (every other voxel is set to -1, the window floor),
-noised to a fixed timestep (950 by default, strong enough to erase lesions), and the network
-predicts the clean image in one step: a healthy-looking reconstruction. The anomaly map is
-``input - reconstruction`` in HU inside the organ (0 outside); the anomaly mask thresholds its
-absolute value. The default threshold is robust statistics of the map inside the organ:
-``median(|map|) + 3 * 1.4826 * MAD(|map|)``.
+The CT is noised to a fixed timestep (300 by default) and the network predicts the clean image in
+one step: a healthy-looking reconstruction. The anomaly map is ``input - reconstruction`` in HU
+inside the organ (0 outside); the anomaly mask thresholds its absolute value. The default threshold
+is robust statistics of the map inside the organ: ``median(|map|) + 3 * 1.4826 * MAD(|map|)``.
+
+By default the CT around the organ stays in the model's input as context. ``organ_only`` does as
+the paper: every voxel outside the organ is set to -1 (the window floor) and kept there, so the
+model sees the organ alone (paper: t = 950). On a training abdomen CT with seeded liver lesions the
+context raised pixel AUROC from 0.50-0.58 (organ only, t = 300-600) to 0.70-0.72 (t = 150-600).
 
 A stack of 2D slices is treated as a pseudo-3D volume, as in the paper's BMAD evaluation.
 """
@@ -59,6 +62,7 @@ def detect_anomalies(
     t: int = DEFAULT_TIMESTEP,
     threshold: float | None = None,
     draws: int = 1,
+    organ_only: bool = False,
     seed: int | None = 0,
     progress: ProgressCallback = no_progress,
     cancel: CancelToken | None = None,
@@ -71,6 +75,8 @@ def detect_anomalies(
         t: diffusion timestep the image is noised to.
         threshold: HU threshold on ``|map|``; None picks it from the map's statistics inside the organ.
         draws: number of noise draws whose maps are averaged.
+        organ_only: set every voxel outside the organ to the window floor (the paper) instead of
+            keeping the CT around it as context.
     """
     if anatomy is None:
         raise MaskError("Anomaly detection needs an anatomy label map that contains the organ to inspect.")
@@ -88,8 +94,11 @@ def detect_anomalies(
     image = torch.from_numpy(grid.image(hu)).to(engine.device)
     working_labels = torch.from_numpy(grid.labels(labels))
     working_organ = torch.from_numpy(organ_mask_on(working_labels.numpy(), organs)).to(engine.device)
-    masked = torch.where(working_organ, image, torch.full_like(image, -1.0))
-    known = (~working_organ, torch.full_like(masked, -1.0))
+    if organ_only:
+        masked = torch.where(working_organ, image, torch.full_like(image, -1.0))
+        known = (~working_organ, torch.full_like(masked, -1.0))
+    else:
+        masked, known = image, None
     predictor = engine.predictor(Conditions(REGION_CLASS[region], working_labels), grid.working.shape, known=known)
     generator = make_generator(seed)
     difference = torch.zeros_like(masked)
@@ -113,6 +122,7 @@ def detect_anomalies(
         MedDiffFM_region=region,
         MedDiffFM_organs=",".join(organs),
         MedDiffFM_t=str(t),
+        MedDiffFM_context="organ only" if organ_only else "CT around the organ",
         MedDiffFM_threshold_hu=f"{threshold:.3f}",
         MedDiffFM_window=f"[{window.low:g}, {window.high:g}] HU",
         MedDiffFM_seed=str(seed),

@@ -122,20 +122,23 @@ def super_resolve(
 
         noise = randn(tuple(start.shape), generator, engine.device)
         with torch.no_grad():
-            x0 += diffpir(
-                predictor,
-                engine.schedule,
-                y0,
-                sigma_n,
-                lam,
-                steps,
-                zeta,
-                generator,
-                data_step=operator.data_step,
-                x_start=engine.schedule.q_sample(start, t_start, noise),
-                progress=draw_progress,
-                cancel=cancel,
-            ) / draws
+            x0 += (
+                diffpir(
+                    predictor,
+                    engine.schedule,
+                    y0,
+                    sigma_n,
+                    lam,
+                    steps,
+                    zeta,
+                    generator,
+                    data_step=operator.data_step,
+                    x_start=engine.schedule.q_sample(start, t_start, noise),
+                    progress=draw_progress,
+                    cancel=cancel,
+                )
+                / draws
+            )
     x0 = operator.data_step(x0, y0, 0.0).clamp(-1.0, 1.0)
     # The model's change to its start is added to the same cubic start built on the input's own
     # in-plane grid, so the working grid's in-plane resampling touches only what the model adds.
