@@ -421,7 +421,7 @@ register(
             Setting(
                 "t",
                 300,
-                "noise timestep (default 300; the paper, with --organ-only: 950)",
+                "noise timestep (default 300; the paper, showing the organ alone: 950)",
                 kind="int",
                 minimum=0,
                 maximum=999,

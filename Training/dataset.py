@@ -77,9 +77,9 @@ def _body_voxels(anatomy: str, stride: int = 4) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _mask_voxels(mask: str, stride: int = 2) -> np.ndarray:
-    """``[z, y, x]`` indices ``(K, 3)`` of every ``stride``-th voxel per axis inside a 0/1 mask."""
-    return np.argwhere(read_volume(mask).array[::stride, ::stride, ::stride] > 0) * stride
+def _mask_voxels(mask: str) -> np.ndarray:
+    """``[z, y, x]`` indices ``(K, 3)`` of every voxel inside a 0/1 mask (lesions are small)."""
+    return np.argwhere(read_volume(mask).array > 0)
 
 
 def _random_voxel(voxels: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:

@@ -45,7 +45,7 @@ class ZSlabAverage:
 
     def interpolate(self, y: torch.Tensor) -> torch.Tensor:
         """Thin slices ``(D * factor, H, W)`` from thick ``y (D, H, W)``: cubic B-spline along z
-        through the slab centres (the end slices repeat beyond the first and last centre), then
+        through the slab centres (nearest-value padding beyond the first and last centre), then
         the exact data step, so that ``H`` of the result is ``y``."""
         thick = y.shape[0]
         centres = (np.arange(thick * self.factor) + 0.5) / self.factor - 0.5
@@ -53,6 +53,6 @@ class ZSlabAverage:
             [ndimage.map_coordinates(np.eye(thick)[:, k], [centres], order=3, mode="nearest") for k in range(thick)],
             axis=1,
         )
-        weights = torch.from_numpy(basis).to(device=y.device, dtype=y.dtype)
+        weights = torch.from_numpy(basis.astype(np.float64 if y.dtype == torch.float64 else np.float32)).to(y.device)
         thin = torch.tensordot(weights, y, dims=([1], [0]))
         return self.data_step(thin, y, 0.0)

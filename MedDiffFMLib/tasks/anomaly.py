@@ -98,7 +98,8 @@ def detect_anomalies(
         masked = torch.where(working_organ, image, torch.full_like(image, -1.0))
         known = (~working_organ, torch.full_like(masked, -1.0))
     else:
-        masked, known = image, None
+        # Windows without an organ voxel are skipped; the others see the whole CT around it.
+        masked, known = image, (~working_organ, image)
     predictor = engine.predictor(Conditions(REGION_CLASS[region], working_labels), grid.working.shape, known=known)
     generator = make_generator(seed)
     difference = torch.zeros_like(masked)

@@ -11,9 +11,10 @@ samples (lower error, less invented texture; still consistent, since every sampl
 
 The result is the same consistent cubic interpolation built on the input's own in-plane grid at
 the requested slice spacing, plus the model's change to its start (resampled from the working
-grid), projected exactly onto the data once more: the working grid's in-plane resampling touches
-only what the model adds, and the result's slab averages reproduce the input. Slabs of thick
-slices outside the window (which the model cannot represent) keep the cubic interpolation.
+grid; averaged over each output slice when those are thicker), projected exactly onto the data:
+the working grid's in-plane resampling touches only what the model adds, and the result's slab
+averages reproduce the input. Slabs of thick slices outside the window (which the model cannot
+represent) keep the cubic interpolation.
 """
 
 from __future__ import annotations
@@ -142,18 +143,22 @@ def super_resolve(
     x0 = operator.data_step(x0, y0, 0.0).clamp(-1.0, 1.0)
     # The model's change to its start is added to the same cubic start built on the input's own
     # in-plane grid, so the working grid's in-plane resampling touches only what the model adds.
+    # Output slices thicker than the working ones take the mean of the working slices they cover.
     output = thin_geometry(ct.geometry, output_factor)
     output_operator = ZSlabAverage(output_factor)
+    change, change_grid = x0 - start, thin_working
+    if factor % output_factor == 0 and factor > output_factor:
+        change = ZSlabAverage(factor // output_factor)(change)
+        change_grid = thin_geometry(thick_working, output_factor)
     # The model saw the input clipped to the window, so its start is rebuilt from the clipped input.
     window = pp.REGIONS[region]
-    thick_hu = torch.from_numpy(hu.astype(np.float64))
-    cubic = output_operator.interpolate(thick_hu)
-    windowed = output_operator.interpolate(thick_hu.clamp(window.low, window.high))
-    added = WorkingGrid(output, thin_working, region).to_source((x0 - start) * (window.width / 2.0))
+    thick_hu = torch.from_numpy(hu.astype(np.float32))
+    merged = output_operator.interpolate(thick_hu.clamp(window.low, window.high))
+    merged += torch.from_numpy(WorkingGrid(output, change_grid, region).to_source(change * (window.width / 2.0)))
     # Slabs whose average the model cannot represent (air, bone) keep the cubic interpolation.
     unrepresentable = torch.from_numpy(pp.outside_window(pp.resample(ct, output, labels=True).array, region))
-    merged = torch.where(unrepresentable, cubic, windowed + torch.from_numpy(added.astype(np.float64)))
-    merged = output_operator.data_step(merged, thick_hu, 0.0).numpy().astype(np.float32)
+    merged[unrepresentable] = output_operator.interpolate(thick_hu)[unrepresentable]
+    merged = output_operator.data_step(merged, thick_hu, 0.0).numpy()
     carried = int(unrepresentable.sum())
     return Volume.on_geometry(
         merged,
