@@ -95,21 +95,21 @@ def detect_anomalies(
     working_labels = torch.from_numpy(grid.labels(labels))
     working_organ = torch.from_numpy(organ_mask_on(working_labels.numpy(), organs)).to(engine.device)
     if organ_only:
-        masked = torch.where(working_organ, image, torch.full_like(image, -1.0))
-        known = (~working_organ, torch.full_like(masked, -1.0))
+        seen = torch.where(working_organ, image, torch.full_like(image, -1.0))
+        known = (~working_organ, torch.full_like(seen, -1.0))
     else:
         # Windows without an organ voxel are skipped; the others see the whole CT around it.
-        masked, known = image, (~working_organ, image)
+        seen, known = image, (~working_organ, image)
     predictor = engine.predictor(Conditions(REGION_CLASS[region], working_labels), grid.working.shape, known=known)
     generator = make_generator(seed)
-    difference = torch.zeros_like(masked)
+    difference = torch.zeros_like(seen)
     with torch.no_grad():
         for draw in range(draws):
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            noisy = engine.schedule.q_sample(masked, t, randn(tuple(masked.shape), generator, engine.device))
+            noisy = engine.schedule.q_sample(seen, t, randn(tuple(seen.shape), generator, engine.device))
             reconstruction = engine.schedule.predict_x0(noisy, t, predictor(noisy, t))
-            difference += (masked - reconstruction) / draws
+            difference += (seen - reconstruction) / draws
             progress(draw + 1, draws, f"draw {draw + 1}/{draws}")
     difference = torch.where(working_organ, difference, torch.zeros_like(difference))
     on_input = grid.to_source(difference * (REGIONS[region].width / 2.0))

@@ -113,10 +113,11 @@ def super_resolve(
     predictor = engine.predictor(Conditions(pp.REGION_CLASS[region], control=upsampled[None]), thin_working.shape)
     generator = make_generator(seed)
     t_start = engine.schedule.timestep_for_sigma(sigma_n)
-    total = draws * len(engine.schedule.strided_timesteps(t_start, steps))
+    per_draw = len(engine.schedule.strided_timesteps(t_start, steps))
+    total = draws * per_draw
     x0 = torch.zeros_like(upsampled)
     for draw in range(draws):
-        done = draw * total // draws
+        done = draw * per_draw
 
         def draw_progress(step: int, _: int, message: str, done: int = done, draw: int = draw) -> None:
             progress(done + step, total, f"draw {draw + 1}/{draws}, {message}" if draws > 1 else message)
