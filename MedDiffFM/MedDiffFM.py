@@ -116,6 +116,8 @@ class MedDiffFMParameterNode:
     jumpLength: Annotated[int, WithinRange(1, 100), Default(10)]
     jumpCount: Annotated[int, WithinRange(1, 20), Default(1)]
     margin: Annotated[float, WithinRange(0.0, 30.0), Default(0.0)]
+    draws: Annotated[int, WithinRange(1, 64), Default(1)]
+    organOnly: Annotated[bool, Default(False)]
     seed: Annotated[int, WithinRange(0, 2147483647), Default(0)]
     device: Annotated[str, Choice(list(DEVICE_LABELS)), Default("Auto")]
     overlap: Annotated[float, WithinRange(0.0, 0.9), Default(0.5)]

@@ -434,13 +434,14 @@ register(
                 minimum=0.0,
                 panel="threshold",
             ),
-            Setting("draws", 1, "noise draws to average (default 1)", kind="int", minimum=1),
+            Setting("draws", 1, "noise draws to average (default 1)", kind="int", minimum=1, maximum=64, panel="draws"),
             Setting(
                 "organ_only",
                 False,
                 "show the model the organ alone, the rest set to air, as the paper does "
                 "(default: the CT around the organ is kept as context)",
                 kind="bool",
+                panel="organOnly",
             ),
         ),
     )
@@ -482,6 +483,8 @@ register(
                 "posterior samples averaged into the result (default 1; more: lower error, draws x the time)",
                 kind="int",
                 minimum=1,
+                maximum=64,
+                panel="draws",
             ),
         ),
         controlnet_task="controlnet-sr",

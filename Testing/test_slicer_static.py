@@ -213,10 +213,19 @@ def test_task_rows_name_ui_widgets_and_cover_every_task():
         assert ("controlNet" in shown) == bool(spec.controlnet_task), task
         panel = {setting.panel for setting in spec.settings if setting.panel}
         assert panel <= set(TASK_ROWS) | {"steps"}, task
-    # The rows each task showed before its rows were derived from its definition.
+    # The rows each task showed before its rows were derived from its definition, plus draws and organ only.
     assert rows_of_task("denoise") == {"inputVolume", "volumes", "anatomy", "sigma", "lambda"}
     assert rows_of_task("synthesize") == {"inputVolume", "anatomy", "sampler", "eta"}
-    assert rows_of_task("super_resolve") == {"inputVolume", "volumes", "spacing", "sigma", "lambda", "controlNet"}
+    assert rows_of_task("super_resolve") == {
+        "inputVolume",
+        "volumes",
+        "spacing",
+        "sigma",
+        "lambda",
+        "draws",
+        "controlNet",
+    }
+    assert {"draws", "organOnly", "timestep", "threshold"} <= rows_of_task("detect_anomalies")
 
 
 def _parameter_node_defaults() -> dict:

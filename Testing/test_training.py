@@ -381,3 +381,28 @@ def test_lesion_patches_are_centred_on_the_mask(tmp_path):
     assert with_lesion(0.0) < 8
     with pytest.raises(InputError, match="condition_focus"):
         TrainingConfig(condition_focus=1.5)
+
+
+def test_low_snr_weighting_turns_the_noise_loss_into_the_clean_image_loss_at_high_noise():
+    from MedDiffFMLib.diffusion.schedule import NoiseSchedule
+    from Training.pretrain import noise_loss
+
+    schedule = NoiseSchedule(1000, "cosine")
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand((2, 1, 4, 4, 4), generator=generator) * 2 - 1
+    noise = torch.randn(x0.shape, generator=generator)
+    x0_hat = x0 + 0.1 * torch.randn(x0.shape, generator=generator)
+    for step, cap in ((900, 100.0), (100, 100.0), (900, 1.0)):
+        t = torch.full((2,), step)
+        abar = float(schedule.alphas_cumprod[step])
+        x_t = abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
+        eps_hat = (x_t - abar**0.5 * x0_hat) / (1 - abar) ** 0.5  # the noise estimate implied by x0_hat
+        plain = (eps_hat - noise).abs().mean()
+        snr = abar / (1 - abar)
+        if snr < 1 and cap > 1 / snr**0.5:  # low SNR inside the cap: the clean-image L1 error
+            expected = (x0_hat - x0).abs().mean()
+        else:  # high SNR or no weighting: the plain noise loss
+            expected = plain
+        assert float(noise_loss(eps_hat, noise, t, schedule, cap)) == pytest.approx(float(expected), rel=1e-4)
+    with pytest.raises(InputError, match="low_snr_cap"):
+        TrainingConfig(low_snr_cap=0.5)

@@ -29,6 +29,12 @@ class TrainingConfig:
             micro-batches accumulated per optimiser step.
         ema_decay: decay of the exponential moving average of the weights (0 disables it).
         grad_clip: maximum gradient norm (0 disables clipping).
+        low_snr_cap: weight of each sample's L1 noise loss, ``clamp(1 / sqrt(SNR_t), 1, cap)`` with
+            ``SNR_t = abar_t / (1 - abar_t)`` (1 disables it). The noise error is the clean-image
+            error times ``sqrt(SNR_t)``, so a plain noise loss gives the image at high noise almost
+            no weight and the model learns little of what the anatomy and region alone imply, which
+            is all synthesis from pure noise has. With the weight, where ``SNR_t < 1`` the loss is
+            the clean-image L1 error, down to ``SNR_t = 1 / cap**2``.
         mixed_precision: ``auto`` (bfloat16 autocast where the device computes it natively: CUDA
             GPUs that support it, CPUs with AMX-BF16 or AVX512-BF16; float32 elsewhere), ``bf16``
             (always, emulated where not native) or ``no`` (float32).
@@ -52,6 +58,7 @@ class TrainingConfig:
     accumulation: int = 4
     ema_decay: float = 0.999
     grad_clip: float = 1.0
+    low_snr_cap: float = 1.0
     mixed_precision: str = "auto"
     memory_format: str = "auto"
     steps: int = 1000
@@ -71,6 +78,8 @@ class TrainingConfig:
             raise InputError("mixed_precision must be 'auto', 'bf16' or 'no'.")
         if self.memory_format not in ("auto", "channels_last", "contiguous"):
             raise InputError("memory_format must be 'auto', 'channels_last' or 'contiguous'.")
+        if self.low_snr_cap < 1.0:
+            raise InputError("low_snr_cap must be at least 1 (1 disables the weighting).")
         for name in ("batch_size", "accumulation", "steps", "checkpoint_every", "log_every", "preview_every"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1.")

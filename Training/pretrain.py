@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
@@ -103,6 +102,19 @@ class Distributed:
             dist.destroy_process_group()
 
 
+def noise_loss(
+    prediction: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, low_snr_cap: float
+) -> torch.Tensor:
+    """Mean L1 noise error of a batch ``(N, 1, D, H, W)``, each sample weighted by
+    ``clamp(1 / sqrt(SNR_t), 1, low_snr_cap)`` (see :class:`~.config.TrainingConfig`)."""
+    errors = (prediction.float() - noise).abs().flatten(1).mean(1)
+    if low_snr_cap > 1.0:
+        abar = schedule.alphas_cumprod[t.cpu()].double()
+        weights = ((1.0 - abar) / abar).sqrt().clamp(1.0, low_snr_cap).to(errors)
+        errors = errors * weights
+    return errors.mean()
+
+
 def noisy_batch(
     batch: dict, schedule: NoiseSchedule, generator: torch.Generator, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
@@ -115,7 +127,7 @@ def noisy_batch(
 
 
 class Trainer:
-    """Runs the optimisation loop (L1 noise loss, Adam, accumulation, EMA, clipping, checkpoints).
+    """Runs the optimisation loop (weighted L1 noise loss, Adam, accumulation, EMA, clipping, checkpoints).
 
     With ``task = "base"`` it pre-trains a :class:`MedDiffFMNet` of ``config.model_config``; with a
     ControlNet task (``controlnet-sr``, ``controlnet-lesion``) it fine-tunes a ControlNet on the
@@ -276,7 +288,7 @@ class Trainer:
                         inputs["control"] = batch["condition"].to(env.device)
                     with self.autocast():
                         prediction = self.network(x_t, t, **inputs)
-                    loss = F.l1_loss(prediction.float(), noise)
+                    loss = noise_loss(prediction, noise, t, self.schedule, config.low_snr_cap)
                     (loss / config.accumulation).backward()
                 losses.append(float(loss.detach()))
                 window_samples += x_t.shape[0] * env.world

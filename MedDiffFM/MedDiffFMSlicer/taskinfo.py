@@ -31,6 +31,8 @@ TASK_ROWS = {
     "jumpLength": ("jumpLengthLabel", "jumpLengthSpinBox"),
     "jumpCount": ("jumpCountLabel", "jumpCountSpinBox"),
     "margin": ("marginLabel", "marginSpinBox"),
+    "draws": ("drawsLabel", "drawsSpinBox"),
+    "organOnly": ("organOnlyLabel", "organOnlyCheckBox"),
     "volumes": ("extraVolumesLabel", "extraVolumesComboBox"),
     "controlNet": ("controlNetLabel", "controlNetComboBox"),
 }
@@ -71,6 +73,8 @@ def panel_settings(state, spec: TaskSpec) -> dict:
         "jumpLength": lambda setting: state.jumpLength,
         "jumpCount": lambda setting: state.jumpCount,
         "margin": lambda setting: state.margin,
+        "draws": lambda setting: state.draws,
+        "organOnly": lambda setting: state.organOnly,
     }
     values = {setting.name: readers[setting.panel](setting) for setting in spec.settings if setting.panel}
     return {name: None if value == spec.setting(name).default else value for name, value in values.items()}
