@@ -406,3 +406,23 @@ def test_low_snr_weighting_turns_the_noise_loss_into_the_clean_image_loss_at_hig
         assert float(noise_loss(eps_hat, noise, t, schedule, cap)) == pytest.approx(float(expected), rel=1e-4)
     with pytest.raises(InputError, match="low_snr_cap"):
         TrainingConfig(low_snr_cap=0.5)
+
+
+def test_position_jitter_shifts_and_stretches_each_samples_coordinates_only(prepared):
+    entries = manifest_entries(prepared)
+    plain = MultiLevelDataset(entries, 16, (0.3, 0.3, 0.4), seed=2)
+    jittered = MultiLevelDataset(entries, 16, (0.3, 0.3, 0.4), seed=2, position_jitter=0.25)
+    offsets = []
+    for index in range(8):
+        a, b = plain[index], jittered[index]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["anatomy"], b["anatomy"])
+        for axis in range(3):
+            c, d = a["coordinates"][axis].flatten().double(), b["coordinates"][axis].flatten().double()
+            design = torch.stack((c, torch.ones_like(c)), dim=1)
+            (scale, offset), *_ = torch.linalg.lstsq(design, d[:, None]).solution.flatten(), None
+            assert torch.allclose(design @ torch.stack((scale, offset)), d, atol=1e-5)  # an affine map per axis
+            assert abs(scale - 1) <= 0.25 + 1e-6 and abs(offset) <= 0.25 + 1e-6
+            offsets.append(float(offset))
+    assert np.std(offsets) > 0.05  # drawn per sample, not one fixed shift
+    with pytest.raises(InputError, match="position_jitter"):
+        TrainingConfig(position_jitter=1.5)

@@ -23,6 +23,8 @@ class TrainingConfig:
         foreground: chance that a patch is centred on a voxel inside the body (else placed uniformly).
         condition_focus: for mask conditions (lesion fine-tuning), chance that a patch is centred on
             a voxel of the mask, so that most patches show a lesion; checked before ``foreground``.
+        position_jitter: random shift and stretch of each sample's position coordinates, up to
+            this fraction per axis (see :class:`~.dataset.MultiLevelDataset`).
         region_dropout / anatomy_dropout: chances of replacing the region by the null class and the
             anatomy by "unknown" (classifier-free conditioning, unconditioned use).
         learning_rate, batch_size, accumulation: Adam step size, samples per step per process, and
@@ -51,6 +53,7 @@ class TrainingConfig:
     level_probabilities: tuple[float, float, float] = (0.2, 0.3, 0.5)
     foreground: float = 0.0
     condition_focus: float = 0.0
+    position_jitter: float = 0.0
     region_dropout: float = 0.1
     anatomy_dropout: float = 0.2
     learning_rate: float = 1e-4
@@ -78,6 +81,8 @@ class TrainingConfig:
             raise InputError("mixed_precision must be 'auto', 'bf16' or 'no'.")
         if self.memory_format not in ("auto", "channels_last", "contiguous"):
             raise InputError("memory_format must be 'auto', 'channels_last' or 'contiguous'.")
+        if not 0.0 <= self.position_jitter < 1.0:
+            raise InputError("position_jitter must be at least 0 and below 1.")
         if self.low_snr_cap < 1.0:
             raise InputError("low_snr_cap must be at least 1 (1 disables the weighting).")
         for name in ("batch_size", "accumulation", "steps", "checkpoint_every", "log_every", "preview_every"):

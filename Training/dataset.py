@@ -111,6 +111,11 @@ class MultiLevelDataset(Dataset):
             body (anatomy label > 0) rather than placed uniformly, so fewer patches are all air.
         condition_focus: chance that a patch (levels 1 and 2) of a crop with a mask condition is
             centred on a voxel of that mask (checked first; crops with an empty mask fall through).
+        position_jitter: ``j``: each sample's coordinates ``c`` become ``c * (1 + s) + o`` with
+            ``s`` and ``o`` drawn per axis from ``U(-j, j)``, as if the scan covered a shifted,
+            stretched extent (every scan's coordinates span its own field of view). With few training
+            scans the exact position alone identifies the anatomy, and the model learns to ignore
+            the label map that synthesis relies on.
     """
 
     def __init__(
@@ -124,6 +129,7 @@ class MultiLevelDataset(Dataset):
         seed: int = 0,
         foreground: float = 0.0,
         condition_focus: float = 0.0,
+        position_jitter: float = 0.0,
     ) -> None:
         self.entries = entries
         self.patch = patch_size
@@ -134,6 +140,7 @@ class MultiLevelDataset(Dataset):
         self.seed = seed
         self.foreground = foreground
         self.condition_focus = condition_focus
+        self.position_jitter = position_jitter
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -154,6 +161,9 @@ class MultiLevelDataset(Dataset):
         if centre is None and level > 0 and self.foreground > 0 and rng.random() < self.foreground:
             centre = _random_voxel(_body_voxels(entry["anatomy"]), rng)
         sample = self.view(volumes, level, rng, kind, centre)
+        if self.position_jitter > 0:
+            scale, offset = torch.from_numpy(rng.uniform(-self.position_jitter, self.position_jitter, (2, 3, 1, 1, 1)))
+            sample["coordinates"] = sample["coordinates"] * (1.0 + scale.float()) + offset.float()
         region = 0 if rng.random() < self.region_dropout else REGION_CLASS[entry["region"]]
         if rng.random() < self.anatomy_dropout:
             sample["anatomy"] = torch.full_like(sample["anatomy"], UNKNOWN_LABEL)

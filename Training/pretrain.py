@@ -188,6 +188,7 @@ class Trainer:
             seed=config.seed,
             foreground=config.foreground,
             condition_focus=config.condition_focus,
+            position_jitter=config.position_jitter,
         )
         self.network = DistributedDataParallel(self.model) if env.world > 1 else self.model
         base_sha256 = self.model.base.card.sha256 if task != "base" else ""
