@@ -175,3 +175,23 @@ def test_dpm_solver_follows_the_probability_flow_of_gaussian_data_better_than_dd
         error = (result - expected.clamp(-1, 1)).abs().max().item()
         assert error < 0.5 * previous, (steps, error, previous)
         previous = error
+
+
+def test_sampling_from_pure_noise_starts_where_the_clean_estimate_is_usable():
+    from MedDiffFMLib.diffusion.samplers import sample
+
+    for name, start in (("cosine", 978), ("linear_beta", 825)):
+        schedule = NoiseSchedule(1000, name)
+        snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
+        assert schedule.sampling_start() == start and snr[start] >= 1e-3 > snr[start + 1]
+    schedule = NoiseSchedule(1000, "cosine")
+    for sampler in ("ddim", "dpm++2m", "ddpm"):
+        seen = []
+
+        def predict(x, t):
+            seen.append(t)
+            return torch.zeros_like(x)
+
+        sample(predict, schedule, (2, 2, 2), torch.Generator().manual_seed(0), torch.device("cpu"), sampler, steps=5)
+        assert seen[0] == 978 and seen[-1] == 0, sampler
+        assert len(seen) == (979 if sampler == "ddpm" else 5), sampler

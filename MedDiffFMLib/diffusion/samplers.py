@@ -104,19 +104,20 @@ def sample(
 ) -> torch.Tensor:
     """Generate a sample of ``shape`` from pure noise; returns x_0 in [-1, 1].
 
-    ``ddpm`` runs all T steps; ``ddim`` runs ``steps`` strided steps (default 50) with ``eta``
-    (0 deterministic, 1 stochastic); ``dpm++2m`` runs ``steps`` steps of the deterministic
+    Sampling starts at :meth:`~.schedule.NoiseSchedule.sampling_start` (t = 978 of the cosine
+    schedule's 999). ``ddpm`` runs every step from there; ``ddim`` runs ``steps`` strided steps
+    (default 50) with ``eta`` (0 deterministic, 1 stochastic); ``dpm++2m`` runs ``steps`` steps of the deterministic
     second-order DPM-Solver++(2M) (default 20) on the timesteps of
     :meth:`~.schedule.NoiseSchedule.log_snr_timesteps`, which needs far fewer steps than DDIM for
     the same accuracy.
     """
     if sampler not in SAMPLERS:
         raise InputError(f"Unknown sampler '{sampler}'. Choose one of: {', '.join(SAMPLERS)}.")
-    last = schedule.num_timesteps - 1
+    last = schedule.sampling_start()
     if sampler == "dpm++2m":
         timesteps = schedule.log_snr_timesteps(last, steps or 20)
     else:
-        timesteps = schedule.strided_timesteps(last, schedule.num_timesteps if sampler == "ddpm" else steps or 50)
+        timesteps = schedule.strided_timesteps(last, last + 1 if sampler == "ddpm" else steps or 50)
     x = randn(shape, generator, device)
     previous = None
     for index, t in enumerate(timesteps):

@@ -124,7 +124,7 @@ def inpaint_lesion(
     conditions = Conditions(pp.REGION_CLASS[region], working_labels, control)
     frame = (tuple(s.start for s in box), whole.working.shape)
     predictor = engine.predictor(conditions, grid.working.shape, frame)
-    timesteps = engine.schedule.strided_timesteps(engine.schedule.num_timesteps - 1, steps)
+    timesteps = engine.schedule.strided_timesteps(engine.schedule.sampling_start(), steps)
     with torch.no_grad():
         x0 = repaint(
             predictor,

@@ -39,7 +39,7 @@ def synthesize(
         anatomy: label map in the 118-class scheme (0 outside body, 1..117 TotalSegmentator v2,
             118 body); its grid fixes the output's size, spacing, origin and direction.
         region: ``head_neck``, ``chest`` or ``abdomen`` (selects the HU window).
-        sampler: ``ddpm`` (all T steps), ``ddim`` (``steps`` strided steps, stochasticity ``eta``) or
+        sampler: ``ddpm`` (every timestep), ``ddim`` (``steps`` strided steps, stochasticity ``eta``) or
             ``dpm++2m`` (``steps`` DPM-Solver++(2M) steps).
         steps: number of steps; None: the sampler's default (``ddim`` 50, ``dpm++2m`` 20).
         control: an array on the anatomy's grid (e.g. a lesion mask), the ControlNet task condition
