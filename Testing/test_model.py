@@ -186,9 +186,9 @@ def test_sampling_from_pure_noise_starts_where_the_clean_estimate_is_usable():
         assert schedule.sampling_start() == start and snr[start] >= 1e-3 > snr[start + 1]
     schedule = NoiseSchedule(1000, "cosine")
     for sampler in ("ddim", "dpm++2m", "ddpm"):
-        seen = []
+        seen: list[int] = []
 
-        def predict(x, t):
+        def predict(x, t, seen=seen):
             seen.append(t)
             return torch.zeros_like(x)
 
