@@ -419,7 +419,7 @@ def test_position_jitter_shifts_and_stretches_each_samples_coordinates_only(prep
         for axis in range(3):
             c, d = a["coordinates"][axis].flatten().double(), b["coordinates"][axis].flatten().double()
             design = torch.stack((c, torch.ones_like(c)), dim=1)
-            (scale, offset), *_ = torch.linalg.lstsq(design, d[:, None]).solution.flatten(), None
+            scale, offset = torch.linalg.lstsq(design, d[:, None]).solution.flatten()
             assert torch.allclose(design @ torch.stack((scale, offset)), d, atol=1e-5)  # an affine map per axis
             assert abs(scale - 1) <= 0.25 + 1e-6 and abs(offset) <= 0.25 + 1e-6
             offsets.append(float(offset))

@@ -106,8 +106,8 @@ def sample(
 
     Sampling starts at :meth:`~.schedule.NoiseSchedule.sampling_start` (t = 978 of the cosine
     schedule's 999). ``ddpm`` runs every step from there; ``ddim`` runs ``steps`` strided steps
-    (default 50) with ``eta`` (0 deterministic, 1 stochastic); ``dpm++2m`` runs ``steps`` steps of the deterministic
-    second-order DPM-Solver++(2M) (default 20) on the timesteps of
+    (default 50) with ``eta`` (0 deterministic, 1 stochastic); ``dpm++2m`` runs ``steps`` steps of
+    the deterministic second-order DPM-Solver++(2M) (default 20) on the timesteps of
     :meth:`~.schedule.NoiseSchedule.log_snr_timesteps`, which needs far fewer steps than DDIM for
     the same accuracy.
     """
