@@ -25,6 +25,8 @@ from MedDiffFMLib.tasks.lesion import blend_weights, bounding_box
 from MedDiffFMLib.tasks.super_resolution import thin_geometry
 from MedDiffFMLib.volume import Volume, read_volume, write_volume
 from Training import make_pairs
+from Training.config import load_config
+from Training.pretrain import Distributed, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -357,6 +359,19 @@ def test_controlnet_fine_tuning_runs_resumes_and_exports(tmp_path):
     w.save_checkpoint(random_tiny_model(seed=5), other, w.ModelCard(name="other", version="1", task="base", config={}))
     with pytest.raises(WeightsError, match="trained on base model"):
         w.load_controlled_model(w.load_model(other), exported, "controlnet-lesion")
+    moved = Trainer(
+        load_config(Path(config)),
+        tmp_path / "lesions",
+        tmp_path / "moved",
+        Distributed(),
+        "controlnet-lesion",
+        other,
+        init_weights=exported,
+    )
+    carried = w.load_controlled_model(w.load_model(base_path), exported, "controlnet-lesion").controlnet.state_dict()
+    for key, value in carried.items():
+        assert torch.equal(moved.model.controlnet.state_dict()[key], value), key
+    assert moved.model.base.card.sha256 != base_card.sha256
     sr = _finetune(
         [
             "--task",

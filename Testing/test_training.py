@@ -271,6 +271,21 @@ def test_config_validation(tmp_path):
         load_config(bad)
 
 
+def test_case_weights_list_a_case_several_times_in_a_row(prepared):
+    plain = manifest_entries(prepared)
+    weighted = manifest_entries(prepared, {"labelled": 3})
+    assert [e["case"] for e in plain] == ["labelled", "thresholded"]
+    assert [e["case"] for e in weighted] == ["labelled"] * 3 + ["thresholded"]
+    assert weighted[0] == weighted[1] == plain[0]
+    with pytest.raises(InputError, match="labeled.*its cases are: labelled, thresholded"):
+        manifest_entries(prepared, {"labeled": 2})
+    for bad in (0, 1.5, True):
+        with pytest.raises(InputError, match="case_weights"):
+            TrainingConfig(case_weights={"labelled": bad})
+    trainer = _trainer(prepared, prepared.parent / "weighted", case_weights={"labelled": 2})
+    assert len(trainer.dataset) == 3 * trainer.dataset.samples_per_volume
+
+
 def test_checkpoints_round_trip_without_pickle_and_survive_a_crash_between_renames(tmp_path):
     from Training.checkpointing import load_training_state, save_training_state
 

@@ -23,6 +23,9 @@ class TrainingConfig:
         foreground: chance that a patch is centred on a voxel inside the body (else placed uniformly).
         condition_focus: for mask conditions (lesion fine-tuning), chance that a patch is centred on
             a voxel of the mask, so that most patches show a lesion; checked before ``foreground``.
+        case_weights: how many times a case of the prepared cache (by its name in the manifest) is
+            listed per epoch; unlisted cases once. Weighs a scan with real labels against scans
+            with body-threshold labels.
         position_jitter: random shift and stretch of each sample's position coordinates, up to
             this fraction per axis (see :class:`~.dataset.MultiLevelDataset`).
         region_dropout / anatomy_dropout: chances of replacing the region by the null class and the
@@ -53,6 +56,7 @@ class TrainingConfig:
     level_probabilities: tuple[float, float, float] = (0.2, 0.3, 0.5)
     foreground: float = 0.0
     condition_focus: float = 0.0
+    case_weights: dict = field(default_factory=dict)
     position_jitter: float = 0.0
     region_dropout: float = 0.1
     anatomy_dropout: float = 0.2
@@ -83,6 +87,8 @@ class TrainingConfig:
             raise InputError("memory_format must be 'auto', 'channels_last' or 'contiguous'.")
         if not 0.0 <= self.position_jitter < 1.0:
             raise InputError("position_jitter must be at least 0 and below 1.")
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.case_weights.values()):
+            raise InputError("case_weights must map case names to whole numbers of at least 1.")
         if self.low_snr_cap < 1.0:
             raise InputError("low_snr_cap must be at least 1 (1 disables the weighting).")
         for name in ("batch_size", "accumulation", "steps", "checkpoint_every", "log_every", "preview_every"):

@@ -30,17 +30,33 @@ from MedDiffFMLib.preprocessing import REGION_CLASS, hu_to_model
 from MedDiffFMLib.volume import read_volume
 
 
-def manifest_entries(folder: Path) -> list[dict]:
-    """Region crops of a prepared cache (absolute paths), in a stable order."""
+def manifest_entries(folder: Path, case_weights: dict[str, int] | None = None) -> list[dict]:
+    """Region crops of a prepared cache (absolute paths, ``case``: the case name), in a stable order.
+
+    ``case_weights`` lists a case's crops that many times in a row (default once), so that an epoch
+    samples it proportionally more often; a name the cache does not hold is an error.
+    """
     path = Path(folder) / "manifest.json"
     if not path.exists():
         raise InputError(f"No manifest.json in '{folder}'. Run 'python -m Training.prepare_data' first.")
     manifest = json.loads(path.read_text())
+    done = sorted(name for name, case in manifest["cases"].items() if case["status"] == "done")
+    weights = dict(case_weights or {})
+    unknown = sorted(set(weights) - set(done))
+    if unknown:
+        raise InputError(
+            f"case_weights names {', '.join(unknown)}, which the cache '{folder}' does not hold; "
+            f"its cases are: {', '.join(done)}."
+        )
     entries = [
-        {**entry, **{key: str(Path(folder) / entry[key]) for key in ("image", "anatomy", "condition") if key in entry}}
-        for name in sorted(manifest["cases"])
-        if manifest["cases"][name]["status"] == "done"
+        {
+            **entry,
+            "case": name,
+            **{key: str(Path(folder) / entry[key]) for key in ("image", "anatomy", "condition") if key in entry},
+        }
+        for name in done
         for entry in manifest["cases"][name]["regions"]
+        for _ in range(weights.get(name, 1))
     ]
     if not entries:
         raise InputError(f"The cache '{folder}' holds no prepared case.")

@@ -176,7 +176,7 @@ class Trainer:
         )
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.learning_rate)
         self.schedule = NoiseSchedule(architecture.num_train_timesteps, architecture.schedule)
-        entries = manifest_entries(data)
+        entries = manifest_entries(data, config.case_weights)
         if task != "base" and any("condition" not in entry for entry in entries):
             raise InputError(f"'{data}' has no task conditions; make it with 'python -m Training.make_pairs'.")
         self.dataset = MultiLevelDataset(
@@ -213,8 +213,9 @@ class Trainer:
             self.truncate_log(self.state["step"])
 
     def warm_start(self, path: Path) -> None:
-        """Start from the weights of a saved model of this run's task (for a ControlNet: one trained
-        on the same base), EMA included; a base model must have this run's architecture."""
+        """Start from the weights of a saved model of this run's task, EMA included; a base model must
+        have this run's architecture. A ControlNet may come from another version of the base model
+        (same architecture): it carries its condition encoder over to the new base."""
         if self.task == "base":
             source = load_model(path)
             if source.config != self.model.config:
@@ -224,8 +225,10 @@ class Trainer:
                 )
             self.model.load_state_dict(source.state_dict())
         else:
-            source = load_controlled_model(self.model.base, path, self.task)
+            source = load_controlled_model(self.model.base, path, self.task, same_base=False)
             self.model.controlnet.load_state_dict(source.controlnet.state_dict())
+            if source.card.base_sha256 != self.model.base.card.sha256:
+                logger.info("the ControlNet was trained on %s; fine-tuning it on this base", source.card.base_model)
         if self.ema is not None:
             self.ema.module.load_state_dict(self.model.state_dict())
         logger.info("warm-started from %s", source.card.identifier)

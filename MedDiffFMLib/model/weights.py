@@ -200,18 +200,24 @@ def load_model(weights: str | os.PathLike, expected_sha256: str | None = None, t
 
 
 def load_controlled_model(
-    base: MedDiffFMNet, weights: str | os.PathLike, task: str, expected_sha256: str | None = None
+    base: MedDiffFMNet,
+    weights: str | os.PathLike,
+    task: str,
+    expected_sha256: str | None = None,
+    same_base: bool = True,
 ) -> ControlledNet:
     """Attach the ControlNet checkpoint ``weights`` (for ``task``) to ``base``.
 
-    Refused when the ControlNet was trained on another base model or for another task.
+    Refused when the ControlNet was trained for another task, or on another base model unless
+    ``same_base`` is False (only to warm-start training on a new version of the base, whose
+    architecture must be the same).
     """
     weights = Path(weights)
     card = read_card(weights)
     if card.task != task:
         raise WeightsError(f"'{weights.name}' is a '{card.task}' checkpoint; this task needs '{task}'.")
     base_card: ModelCard | None = getattr(base, "card", None)
-    if base_card is None or card.base_sha256 != base_card.sha256:
+    if same_base and (base_card is None or card.base_sha256 != base_card.sha256):
         raise WeightsError(
             f"The ControlNet '{card.identifier}' was trained on base model '{card.base_model}', not on "
             f"'{base_card.identifier if base_card else 'an unsaved model'}'. Use the matching base model."
