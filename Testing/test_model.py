@@ -9,7 +9,7 @@ from monai.networks.schedulers import DDPMScheduler
 
 from MedDiffFMLib.diffusion.samplers import ddim_step, ddpm_step
 from MedDiffFMLib.diffusion.schedule import NoiseSchedule
-from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.errors import InputError, WeightsError
 from MedDiffFMLib.model.config import ModelConfig, preset
 from MedDiffFMLib.model.embeddings import fourier_features, window_coordinates
 from MedDiffFMLib.model.network import ControlledNet, MedDiffFMNet
@@ -195,3 +195,27 @@ def test_sampling_from_pure_noise_starts_where_the_clean_estimate_is_usable():
         sample(predict, schedule, (2, 2, 2), torch.Generator().manual_seed(0), torch.device("cpu"), sampler, steps=5)
         assert seen[0] == 978 and seen[-1] == 0, sampler
         assert len(seen) == (979 if sampler == "ddpm" else 5), sampler
+
+
+def test_v_prediction_round_trips_to_the_noise_and_the_clean_image_and_starts_at_the_last_timestep():
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand((3, 1, 4, 4, 4), generator=generator) * 2 - 1
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.tensor([0, 500, 999])
+    v_schedule, eps_schedule = NoiseSchedule(1000, "cosine", "v"), NoiseSchedule(1000, "cosine")
+    assert torch.equal(eps_schedule.training_target(x0, noise, t), noise)
+    target = v_schedule.training_target(x0, noise, t)
+    for index, step in enumerate(t.tolist()):
+        x_t = v_schedule.q_sample(x0[index], step, noise[index])
+        eps = v_schedule.eps_from_output(x_t, step, target[index])
+        torch.testing.assert_close(eps, noise[index], rtol=0, atol=1e-5)
+        x0_hat = v_schedule.predict_x0(x_t, step, eps, clip=False)
+        torch.testing.assert_close(x0_hat, x0[index], rtol=0, atol=5e-3 if step == 999 else 1e-5)
+        assert torch.equal(eps_schedule.eps_from_output(x_t, step, target[index]), target[index])
+    # at the last timestep (SNR 2.4e-9) v is the negated clean image: the network has nothing to amplify
+    torch.testing.assert_close(target[2], -x0[2], rtol=0, atol=1e-3)
+    assert v_schedule.sampling_start() == 999 and eps_schedule.sampling_start() == 978
+    with pytest.raises(InputError, match="prediction"):
+        NoiseSchedule(1000, "cosine", "x0")
+    with pytest.raises(WeightsError, match="prediction"):
+        ModelConfig(prediction="x0")

@@ -115,3 +115,29 @@ def test_windows_of_known_voxels_are_skipped_and_keep_their_known_values():
     # voxels covered by an evaluated window get exactly the full computation's estimate where all their
     # windows were evaluated (the unknown core)
     torch.testing.assert_close(eps[:, 20:30, 20:30], full(x, 300)[:, 20:30, 20:30], rtol=1e-4, atol=1e-5)
+
+
+def test_a_v_predicting_network_gives_the_same_noise_estimate_and_samples_as_its_noise_predicting_twin():
+    from conftest import OracleNet
+
+    from MedDiffFMLib.device import make_generator
+    from MedDiffFMLib.diffusion.samplers import sample
+    from MedDiffFMLib.diffusion.schedule import NoiseSchedule
+
+    shape = (10, 20, 24)
+    clean = torch.rand(shape, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    eps_net = OracleNet(clean)
+
+    def v_net(x, t, coordinates, region, anatomy, control=None):
+        abar = torch.tensor([eps_net.schedule.abar(int(s)) for s in t]).view(-1, 1, 1, 1, 1)
+        eps = eps_net(x, t, coordinates, region, anatomy)
+        return abar.sqrt() * eps - (1 - abar).sqrt() * (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+
+    v_schedule = NoiseSchedule(1000, "cosine", "v")
+    by_eps = WindowedNoisePredictor(eps_net, Conditions(3), shape, 16, 2)
+    by_v = WindowedNoisePredictor(v_net, Conditions(3), shape, 16, 2, schedule=v_schedule)
+    x = torch.randn(shape)
+    for t in (10, 600, 950):
+        torch.testing.assert_close(by_v(x, t), by_eps(x, t), rtol=0, atol=1e-4)
+    result = sample(by_v, v_schedule, shape, make_generator(0), torch.device("cpu"), "ddim", steps=6)
+    torch.testing.assert_close(result, clean, rtol=0, atol=1e-4)

@@ -357,6 +357,41 @@ def test_warm_start_from_a_saved_model_and_export_before_the_last_step(prepared,
     assert json.loads((tmp_path / "partial" / "checkpoint" / "state.json").read_text())["step"] == 1
 
 
+def test_a_v_predicting_model_trains_and_warm_starts_from_a_noise_predicting_one(prepared, tmp_path):
+    _pretrain(prepared, tmp_path / "eps", "--export", "eps@0")
+    eps_model = tmp_path / "eps" / "eps-0.safetensors"
+    (tmp_path / "v").mkdir()
+    v_run = _trainer(prepared, tmp_path / "v", init=eps_model, model_overrides={"prediction": "v"}, steps=2)
+    assert v_run.schedule.prediction == "v"
+    for key, value in load_model(eps_model).state_dict().items():
+        assert torch.equal(v_run.model.state_dict()[key], value), key
+    v_run.run()
+    rows = (tmp_path / "v" / "log.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 and all(np.isfinite(float(row.split(",")[2])) for row in rows)
+    with pytest.raises(InputError, match="low_snr_cap"):
+        _trainer(prepared, tmp_path / "capped", model_overrides={"prediction": "v"}, low_snr_cap=10.0)
+
+
+def test_pure_noise_share_draws_timesteps_where_a_patch_mean_is_lost_in_the_noise():
+    from MedDiffFMLib.diffusion.schedule import NoiseSchedule
+    from Training.pretrain import noisy_batch, pure_noise_timesteps
+
+    schedule = NoiseSchedule(1000, "cosine")
+    first = pure_noise_timesteps(schedule, 32**3)
+    snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
+    assert first == 996 and snr[first] * 32**3 < 1 <= snr[first - 1] * 32**3
+    batch = {"image": torch.zeros(4000, 1, 4, 4, 4)}
+    small = pure_noise_timesteps(schedule, 4**3)
+
+    def late_share(share: float) -> float:
+        _, t, _ = noisy_batch(batch, schedule, torch.Generator().manual_seed(0), torch.device("cpu"), share)
+        return float((t >= small).float().mean())
+
+    uniform = (1000 - small) / 1000
+    assert abs(late_share(0.0) - uniform) < 0.01
+    assert abs(late_share(0.25) - (0.25 + 0.75 * uniform)) < 0.02
+
+
 def test_foreground_patches_are_centred_inside_the_body(tmp_path):
     from MedDiffFMLib.volume import Volume, write_volume
 

@@ -40,6 +40,13 @@ class TrainingConfig:
             no weight and the model learns little of what the anatomy and region alone imply, which
             is all synthesis from pure noise has. With the weight, where ``SNR_t < 1`` the loss is
             the clean-image L1 error, down to ``SNR_t = 1 / cap**2``.
+        pure_noise_share: chance that a sample's timestep is drawn from the last ones of the
+            schedule, where even the patch's mean intensity is lost in the noise (``SNR_t`` times
+            the patch's voxel count below 1: t >= 996 of the cosine schedule for 32^3 patches),
+            instead of uniformly. Uniform timesteps put 0.4 % of the samples there, and only there
+            must the model make the image's coarse intensities from the anatomy and region alone,
+            as sampling from pure noise asks of it; meant for ``v`` models (model ``prediction``),
+            whose clean estimate is usable there.
         mixed_precision: ``auto`` (bfloat16 autocast where the device computes it natively: CUDA
             GPUs that support it, CPUs with AMX-BF16 or AVX512-BF16; float32 elsewhere), ``bf16``
             (always, emulated where not native) or ``no`` (float32).
@@ -66,6 +73,7 @@ class TrainingConfig:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     low_snr_cap: float = 1.0
+    pure_noise_share: float = 0.0
     mixed_precision: str = "auto"
     memory_format: str = "auto"
     steps: int = 1000
@@ -78,7 +86,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if len(self.level_probabilities) != 3 or abs(sum(self.level_probabilities) - 1.0) > 1e-6:
             raise InputError("level_probabilities must be three numbers that sum to 1.")
-        for name in ("foreground", "condition_focus"):
+        for name in ("foreground", "condition_focus", "pure_noise_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"{name} must be between 0 and 1.")
         if self.mixed_precision not in ("auto", "bf16", "no"):

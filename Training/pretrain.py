@@ -24,6 +24,7 @@ import platform
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +104,12 @@ class Distributed:
 
 
 def noise_loss(
-    prediction: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, low_snr_cap: float
+    prediction: torch.Tensor, target: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, low_snr_cap: float
 ) -> torch.Tensor:
-    """Mean L1 noise error of a batch ``(N, 1, D, H, W)``, each sample weighted by
+    """Mean L1 error of a batch ``(N, 1, D, H, W)`` against its target (the noise, or ``v``:
+    :meth:`~MedDiffFMLib.diffusion.schedule.NoiseSchedule.training_target`), each sample weighted by
     ``clamp(1 / sqrt(SNR_t), 1, low_snr_cap)`` (see :class:`~.config.TrainingConfig`)."""
-    errors = (prediction.float() - noise).abs().flatten(1).mean(1)
+    errors = (prediction.float() - target).abs().flatten(1).mean(1)
     if low_snr_cap > 1.0:
         abar = schedule.alphas_cumprod[t.cpu()].double()
         weights = ((1.0 - abar) / abar).sqrt().clamp(1.0, low_snr_cap).to(errors)
@@ -115,12 +117,29 @@ def noise_loss(
     return errors.mean()
 
 
+def pure_noise_timesteps(schedule: NoiseSchedule, voxels: int) -> int:
+    """The first timestep from which even the mean of ``voxels`` voxels is lost in the noise:
+    ``SNR_t * voxels < 1`` (cosine schedule, 32^3 patches: t >= 996)."""
+    snr = schedule.alphas_cumprod / (1.0 - schedule.alphas_cumprod)
+    visible = (snr * voxels >= 1.0).nonzero()
+    return int(visible.max()) + 1 if len(visible) else 0
+
+
 def noisy_batch(
-    batch: dict, schedule: NoiseSchedule, generator: torch.Generator, device: torch.device
+    batch: dict,
+    schedule: NoiseSchedule,
+    generator: torch.Generator,
+    device: torch.device,
+    pure_noise_share: float = 0.0,
 ) -> tuple[torch.Tensor, ...]:
-    """``(x_t, t, noise)`` for a batch: uniform timesteps, Gaussian noise, seeded by ``generator``."""
+    """``(x_t, t, noise)`` for a batch: uniform timesteps (a ``pure_noise_share`` of them drawn from
+    :func:`pure_noise_timesteps` of a sample's voxels instead), Gaussian noise, seeded by ``generator``."""
     x0 = batch["image"].to(device)
     t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator)
+    if pure_noise_share > 0:
+        first = min(pure_noise_timesteps(schedule, x0[0].numel()), schedule.num_timesteps - 1)
+        late = torch.randint(first, schedule.num_timesteps, t.shape, generator=generator)
+        t = torch.where(torch.rand(t.shape, generator=generator) < pure_noise_share, late, t)
     noise = torch.randn(x0.shape, generator=generator).to(device)
     abar = schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1, 1).to(device)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t.to(device), noise
@@ -175,7 +194,12 @@ class Trainer:
             else None
         )
         self.optimizer = torch.optim.Adam(self.trainable, lr=config.learning_rate)
-        self.schedule = NoiseSchedule(architecture.num_train_timesteps, architecture.schedule)
+        self.schedule = NoiseSchedule(architecture.num_train_timesteps, architecture.schedule, architecture.prediction)
+        if architecture.prediction == "v" and config.low_snr_cap > 1.0:
+            raise InputError(
+                "low_snr_cap weighs a noise-predicting model's loss; a 'v' model's loss already is the "
+                "clean-image error at high noise. Set low_snr_cap to 1."
+            )
         entries = manifest_entries(data, config.case_weights)
         if task != "base" and any("condition" not in entry for entry in entries):
             raise InputError(f"'{data}' has no task conditions; make it with 'python -m Training.make_pairs'.")
@@ -218,10 +242,16 @@ class Trainer:
         (same architecture): it carries its condition encoder over to the new base."""
         if self.task == "base":
             source = load_model(path)
-            if source.config != self.model.config:
+            if replace(source.config, prediction=self.model.config.prediction) != self.model.config:
                 raise InputError(
                     f"'{path}' has another architecture than this run's; warm-start needs the same model preset "
                     "and overrides."
+                )
+            if source.config.prediction != self.model.config.prediction:
+                logger.info(
+                    "the saved model predicts '%s'; training it to predict '%s'",
+                    source.config.prediction,
+                    self.model.config.prediction,
                 )
             self.model.load_state_dict(source.state_dict())
         else:
@@ -282,7 +312,7 @@ class Trainer:
                 last_micro = micro == config.accumulation - 1
                 sync = contextlib.nullcontext() if last_micro or env.world == 1 else self.network.no_sync()
                 with sync:
-                    x_t, t, noise = noisy_batch(batch, self.schedule, generator, env.device)
+                    x_t, t, noise = noisy_batch(batch, self.schedule, generator, env.device, config.pure_noise_share)
                     inputs = dict(
                         coordinates=batch["coordinates"].to(env.device),
                         region=batch["region"].to(env.device),
@@ -292,7 +322,8 @@ class Trainer:
                         inputs["control"] = batch["condition"].to(env.device)
                     with self.autocast():
                         prediction = self.network(x_t, t, **inputs)
-                    loss = noise_loss(prediction, noise, t, self.schedule, config.low_snr_cap)
+                    target = self.schedule.training_target(batch["image"].to(env.device), noise, t)
+                    loss = noise_loss(prediction, target, t, self.schedule, config.low_snr_cap)
                     (loss / config.accumulation).backward()
                 losses.append(float(loss.detach()))
                 window_samples += x_t.shape[0] * env.world

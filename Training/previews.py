@@ -36,7 +36,7 @@ def save_preview(
     was_training = model.training
     model.eval()
     extra = {"control": sample["condition"][None].to(device)} if "condition" in sample else {}
-    eps = model(
+    estimate = model(
         x_t,
         torch.tensor([PREVIEW_TIMESTEP], device=device),
         sample["coordinates"][None].to(device),
@@ -45,7 +45,7 @@ def save_preview(
         **extra,
     )
     model.train(was_training)
-    prediction = schedule.predict_x0(x_t, PREVIEW_TIMESTEP, eps)
+    prediction = schedule.predict_x0(x_t, PREVIEW_TIMESTEP, schedule.eps_from_output(x_t, PREVIEW_TIMESTEP, estimate))
     middle = x0.shape[2] // 2
     panels = [
         ((v[0, 0, middle].float().cpu().numpy().clip(-1, 1) + 1) * 127.5).astype(np.uint8)

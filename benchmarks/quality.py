@@ -78,7 +78,7 @@ from MedDiffFMLib.tasks import (  # noqa: E402
     synthesize,
 )
 from MedDiffFMLib.volume import Volume, read_volume  # noqa: E402
-from Training.demo_data import fetch_totalsegmentator  # noqa: E402
+from Training.demo_data import HELD_OUT_FROM_SLICE, fetch_totalsegmentator  # noqa: E402
 from Training.make_pairs import LESION_CONTRAST_HU  # noqa: E402
 from Training.prepare_data import crop_z  # noqa: E402
 
@@ -541,8 +541,18 @@ def bench_lesions(engine: Engine, output: Path, quick: bool) -> None:
 # --- synthesis -------------------------------------------------------------------------------------
 
 
-def bench_synthesis(engine: Engine, output: Path, quick: bool) -> None:
+def training_classes(tuning: Path, minimum: int = 100) -> set[int]:
+    """Label values with at least ``minimum`` voxels in the 1 mm base models' labelled training scan
+    (the abdomen CT's slices below the held-out ones, TotalSegmentator labels at 3 mm)."""
+    seg = read_volume(fetch_totalsegmentator(tuning) / "example_seg_fast_force_split.nii.gz")
+    values = from_totalsegmentator(crop_z(seg, slice(0, HELD_OUT_FROM_SLICE)).array)
+    counts = np.bincount(values.ravel())
+    return {int(v) for v in np.nonzero(counts >= minimum)[0]}
+
+
+def bench_synthesis(engine: Engine, tuning: Path, output: Path, quick: bool) -> None:
     """Synthesis from the held-out TotalSegmentator map (no body class: the body is derived)."""
+    trained = training_classes(tuning)
     ct, labels = held_out()
     box = body_box(ct.array, margin=24)
     liver = labels.array == label_of("liver")
@@ -570,9 +580,10 @@ def bench_synthesis(engine: Engine, output: Path, quick: bool) -> None:
             continue
         real_median, synthetic_median = float(np.median(real.array[mask])), float(np.median(synthetic.array[mask]))
         organs.append((CLASS_NAMES[value], real_median, synthetic_median))
+        seen = "in the training labels" if value in trained else "never in the training labels"
         rows.append(
             [
-                f"{CLASS_NAMES[value]} median HU (real {real_median:.0f})",
+                f"{CLASS_NAMES[value]} median HU (real {real_median:.0f}; {seen})",
                 f"{synthetic_median:.0f}",
                 f"{synthetic_median - real_median:+.0f}",
             ]
@@ -589,6 +600,12 @@ def bench_synthesis(engine: Engine, output: Path, quick: bool) -> None:
         [
             f"of them with a real median below the window's top ({ceiling:g} HU; bone above it cannot be made)",
             f"{sum(abs(b - a) <= 25 for a, b in reachable)} of {len(reachable)}",
+            "",
+        ],
+        [
+            "of them in the training labels",
+            f"{sum(abs(b - a) <= 25 for n, a, b in organs if label_of(n) in trained)} of "
+            f"{sum(label_of(n) in trained for n, _, _ in organs)}",
             "",
         ],
     ]
@@ -631,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         "denoise": lambda: bench_denoise(engine, args.tuning_data, args.output, args.quick),
         "anomaly": lambda: bench_anomaly(engine, args.tuning_data, args.output, args.quick),
         "super-resolution": lambda: bench_super_resolution(engine, args.output, args.quick),
-        "synthesis": lambda: bench_synthesis(engine, args.output, args.quick),
+        "synthesis": lambda: bench_synthesis(engine, args.tuning_data, args.output, args.quick),
         "lesions": lambda: bench_lesions(engine, args.output, args.quick),
     }
     failed = []

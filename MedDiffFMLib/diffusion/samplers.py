@@ -105,9 +105,10 @@ def sample(
     """Generate a sample of ``shape`` from pure noise; returns x_0 in [-1, 1].
 
     Sampling starts at :meth:`~.schedule.NoiseSchedule.sampling_start` (t = 978 of the cosine
-    schedule's 999). ``ddpm`` runs every step from there; ``ddim`` runs ``steps`` strided steps
-    (default 50) with ``eta`` (0 deterministic, 1 stochastic); ``dpm++2m`` runs ``steps`` steps of
-    the deterministic second-order DPM-Solver++(2M) (default 20) on the timesteps of
+    schedule's 999 for a noise-predicting network, 999 for a ``v`` one). ``ddpm`` runs every step
+    from there; ``ddim`` runs ``steps`` strided steps (default 50) with ``eta`` (0 deterministic, 1
+    stochastic); ``dpm++2m`` runs ``steps`` steps of the deterministic second-order
+    DPM-Solver++(2M) (default 20) on the timesteps of
     :meth:`~.schedule.NoiseSchedule.log_snr_timesteps`, which needs far fewer steps than DDIM for
     the same accuracy.
     """

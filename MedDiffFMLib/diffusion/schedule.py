@@ -2,7 +2,8 @@
 
 ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with ``abar`` from MONAI's scheduler (cosine by
 default, T = 1000). Timesteps are integers ``0..T-1``; ``t = -1`` stands for the clean image
-(``abar_{-1} = 1``).
+(``abar_{-1} = 1``). A network predicts either ``eps`` or ``v = sqrt(abar_t) eps - sqrt(1 - abar_t)
+x_0``; :meth:`NoiseSchedule.eps_from_output` turns either into ``eps``, which every sampler uses.
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ class NoiseSchedule:
     Attributes:
         num_timesteps: T.
         name: MONAI's name of the schedule (``cosine``, ``linear_beta``, ...).
+        prediction: what the network outputs, ``eps`` or ``v``.
         alphas_cumprod: ``(T,)`` float64, ``abar_t`` for t = 0..T-1.
     """
 
-    def __init__(self, num_timesteps: int = 1000, schedule: str = "cosine") -> None:
+    def __init__(self, num_timesteps: int = 1000, schedule: str = "cosine", prediction: str = "eps") -> None:
+        if prediction not in ("eps", "v"):
+            raise InputError(f"Unknown prediction '{prediction}'. Choose 'eps' or 'v'.")
         scheduler = DDPMScheduler(num_train_timesteps=num_timesteps, schedule=schedule)
         self.num_timesteps = num_timesteps
         self.name = schedule
+        self.prediction = prediction
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
 
     def abar(self, t: int) -> float:
@@ -52,17 +57,37 @@ class NoiseSchedule:
         return int(torch.argmin((sigmas - sigma).abs()))
 
     def sampling_start(self, min_snr: float = START_SNR) -> int:
-        """The timestep that sampling from pure noise starts at: the last one with SNR >= ``min_snr``.
+        """The timestep that sampling from pure noise starts at: for a ``v`` network the last one,
+        for an ``eps`` network the last one with SNR >= ``min_snr``.
 
         A noise-predicting network's clean estimate ``(x_t - sqrt(1 - abar) eps) / sqrt(abar)``
         multiplies its error by ``1 / sqrt(abar)``: 20,000 at the cosine schedule's t = 999 (SNR
         2.4e-9), where the estimate is noise clipped to the window, and the samplers carried it on
         as the image's coarse intensities. At SNR 1e-3 (t = 978 for cosine, 825 for linear) the
-        factor is 32 and pure noise differs from ``x_t`` by a signal of 3 % of the image.
+        factor is 32 and pure noise differs from ``x_t`` by a signal of 3 % of the image. A ``v``
+        network's estimate ``sqrt(abar) x_t - sqrt(1 - abar) v`` has no such factor.
         """
+        if self.prediction == "v":
+            return self.num_timesteps - 1
         snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
         above = (snr >= min_snr).nonzero()
         return int(above.max()) if len(above) else 0
+
+    def eps_from_output(self, x_t: torch.Tensor, t: int, output: torch.Tensor) -> torch.Tensor:
+        """The noise estimate from a network's output at timestep ``t``: the output itself for an
+        ``eps`` network, ``sqrt(1 - abar_t) x_t + sqrt(abar_t) v`` for a ``v`` network."""
+        if self.prediction == "eps":
+            return output
+        abar = self.abar(t)
+        return (1.0 - abar) ** 0.5 * x_t + abar**0.5 * output
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the network should output for a batch ``(N, ...)`` noised with ``noise`` to timesteps
+        ``t`` ``(N,)``: ``noise`` (``eps``) or ``sqrt(abar_t) noise - sqrt(1 - abar_t) x0`` (``v``)."""
+        if self.prediction == "eps":
+            return noise
+        abar = self.alphas_cumprod[t.cpu()].to(x0.device, torch.float32).view(-1, *([1] * (x0.dim() - 1)))
+        return abar.sqrt() * noise - (1.0 - abar).sqrt() * x0
 
     def q_sample(self, x0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
         """Noise a clean image to timestep ``t``."""

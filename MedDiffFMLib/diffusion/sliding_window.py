@@ -86,6 +86,9 @@ class WindowedNoisePredictor:
         known: voxels of known clean value: windows holding only such voxels are skipped (counted in
             ``skipped_windows``), and voxels no evaluated window covers get the noise estimate that
             makes their x0 prediction exactly the known value.
+        schedule: the network's noise schedule, for a network that predicts ``v``
+            (``schedule.prediction``): the blended outputs are turned into the noise estimate. None:
+            the network predicts the noise.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class WindowedNoisePredictor:
         frame: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
         autocast: torch.dtype | None = None,
         known: KnownVoxels | None = None,
+        schedule: NoiseSchedule | None = None,
     ) -> None:
         if not 0.0 <= overlap < 1.0:
             raise InputError(f"Window overlap must be in [0, 1), got {overlap}.")
@@ -132,6 +136,7 @@ class WindowedNoisePredictor:
         interval = [max(1, int(w * (1.0 - overlap))) for w in self.window]
         self.windows: list[tuple[slice, ...]] = dense_patch_slices(self.padded_shape, self.window, interval)
         self.known = known
+        self.schedule = schedule
         self.skipped_windows = 0
         if known is not None:
             skippable = self._pad(known.mask.to(self.device)[None].float(), "constant", value=1.0)[0] > 0
@@ -177,8 +182,10 @@ class WindowedNoisePredictor:
                 accumulated[window] += estimate[0] * self.importance
             first += len(batch)
         eps = accumulated.mul_(self.inverse_weight)[: self.shape[0], : self.shape[1], : self.shape[2]]
+        x = x.to(self.device, torch.float32)
+        if self.schedule is not None:
+            eps = self.schedule.eps_from_output(x, t, eps)
         if self.known is not None and not bool(self.covered.all()):
-            x = x.to(self.device, torch.float32)
             fallback = self.known.schedule.predict_eps(x, t, self.known_values)
             eps = torch.where(self.covered, eps, fallback.to(eps.dtype))
         return eps

@@ -6,6 +6,9 @@ from dataclasses import asdict, dataclass, fields
 
 from ..errors import WeightsError
 
+PREDICTIONS = ("eps", "v")
+"""What a network can be trained to output (see :class:`ModelConfig`)."""
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -24,6 +27,10 @@ class ModelConfig:
         control_channels: input channels of the ControlNet task condition.
         num_train_timesteps: T of the diffusion process.
         schedule: noise schedule name known to MONAI's schedulers.
+        prediction: what the network outputs: ``eps`` (the noise, as in the paper) or ``v``
+            (``sqrt(abar) eps - sqrt(1 - abar) x0``, Salimans & Ho 2022), whose clean estimate
+            ``sqrt(abar) x_t - sqrt(1 - abar) v`` does not amplify the network's error at high
+            noise, so sampling can start from the schedule's last timestep (Docs/METHOD.md 1.1).
     """
 
     patch_size: int = 128
@@ -38,6 +45,7 @@ class ModelConfig:
     control_channels: int = 1
     num_train_timesteps: int = 1000
     schedule: str = "cosine"
+    prediction: str = "eps"
 
     def __post_init__(self) -> None:
         for name in (
@@ -61,6 +69,10 @@ class ModelConfig:
             raise WeightsError(f"ModelConfig: 'spacing_mm' must be a positive number, got {self.spacing_mm!r}.")
         if not isinstance(self.schedule, str):
             raise WeightsError(f"ModelConfig: 'schedule' must be a name, got {self.schedule!r}.")
+        if self.prediction not in PREDICTIONS:
+            raise WeightsError(
+                f"ModelConfig: 'prediction' must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}."
+            )
         sequences = (self.channels, self.attention_levels)
         if not all(isinstance(v, (list, tuple)) and v for v in sequences):
             raise WeightsError("ModelConfig: 'channels' and 'attention_levels' must be non-empty lists.")

@@ -78,7 +78,7 @@ class Engine:
             )
         self.model = self.model.to(self.device, memory_format=self.torch_memory_format).eval()
         self.network = CompiledNetwork(self.model) if self.compile else self.model
-        self.schedule = NoiseSchedule(self.config.num_train_timesteps, self.config.schedule)
+        self.schedule = NoiseSchedule(self.config.num_train_timesteps, self.config.schedule, self.config.prediction)
         if not self.name:
             card = getattr(self.model, "card", None)
             self.name = card.identifier if card is not None else "unsaved model"
@@ -114,6 +114,7 @@ class Engine:
             frame=frame,
             autocast=self.autocast_dtype,
             known=None if known is None else KnownVoxels(known[0], known[1], self.schedule),
+            schedule=self.schedule,
         )
 
     @property
