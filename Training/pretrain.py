@@ -132,8 +132,9 @@ def noisy_batch(
     device: torch.device,
     pure_noise_share: float = 0.0,
 ) -> tuple[torch.Tensor, ...]:
-    """``(x_t, t, noise)`` for a batch: uniform timesteps (a ``pure_noise_share`` of them drawn from
-    :func:`pure_noise_timesteps` of a sample's voxels instead), Gaussian noise, seeded by ``generator``."""
+    """``(x_t, t, target)`` for a batch: uniform timesteps (a ``pure_noise_share`` of them drawn from
+    :func:`pure_noise_timesteps` of a sample's voxels instead), Gaussian noise, seeded by ``generator``;
+    ``target`` is what the network should output (:meth:`NoiseSchedule.training_target`)."""
     x0 = batch["image"].to(device)
     t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator)
     if pure_noise_share > 0:
@@ -142,7 +143,7 @@ def noisy_batch(
         t = torch.where(torch.rand(t.shape, generator=generator) < pure_noise_share, late, t)
     noise = torch.randn(x0.shape, generator=generator).to(device)
     abar = schedule.alphas_cumprod[t].float().view(-1, 1, 1, 1, 1).to(device)
-    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t.to(device), noise
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t.to(device), schedule.training_target(x0, noise, t)
 
 
 class Trainer:
@@ -312,7 +313,7 @@ class Trainer:
                 last_micro = micro == config.accumulation - 1
                 sync = contextlib.nullcontext() if last_micro or env.world == 1 else self.network.no_sync()
                 with sync:
-                    x_t, t, noise = noisy_batch(batch, self.schedule, generator, env.device, config.pure_noise_share)
+                    x_t, t, target = noisy_batch(batch, self.schedule, generator, env.device, config.pure_noise_share)
                     inputs = dict(
                         coordinates=batch["coordinates"].to(env.device),
                         region=batch["region"].to(env.device),
@@ -322,7 +323,6 @@ class Trainer:
                         inputs["control"] = batch["condition"].to(env.device)
                     with self.autocast():
                         prediction = self.network(x_t, t, **inputs)
-                    target = self.schedule.training_target(batch["image"].to(env.device), noise, t)
                     loss = noise_loss(prediction, target, t, self.schedule, config.low_snr_cap)
                     (loss / config.accumulation).backward()
                 losses.append(float(loss.detach()))

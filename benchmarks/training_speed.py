@@ -56,12 +56,12 @@ def samples_per_second(config: TrainingConfig, data: Path, steps: int) -> float:
         for step in range(WARMUP + steps):
             batch = next(batches)
             started = time.perf_counter()
-            x_t, t, noise = noisy_batch(batch, trainer.schedule, generator, trainer.env.device)
+            x_t, t, target = noisy_batch(batch, trainer.schedule, generator, trainer.env.device)
             with trainer.autocast():
                 prediction = trainer.network(
                     x_t, t, coordinates=batch["coordinates"], region=batch["region"], anatomy=batch["anatomy"]
                 )
-            torch.nn.functional.l1_loss(prediction.float(), noise).backward()
+            torch.nn.functional.l1_loss(prediction.float(), target).backward()
             trainer.optimizer_step()
             if step >= WARMUP:
                 elapsed += time.perf_counter() - started
