@@ -11,16 +11,17 @@ do not):
   never committed.
 
 The bundled test sample ``example_ct_sm.nii.gz`` is slices 82-111 of ``example_ct.nii.gz``; those
-slices (and a 4-slice gap) are held out of training, so the demo's denoising figure is measured on
-data the model has not seen.
+slices (and a 4-slice gap) are held out of the 3 mm demonstration models' training, so their
+figures on the sample are measured on data the model has not seen.
 
 Writes ``<output>/cases.csv`` for :mod:`Training.prepare_data`. Two case lists:
 
 * ``demo`` (the 3 mm demonstration models): the four scans, the DICOM series with its labels;
-* ``base1mm`` (``meddiff-fm-1mm``): the abdomen CT (slices 0-77) with its TotalSegmentator labels
-  (``example_seg_fast_force_split.nii.gz``), the chest CTA and the head CT; the upper-abdomen DICOM
-  series (0.98 x 0.98 x 2 mm) is held out entirely, as the held-out scan of ``benchmarks/quality.py``
-  and ``meddiff-fm demo``.
+* ``base1mm`` (``meddiff-fm-1mm``): the whole abdomen CT with its TotalSegmentator labels
+  (``example_seg_fast_force_split.nii.gz``; versions 0.3 and 0.4 used slices 0-77 only, which hold
+  no spleen, stomach, ribs or costal cartilage and 3 % of the liver), the chest CTA and the head CT;
+  the upper-abdomen DICOM series (0.98 x 0.98 x 2 mm) is held out entirely, as the held-out scan of
+  ``benchmarks/quality.py`` and ``meddiff-fm demo``.
 
 Usage::
 
@@ -104,8 +105,6 @@ def write_cases(output: Path, cases: str = "demo") -> Path:
             case="ts_abdomen",
             image=reference / "example_ct.nii.gz",
             labels=reference / "example_seg_fast_force_split.nii.gz",
-            z_start=0,
-            z_stop=HELD_OUT_FROM_SLICE,
         )
         rows = [abdomen, chest, head]
     else:

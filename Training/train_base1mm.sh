@@ -14,7 +14,7 @@ PYTHON="${PYTHON:-python}"
 VERSION="${VERSION:-0.4}"
 STOP=()
 [ -n "${STOP_AFTER_MINUTES:-}" ] && STOP=(--stop-after-minutes "$STOP_AFTER_MINUTES")
-DATA="Offline-installable CT, resampled to 1 mm: totalsegmentator 2.18.0 test data (abdomen CT slices 0-77 at 3 mm with its TotalSegmentator labels, weighted three times (case_weights); chest CTA at 1.5 mm with body-threshold labels; Apache-2.0) and the InVesalius 'Cranium' head CT (0.96 x 0.96 x 1.5 mm, Debian invesalius-examples, GPL-2, body-threshold labels). Held out of all training and tuning: the upper-abdomen DICOM series (0.98 x 0.98 x 2 mm) and slices 78-111 of the abdomen CT."
+DATA="Offline-installable CT, resampled to 1 mm: totalsegmentator 2.18.0 test data (the whole abdomen CT at 3 mm with its TotalSegmentator labels, weighted three times (case_weights); chest CTA at 1.5 mm with body-threshold labels; Apache-2.0) and the InVesalius 'Cranium' head CT (0.96 x 0.96 x 1.5 mm, Debian invesalius-examples, GPL-2, body-threshold labels). Held out of all training and tuning: the upper-abdomen DICOM series (0.98 x 0.98 x 2 mm)."
 
 "$PYTHON" -m Training.demo_data --output "$WORK/raw" --cases base1mm
 "$PYTHON" -m Training.prepare_data --csv "$WORK/raw/cases.csv" --output "$WORK/prepared" --spacing 1 --threshold-labels

@@ -541,18 +541,25 @@ def bench_lesions(engine: Engine, output: Path, quick: bool) -> None:
 # --- synthesis -------------------------------------------------------------------------------------
 
 
-def training_classes(tuning: Path, minimum: int = 100) -> set[int]:
-    """Label values with at least ``minimum`` voxels in the 1 mm base models' labelled training scan
-    (the abdomen CT's slices below the held-out ones, TotalSegmentator labels at 3 mm)."""
+# Versions of the 1 mm base model trained on the abdomen CT's slices below HELD_OUT_FROM_SLICE only;
+# later ones saw the whole scan (Training/demo_data.py).
+LOWER_ABDOMEN_ONLY = ("meddiff-fm-1mm@0.3", "meddiff-fm-1mm@0.4")
+
+
+def training_classes(tuning: Path, model: str, minimum: int = 100) -> set[int]:
+    """Label values with at least ``minimum`` voxels in the labelled training scan of the 1 mm base
+    model ``model`` (``name@version``): the abdomen CT's TotalSegmentator labels at 3 mm."""
     seg = read_volume(fetch_totalsegmentator(tuning) / "example_seg_fast_force_split.nii.gz")
-    values = from_totalsegmentator(crop_z(seg, slice(0, HELD_OUT_FROM_SLICE)).array)
+    if model in LOWER_ABDOMEN_ONLY:
+        seg = crop_z(seg, slice(0, HELD_OUT_FROM_SLICE))
+    values = from_totalsegmentator(seg.array)
     counts = np.bincount(values.ravel())
     return {int(v) for v in np.nonzero(counts >= minimum)[0]}
 
 
 def bench_synthesis(engine: Engine, tuning: Path, output: Path, quick: bool) -> None:
     """Synthesis from the held-out TotalSegmentator map (no body class: the body is derived)."""
-    trained = training_classes(tuning)
+    trained = training_classes(tuning, engine.name)
     ct, labels = held_out()
     box = body_box(ct.array, margin=24)
     liver = labels.array == label_of("liver")
