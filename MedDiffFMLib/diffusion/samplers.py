@@ -101,6 +101,8 @@ def sample(
     eta: float = 1.0,
     progress: ProgressCallback = no_progress,
     cancel: CancelToken | None = None,
+    prior: torch.Tensor | None = None,
+    start: int | None = None,
 ) -> torch.Tensor:
     """Generate a sample of ``shape`` from pure noise; returns x_0 in [-1, 1].
 
@@ -111,15 +113,27 @@ def sample(
     DPM-Solver++(2M) (default 20) on the timesteps of
     :meth:`~.schedule.NoiseSchedule.log_snr_timesteps`, which needs far fewer steps than DDIM for
     the same accuracy.
+
+    With ``prior`` (an image of ``shape`` in [-1, 1], e.g. the anatomy painted with each
+    structure's typical intensity), sampling starts from ``prior`` noised to timestep ``start``
+    (default: the pure-noise start) instead of from pure noise (Docs/METHOD.md 1.5): at t = 978 it
+    sets only the windows' coarse intensities, which a noise-predicting network reads there but
+    cannot make itself.
     """
     if sampler not in SAMPLERS:
         raise InputError(f"Unknown sampler '{sampler}'. Choose one of: {', '.join(SAMPLERS)}.")
-    last = schedule.sampling_start()
+    last = schedule.sampling_start() if start is None else start
+    if not 0 <= last < schedule.num_timesteps:
+        raise InputError(f"The start timestep {last} is outside 0..{schedule.num_timesteps - 1}.")
     if sampler == "dpm++2m":
         timesteps = schedule.log_snr_timesteps(last, steps or 20)
     else:
         timesteps = schedule.strided_timesteps(last, last + 1 if sampler == "ddpm" else steps or 50)
     x = randn(shape, generator, device)
+    if prior is not None:
+        if tuple(prior.shape) != tuple(shape):
+            raise InputError(f"The prior's shape {tuple(prior.shape)} differs from the sample's {tuple(shape)}.")
+        x = schedule.q_sample(prior.to(device=device, dtype=x.dtype), last, x)
     previous = None
     for index, t in enumerate(timesteps):
         if cancel is not None:

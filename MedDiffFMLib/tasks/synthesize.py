@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 
+from .. import preprocessing as pp
 from ..anatomy import BODY_LABEL, DERIVED_BODY_MARGIN_MM, NUM_ANATOMY_VALUES, derived_body
 from ..device import make_generator
 from ..diffusion.samplers import sample
@@ -32,6 +35,8 @@ def synthesize(
     control: np.ndarray | None = None,
     task: str = "synthesize",
     body: np.ndarray | None = None,
+    label_hu: Mapping[int, float] | None = None,
+    start: int | None = None,
 ) -> Volume:
     """Generate a CT in HU on the grid of ``anatomy``.
 
@@ -48,6 +53,10 @@ def synthesize(
             TotalSegmentator output, whose label 0 means both air and unlabelled tissue). Without
             one, the body is derived from the labelled structures
             (:func:`~MedDiffFMLib.anatomy.derived_body`).
+        label_hu: typical HU of label values (a model card's ``label_hu`` for ``region``): sampling
+            starts from the anatomy painted with them (other labels: the body's value), noised to
+            ``start``, instead of from pure noise (Docs/METHOD.md 1.5). None: from pure noise.
+        start: the timestep sampling starts at (default: the schedule's pure-noise start).
 
     Every step evaluates all overlapping windows and averages their noise estimates, so any size
     works without seams. Voxels labelled 0 (outside the body) are air: windows made only of them
@@ -83,6 +92,7 @@ def synthesize(
     outside = torch.from_numpy(working_labels == 0)
     known = (outside, torch.full(outside.shape, -1.0))
     predictor = engine.predictor(conditions, grid.working.shape, known=known)
+    prior = None if label_hu is None else torch.from_numpy(painted(working_labels, label_hu, region))
     with torch.no_grad():
         x0 = sample(
             predictor,
@@ -95,6 +105,8 @@ def synthesize(
             eta=eta,
             progress=progress,
             cancel=cancel,
+            prior=prior,
+            start=start,
         )
     result = grid.hu(x0)
     result[labels == 0] = AIR_HU
@@ -111,6 +123,18 @@ def synthesize(
         MedDiffFM_skipped_windows=str(predictor.skipped_windows),
         MedDiffFM_network_evaluations=str(predictor.evaluations),
     )
+
+
+def painted(labels: np.ndarray, label_hu: Mapping[int, float], region: str) -> np.ndarray:
+    """``labels`` (anatomy label map) painted with ``label_hu`` in the model's scale (float32,
+    [-1, 1]): label 0 is air; a label without a value gets 0, the window's centre, which is what
+    pure noise implies."""
+    window = pp.check_region(region)
+    lookup = np.full(NUM_ANATOMY_VALUES, window.low + window.width / 2, dtype=np.float32)
+    for value, hu in label_hu.items():
+        lookup[int(value)] = hu
+    lookup[0] = AIR_HU
+    return pp.hu_to_model(lookup[labels], region)
 
 
 def run(engine: Engine, inputs: dict[str, Volume], settings: dict, context: RunContext) -> TaskResult:
