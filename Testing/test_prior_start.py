@@ -1,4 +1,4 @@
-"""Synthesis from a label-painted prior (Docs/METHOD.md 1.5): the painting and the sampler's start."""
+"""Synthesis from a label-painted prior (Docs/METHOD.md 1.1): the painting and the sampler's start."""
 
 import numpy as np
 import pytest

@@ -116,7 +116,7 @@ def sample(
 
     With ``prior`` (an image of ``shape`` in [-1, 1], e.g. the anatomy painted with each
     structure's typical intensity), sampling starts from ``prior`` noised to timestep ``start``
-    (default: the pure-noise start) instead of from pure noise (Docs/METHOD.md 1.5): at t = 978 it
+    (default: the pure-noise start) instead of from pure noise (Docs/METHOD.md 1.1): at t = 978 it
     sets only the windows' coarse intensities, which a noise-predicting network reads there but
     cannot make itself.
     """

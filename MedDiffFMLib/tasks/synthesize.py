@@ -53,9 +53,9 @@ def synthesize(
             TotalSegmentator output, whose label 0 means both air and unlabelled tissue). Without
             one, the body is derived from the labelled structures
             (:func:`~MedDiffFMLib.anatomy.derived_body`).
-        label_hu: typical HU of label values (a model card's ``label_hu`` for ``region``): sampling
-            starts from the anatomy painted with them (other labels: the body's value), noised to
-            ``start``, instead of from pure noise (Docs/METHOD.md 1.5). None: from pure noise.
+        label_hu: typical HU of label values (e.g. their medians in labelled training CT): sampling
+            starts from the anatomy painted with them (:func:`painted`), noised to ``start``,
+            instead of from pure noise (Docs/METHOD.md 1.1). None: from pure noise.
         start: the timestep sampling starts at (default: the schedule's pure-noise start).
 
     Every step evaluates all overlapping windows and averages their noise estimates, so any size
@@ -129,8 +129,7 @@ def painted(labels: np.ndarray, label_hu: Mapping[int, float], region: str) -> n
     """``labels`` (anatomy label map) painted with ``label_hu`` in the model's scale (float32,
     [-1, 1]): label 0 is air; a label without a value gets 0, the window's centre, which is what
     pure noise implies."""
-    window = pp.check_region(region)
-    lookup = np.full(NUM_ANATOMY_VALUES, window.low + window.width / 2, dtype=np.float32)
+    lookup = np.full(NUM_ANATOMY_VALUES, pp.check_region(region).level, dtype=np.float32)
     for value, hu in label_hu.items():
         lookup[int(value)] = hu
     lookup[0] = AIR_HU
