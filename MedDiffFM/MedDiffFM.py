@@ -44,6 +44,7 @@ from MedDiffFMSlicer.taskinfo import (  # noqa: E402 - the task definitions come
     DEVICE_LABELS,
     REGION_LABELS,
     SAMPLER_LABELS,
+    START_LABELS,
     TASK_ROWS,
     TASKS,
     anatomy_use,
@@ -107,6 +108,7 @@ class MedDiffFMParameterNode:
     steps: Annotated[int, WithinRange(0, 1000), Default(0)]
     sampler: Annotated[str, Choice(list(SAMPLER_LABELS)), Default("DDIM")]
     eta: Annotated[float, WithinRange(0.0, 1.0), Default(1.0)]
+    startFrom: Annotated[str, Choice(list(START_LABELS)), Default("Noise")]
     sigmaAuto: Annotated[bool, Default(True)]
     sigma: Annotated[float, WithinRange(0.0001, 2.0), Default(0.03)]
     lam: Annotated[float, WithinRange(0.0, 1000.0), Default(0.0)]

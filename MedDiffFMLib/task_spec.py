@@ -324,6 +324,24 @@ _STEPS_OF_SAMPLER = Setting(
     panel="steps",
 )
 _SAMPLER = Setting("sampler", "ddim", "sampler", kind="str", choices=SAMPLER_NAMES, panel="sampler")
+_START_FROM = Setting(
+    "start_from",
+    "noise",
+    "where sampling starts: noise (default) or anatomy (the label map painted with the model card's typical HU "
+    "of each structure, noised to --start)",
+    kind="str",
+    choices=("noise", "anatomy"),
+    panel="start_from",
+)
+_START = Setting(
+    "start",
+    None,
+    "timestep to start at with --start-from anatomy (default: the pure-noise start, 978 of 1000 for a "
+    "noise-predicting model); lower keeps more of the painted anatomy",
+    kind="int",
+    minimum=1,
+    maximum=999,
+)
 
 
 def _eta(help_text: str) -> Setting:
@@ -347,7 +365,13 @@ register(
         "synthesize:run",
         inputs=(_ANATOMY_GRID,),
         outputs=(Output("volume", "synthetic CT"),),
-        settings=(_SAMPLER, _STEPS_OF_SAMPLER, _eta("DDIM stochasticity (0 deterministic, default 1)")),
+        settings=(
+            _SAMPLER,
+            _STEPS_OF_SAMPLER,
+            _eta("DDIM stochasticity (0 deterministic, default 1)"),
+            _START_FROM,
+            _START,
+        ),
         region_required=True,
         grid_from_volume=True,
         preview=(("sampler", "dpm++2m"), ("steps", 10)),
@@ -501,7 +525,7 @@ register(
         "lesion:run_generate",
         inputs=(_ANATOMY_GRID, Role("lesion", "lesion mask (non-zero = lesion)")),
         outputs=(Output("volume", "synthetic lesion CT"),),
-        settings=(_SAMPLER, _STEPS_OF_SAMPLER, _eta("DDIM stochasticity (default 1)")),
+        settings=(_SAMPLER, _STEPS_OF_SAMPLER, _eta("DDIM stochasticity (default 1)"), _START_FROM, _START),
         region_required=True,
         controlnet_task="controlnet-lesion",
         grid_from_volume=True,

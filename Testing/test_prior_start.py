@@ -1,14 +1,23 @@
 """Synthesis from a label-painted prior (Docs/METHOD.md 1.1): the painting and the sampler's start."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
+from MedDiffFMLib.anatomy import BODY_LABEL, label_of
 from MedDiffFMLib.diffusion.samplers import sample
 from MedDiffFMLib.diffusion.schedule import NoiseSchedule
 from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.model.network import ControlledNet
+from MedDiffFMLib.model.weights import BUNDLED_DIR as MODELS
+from MedDiffFMLib.model.weights import ModelCard
 from MedDiffFMLib.preprocessing import REGIONS
-from MedDiffFMLib.tasks.synthesize import painted
+from MedDiffFMLib.tasks.engine import Engine
+from MedDiffFMLib.tasks.synthesize import AIR_HU, painted, synthesize
+from MedDiffFMLib.volume import Volume
 
 
 def test_painted_maps_labels_air_and_unknown_to_the_window():
@@ -42,3 +51,63 @@ def test_sampling_from_a_prior_starts_from_it_noised():
     torch.testing.assert_close(seen[0], schedule.q_sample(prior, 500, noise))
     with pytest.raises(InputError):
         sample(predict, schedule, (4, 4, 4), torch.Generator(), torch.device("cpu"), prior=torch.zeros(2, 2, 2))
+
+
+def _block_anatomy(spacing, direction) -> Volume:
+    """Body (118) 48 x 48 mm in-plane with a 'liver' (5) block inside it, 40 mm of slices."""
+    shape = (round(40 / spacing[2]), round(64 / spacing[1]), round(64 / spacing[0]))
+    labels = np.zeros(shape, np.uint8)
+    y, x = (slice(round(8 / s), round(56 / s)) for s in spacing[1::-1])
+    labels[:, y, x] = BODY_LABEL
+    y, x = (slice(round(20 / s), round(44 / s)) for s in spacing[1::-1])
+    labels[:, y, x] = 5
+    return Volume(labels, spacing=spacing, direction=direction)
+
+
+def test_a_late_start_from_the_anatomy_keeps_the_painted_values_on_any_grid(tiny_engine):
+    angle = np.deg2rad(30.0)
+    oblique = (np.cos(angle), -np.sin(angle), 0.0, np.sin(angle), np.cos(angle), 0.0, 0.0, 0.0, 1.0)
+    table = {5: 60.0, BODY_LABEL: -80.0}
+    for spacing, direction in (((0.8, 0.8, 5.0), oblique), ((3.0, 3.0, 3.0), Volume(np.zeros((1, 1, 1))).direction)):
+        anatomy = _block_anatomy(spacing, direction)
+        result = synthesize(
+            anatomy, "abdomen", tiny_engine, steps=1, start_from="anatomy", label_hu=table, start=1, seed=0
+        )
+        assert result.geometry.same_grid(anatomy.geometry)
+        inner = ndimage.binary_erosion(anatomy.array == 5, iterations=2)
+        body = ndimage.binary_erosion(anatomy.array == BODY_LABEL, iterations=2)
+        assert abs(float(np.median(result.array[inner])) - 60.0) < 10.0, spacing
+        assert abs(float(np.median(result.array[body])) + 80.0) < 10.0, spacing
+        assert (result.array[anatomy.array == 0] == AIR_HU).all()
+    noise = synthesize(anatomy, "abdomen", tiny_engine, steps=1, seed=0)
+    assert abs(float(np.median(noise.array[inner])) - 60.0) > 10.0  # the start is what made the values
+
+
+def test_the_start_comes_from_the_model_card_or_says_how_to_get_one(tiny_engine):
+    anatomy = _block_anatomy((3.0, 3.0, 3.0), Volume(np.zeros((1, 1, 1))).direction)
+    with pytest.raises(InputError, match="Training.anatomy_hu"):
+        synthesize(anatomy, "abdomen", tiny_engine, steps=1, start_from="anatomy")
+    with pytest.raises(InputError, match="start_from 'anatomy'"):
+        synthesize(anatomy, "abdomen", tiny_engine, steps=1, start=500)
+    with pytest.raises(InputError, match="start_from must be one of"):
+        synthesize(anatomy, "abdomen", tiny_engine, steps=1, start_from="prior")
+    tiny_engine.model.card = ModelCard(
+        name="tiny", version="0", task="base", config={}, anatomy_hu={"abdomen": {"5": 60.0, "118": -80.0}}
+    )
+    assert tiny_engine.typical_hu("abdomen") == {5: 60.0, 118: -80.0}
+    assert ControlledNet(tiny_engine.model).base.card is tiny_engine.model.card
+    controlled = Engine(ControlledNet(tiny_engine.model), device="cpu")
+    assert controlled.typical_hu("abdomen") == {5: 60.0, 118: -80.0} and controlled.typical_hu("chest") == {}
+    card_start = synthesize(anatomy, "abdomen", tiny_engine, steps=1, start_from="anatomy", start=1)
+    given = synthesize(
+        anatomy, "abdomen", tiny_engine, steps=1, start_from="anatomy", start=1, label_hu={5: 60.0, 118: -80.0}
+    )
+    np.testing.assert_array_equal(card_start.array, given.array)
+
+
+def test_the_shipped_base_model_cards_hold_their_training_datas_typical_hu():
+    for version in ("0.3", "0.4"):
+        card = ModelCard.from_dict(json.loads((MODELS / f"meddiff-fm-1mm-{version}.json").read_text()))
+        abdomen = card.typical_hu("abdomen")
+        assert 20.0 < abdomen[label_of("liver")] < 70.0 and abdomen[BODY_LABEL] < 0.0
+        assert set(card.anatomy_hu) == {"abdomen", "chest", "head_neck"}

@@ -213,9 +213,11 @@ def test_task_rows_name_ui_widgets_and_cover_every_task():
         assert ("controlNet" in shown) == bool(spec.controlnet_task), task
         panel = {setting.panel for setting in spec.settings if setting.panel}
         assert panel <= set(TASK_ROWS) | {"steps"}, task
-    # The rows each task showed before its rows were derived from its definition, plus draws and organ only.
+    # The rows each task showed before its rows were derived from its definition, plus draws, organ
+    # only and the synthesis start.
     assert rows_of_task("denoise") == {"inputVolume", "volumes", "anatomy", "sigma", "lambda"}
-    assert rows_of_task("synthesize") == {"inputVolume", "anatomy", "sampler", "eta"}
+    assert rows_of_task("synthesize") == {"inputVolume", "anatomy", "sampler", "eta", "start_from"}
+    assert "start_from" in rows_of_task("generate_lesion")
     assert rows_of_task("super_resolve") == {
         "inputVolume",
         "volumes",

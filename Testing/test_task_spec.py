@@ -62,7 +62,12 @@ FLAGS_BEFORE_THE_SPECS = {
     },
 }
 """Every task flag the command line had when each task was spelled out by hand (engine flags aside)."""
-FLAGS_ADDED_SINCE = {"detect-anomalies": {"--organ-only"}, "super-resolve": {"--draws"}}
+FLAGS_ADDED_SINCE = {
+    "detect-anomalies": {"--organ-only"},
+    "super-resolve": {"--draws"},
+    "synthesize": {"--start-from", "--start"},
+    "generate-lesion": {"--start-from", "--start"},
+}
 
 
 def _subcommands(parser):

@@ -20,7 +20,7 @@ from MedDiffFMLib.errors import InputError, MedDiffFMError
 from MedDiffFMLib.model.embeddings import window_coordinates
 from MedDiffFMLib.model.weights import load_model
 from MedDiffFMLib.volume import read_volume
-from Training import prepare_data
+from Training import anatomy_hu, prepare_data
 from Training.config import TrainingConfig, load_config
 from Training.dataset import MultiLevelDataset, manifest_entries
 
@@ -339,6 +339,7 @@ def test_auto_precision_follows_the_devices_native_bf16(prepared, tmp_path, monk
 def test_warm_start_from_a_saved_model_and_export_before_the_last_step(prepared, tmp_path):
     _pretrain(prepared, tmp_path / "first", "--export", "tiny@0")
     saved = load_model(tmp_path / "first" / "tiny-0.safetensors")
+    assert saved.card.anatomy_hu == anatomy_hu.typical_hu(manifest_entries(prepared))
     warm = _trainer(prepared, tmp_path / "warm", init=tmp_path / "first" / "tiny-0.safetensors")
     for key, value in saved.state_dict().items():
         assert torch.equal(warm.model.state_dict()[key], value), key
@@ -476,3 +477,23 @@ def test_position_jitter_shifts_and_stretches_each_samples_coordinates_only(prep
     assert np.std(offsets) > 0.05  # drawn per sample, not one fixed shift
     with pytest.raises(InputError, match="position_jitter"):
         TrainingConfig(position_jitter=1.5)
+
+
+def test_the_typical_hu_table_is_the_median_of_each_label_per_region(prepared, tmp_path):
+    entries = manifest_entries(prepared, {"labelled": 3})  # repeated crops count once
+    table = anatomy_hu.typical_hu(entries, minimum_voxels=50)
+    pooled: dict[tuple[str, int], list] = {}
+    for entry in manifest_entries(prepared):
+        hu, labels = read_volume(entry["image"]).array, read_volume(entry["anatomy"]).array
+        for value in np.unique(labels[labels > 0]):
+            pooled.setdefault((entry["region"], int(value)), []).append(hu[labels == value])
+    expected: dict[str, dict[str, float]] = {}
+    for (region, value), parts in pooled.items():
+        values = np.concatenate(parts)
+        if values.size >= 50:
+            expected.setdefault(region, {})[str(value)] = round(float(np.median(values)), 1)
+    assert table == expected and str(BODY_LABEL) in table["abdomen"] and "0" not in table["abdomen"]
+    card_file = tmp_path / "card.json"
+    card_file.write_text(json.dumps({"name": "tiny", "version": "0", "task": "base", "config": {}}))
+    assert anatomy_hu.main(["--data", str(prepared), "--card", str(card_file), "--minimum-voxels", "50"]) == 0
+    assert json.loads(card_file.read_text())["anatomy_hu"] == table

@@ -238,3 +238,24 @@ def test_every_shipped_model_loads_with_its_checksum_and_each_controlnet_onto_it
         assert card.base_sha256 in bases, f"{path.name}: its base model is not shipped"
         model = w.load_controlled_model(w.load_model(bases[card.base_sha256]), path, card.task)
         assert isinstance(model, ControlledNet) and model.card.identifier == card.identifier
+
+
+def test_the_typical_hu_table_round_trips_and_bad_tables_are_refused(tmp_path):
+    model = random_tiny_model()
+    card = _card()
+    card.anatomy_hu = {"abdomen": {"5": 52.5, "118": -87.0}}
+    path = tmp_path / "tiny-test.safetensors"
+    w.save_checkpoint(model, path, card)
+    assert w.load_model(path).card.typical_hu("abdomen") == {5: 52.5, 118: -87.0}
+    assert w.load_model(path).card.typical_hu("chest") == {}
+    saved = json.loads(w.card_path(path).read_text())
+    for bad in ({"abdomen": {"liver": 50.0}}, {"abdomen": {"5": "50"}}, {"abdomen": {"5": True}}, ["abdomen"]):
+        w.card_path(path).write_text(json.dumps({**saved, "anatomy_hu": bad}))
+        with pytest.raises(WeightsError, match="anatomy_hu"):
+            w.load_model(path)
+    w.card_path(path).write_text(json.dumps({**saved, "anatomy_hu": {"abdomen": {"5": float("nan")}}}))
+    with pytest.raises(WeightsError, match="anatomy_hu"):
+        w.load_model(path)
+    del saved["anatomy_hu"]  # cards written before the table existed stay valid
+    w.card_path(path).write_text(json.dumps(saved))
+    assert w.load_model(path).card.anatomy_hu == {}

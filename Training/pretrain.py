@@ -41,6 +41,7 @@ from MedDiffFMLib.errors import InputError, MedDiffFMError
 from MedDiffFMLib.model.network import ControlledNet, MedDiffFMNet
 from MedDiffFMLib.model.weights import ModelCard, load_controlled_model, load_model, save_checkpoint
 
+from .anatomy_hu import typical_hu
 from .checkpointing import load_training_state, save_training_state
 from .config import TrainingConfig, load_config
 from .dataset import MultiLevelDataset, manifest_entries
@@ -202,6 +203,7 @@ class Trainer:
                 "clean-image error at high noise. Set low_snr_cap to 1."
             )
         entries = manifest_entries(data, config.case_weights)
+        self.entries = entries
         if task != "base" and any("condition" not in entry for entry in entries):
             raise InputError(f"'{data}' has no task conditions; make it with 'python -m Training.make_pairs'.")
         self.dataset = MultiLevelDataset(
@@ -428,6 +430,7 @@ class Trainer:
                 else "Research only. Not a medical device; not for clinical use."
             ),
             notes=notes,
+            anatomy_hu=typical_hu(self.entries) if self.task == "base" else {},
         )
         path = self.output / f"{name}-{version}.safetensors"
         save_checkpoint(weights, path, card)

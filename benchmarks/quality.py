@@ -78,7 +78,7 @@ from MedDiffFMLib.tasks import (  # noqa: E402
     synthesize,
 )
 from MedDiffFMLib.volume import Volume, read_volume  # noqa: E402
-from Training.demo_data import HELD_OUT_FROM_SLICE, fetch_totalsegmentator  # noqa: E402
+from Training.demo_data import fetch_totalsegmentator  # noqa: E402
 from Training.make_pairs import LESION_CONTRAST_HU  # noqa: E402
 from Training.prepare_data import crop_z  # noqa: E402
 
@@ -501,28 +501,41 @@ def bench_lesions(engine: Engine, output: Path, quick: bool) -> None:
     ]
     half = [int(round(48.0 / s)) for s in spacing]
     box = tuple(slice(max(0, c - h), min(n, c + h)) for c, h, n in zip(centre, half, liver.shape))
-    started = time.perf_counter()
-    generated = generate_lesion(
-        crop(labels, box),
-        crop(ct.with_array(mask.astype(np.uint8)), box),
-        "abdomen",
-        lesion_engine,
-        sampler="ddim",
-        steps=synthesis_steps(quick),
-        seed=0,
-    )
-    seconds = time.perf_counter() - started
     liver_box, mask_box = liver[box], mask[box]
-    synthetic_liver = float(generated.array[liver_box & ~mask_box].mean())
-    made = generated.array[mask_box]
-    rows += [
-        [f"generation: mean / std HU inside the lesion ({seconds:.0f} s)", f"{made.mean():.0f} / {made.std():.0f}", ""],
-        [
-            "generation: lesion mean - synthetic liver mean (HU)",
-            f"{made.mean() - synthetic_liver:+.0f}",
-            f"training lesions {low:+.0f} .. {high:+.0f}",
-        ],
-    ]
+    starts = ["noise", "anatomy"] if lesion_engine.typical_hu("abdomen") else ["noise"]
+    generated = {}
+    for start_from in starts:
+        started = time.perf_counter()
+        generated[start_from] = generate_lesion(
+            crop(labels, box),
+            crop(ct.with_array(mask.astype(np.uint8)), box),
+            "abdomen",
+            lesion_engine,
+            sampler="ddim",
+            steps=synthesis_steps(quick),
+            seed=0,
+            start_from=start_from,
+        )
+        seconds = time.perf_counter() - started
+        synthetic_liver = generated[start_from].array[liver_box & ~mask_box]
+        made = generated[start_from].array[mask_box]
+        rows += [
+            [
+                f"generation from {start_from}: mean / std HU inside the lesion ({seconds:.0f} s)",
+                f"{made.mean():.0f} / {made.std():.0f}",
+                "",
+            ],
+            [
+                f"generation from {start_from}: synthetic liver mean / std HU around it (real {liver_mean:.0f})",
+                f"{synthetic_liver.mean():.0f} / {synthetic_liver.std():.0f}",
+                "",
+            ],
+            [
+                f"generation from {start_from}: lesion mean - synthetic liver mean (HU)",
+                f"{made.mean() - synthetic_liver.mean():+.0f}",
+                f"training lesions {low:+.0f} .. {high:+.0f}",
+            ],
+        ]
     table(
         f"Lesion inpainting and generation: a 12 mm sphere in the held-out liver ({lesion_engine.name})",
         ["measure", "value", "expected"],
@@ -530,8 +543,8 @@ def bench_lesions(engine: Engine, output: Path, quick: bool) -> None:
     )
     comparison_png([ct, result], ["held-out CT", "inpainted lesion"], WINDOW, output / "lesion.png", int(centre[0]))
     comparison_png(
-        [crop(ct, box), generated],
-        ["held-out CT", "generated from its labels + lesion"],
+        [crop(ct, box), *generated.values()],
+        ["held-out CT", *(f"generated from its labels + lesion, start from {start}" for start in starts)],
         WINDOW,
         output / "lesion_generation.png",
         int(centre[0] - box[0].start),
@@ -541,28 +554,11 @@ def bench_lesions(engine: Engine, output: Path, quick: bool) -> None:
 # --- synthesis -------------------------------------------------------------------------------------
 
 
-# Versions of the 1 mm base model trained on the abdomen CT's slices below HELD_OUT_FROM_SLICE only;
-# later ones saw the whole scan (Training/demo_data.py).
-LOWER_ABDOMEN_ONLY = ("meddiff-fm-1mm@0.3", "meddiff-fm-1mm@0.4")
-
-
-def training_medians(tuning: Path, model: str, minimum: int = 100) -> dict[int, float]:
-    """Median HU of each label value with at least ``minimum`` voxels in the labelled training scan
-    of the 1 mm base model ``model`` (``name@version``): the abdomen CT (3 mm) and its
-    TotalSegmentator labels. Its keys are the classes the model saw labelled."""
-    reference = fetch_totalsegmentator(tuning)
-    ct = read_volume(reference / "example_ct.nii.gz")
-    seg = read_volume(reference / "example_seg_fast_force_split.nii.gz")
-    if model in LOWER_ABDOMEN_ONLY:
-        ct, seg = (crop_z(volume, slice(0, HELD_OUT_FROM_SLICE)) for volume in (ct, seg))
-    values = from_totalsegmentator(seg.array)
-    counts = np.bincount(values.ravel())
-    return {int(v): float(np.median(ct.array[values == v])) for v in np.nonzero(counts >= minimum)[0] if v}
-
-
-def bench_synthesis(engine: Engine, tuning: Path, output: Path, quick: bool) -> None:
-    """Synthesis from the held-out TotalSegmentator map (no body class: the body is derived)."""
-    trained = training_medians(tuning, engine.name)
+def bench_synthesis(engine: Engine, output: Path, quick: bool) -> None:
+    """Synthesis from the held-out TotalSegmentator map (no body class: the body is derived), from
+    pure noise and, when the model card has the typical HU of the abdomen's labels, from the
+    anatomy painted with them."""
+    trained = engine.typical_hu("abdomen")
     window = pp.REGIONS["abdomen"]
     ct, labels = held_out()
     box = body_box(ct.array, margin=24)
@@ -571,67 +567,88 @@ def bench_synthesis(engine: Engine, tuning: Path, output: Path, quick: bool) -> 
     left = liver[:, box[1], box[2].start : middle].sum() >= liver[:, box[1], middle : box[2].stop].sum()
     box = (box[0], box[1], slice(box[2].start, middle) if left else slice(middle, box[2].stop))
     real, anatomy = crop(ct, box), crop(labels, box)
-    started = time.perf_counter()
     steps = synthesis_steps(quick)
-    synthetic = synthesize(anatomy, "abdomen", engine, sampler="ddim", steps=steps, eta=1.0, seed=0)
-    seconds = time.perf_counter() - started
+    starts = ["noise", "anatomy"] if trained else ["noise"]
+    synthetic, seconds = {}, {}
+    for start_from in starts:
+        started = time.perf_counter()
+        synthetic[start_from] = synthesize(
+            anatomy, "abdomen", engine, sampler="ddim", steps=steps, eta=1.0, seed=0, start_from=start_from
+        ).array
+        seconds[start_from] = time.perf_counter() - started
     real_body = body_mask(real.array)
     air = (real.array < -900) & ~real_body
-    air_ok = float((synthetic.array[air] < -900).mean())
-    synthetic_body = body_mask(synthetic.array)
-    dice = 2 * float((synthetic_body & real_body).sum()) / float(synthetic_body.sum() + real_body.sum())
+    dice = {}
+    for start_from, array in synthetic.items():
+        synthetic_body = body_mask(array)
+        dice[start_from] = 2 * float((synthetic_body & real_body).sum()) / float(synthetic_body.sum() + real_body.sum())
     rows = [
-        ["true air (< -900 HU, outside the body) synthesised below -900 HU", f"{100 * air_ok:.1f} %", ">= 95 %"],
-        ["body outline Dice (thresholded body masks)", f"{dice:.3f}", ""],
+        [
+            "true air (< -900 HU, outside the body) synthesised below -900 HU",
+            *(f"{100 * float((array[air] < -900).mean()):.1f} %" for array in synthetic.values()),
+            ">= 95 %",
+        ],
+        ["body outline Dice (thresholded body masks)", *(f"{dice[start]:.3f}" for start in starts), ""],
     ]
     organs = []
     for value in np.unique(anatomy.array):
         mask = anatomy.array == value
         if value == 0 or mask.sum() < 2000:
             continue
-        real_median, synthetic_median = float(np.median(real.array[mask])), float(np.median(synthetic.array[mask]))
+        real_median = float(np.median(real.array[mask]))
+        medians = [float(np.median(array[mask])) for array in synthetic.values()]
         painted = float(np.clip(trained[value], window.low, window.high)) if value in trained else math.nan
-        organs.append((CLASS_NAMES[value], real_median, synthetic_median, painted))
-        seen = f"training median {trained[value]:.0f}" if value in trained else "never in the training labels"
+        organs.append((CLASS_NAMES[value], real_median, medians, painted))
+        seen = f"training median {trained[value]:.0f}" if value in trained else "not in the card's training labels"
         rows.append(
             [
                 f"{CLASS_NAMES[value]} median HU (real {real_median:.0f}; {seen})",
-                f"{synthetic_median:.0f}",
-                f"{synthetic_median - real_median:+.0f}",
+                *(f"{median:.0f} ({median - real_median:+.0f})" for median in medians),
+                "within 25 HU",
             ]
         )
-    within = sum(abs(b - a) <= 25 for _, a, b, _ in organs)
-    reachable = [(a, b) for _, a, b, _ in organs if a < window.high]
+
+    def within(chosen: list) -> list[str]:
+        return [f"{sum(abs(m[i] - a) <= 25 for _, a, m, _ in chosen)} of {len(chosen)}" for i in range(len(starts))]
+
     rows += [
         [
-            f"structures (>= 2000 voxels) with median within 25 HU of the real ({engine.name}, {seconds:.0f} s)",
-            f"{within} of {len(organs)}",
-            "",
+            "structures (>= 2000 voxels) with median within 25 HU of the real (seconds: "
+            + ", ".join(f"{seconds[start]:.0f}" for start in starts)
+            + ")",
+            *within(organs),
+            "all",
         ],
         [
             f"of them with a real median below the window's top ({window.high:g} HU; bone above it cannot be made)",
-            f"{sum(abs(b - a) <= 25 for a, b in reachable)} of {len(reachable)}",
+            *within([organ for organ in organs if organ[1] < window.high]),
             "",
         ],
         [
-            "of them in the training labels",
-            f"{sum(abs(b - a) <= 25 for n, a, b, _ in organs if label_of(n) in trained)} of "
-            f"{sum(label_of(n) in trained for n, _, _, _ in organs)}",
+            "of them in the card's training labels",
+            *within([organ for organ in organs if label_of(organ[0]) in trained]),
             "",
-        ],
-        [
-            "baseline: each structure painted with its training median (window-clipped), within 25 HU",
-            f"{sum(abs(c - a) <= 25 for _, a, _, c in organs)} of {len(organs)}",
-            "the labelled training data's limit",
         ],
     ]
+    if trained:
+        rows.append(
+            [
+                "baseline: each structure painted with its training median (window-clipped), within 25 HU",
+                f"{sum(abs(c - a) <= 25 for _, a, _, c in organs)} of {len(organs)}",
+                *[""] * (len(starts) - 1),
+                "the labelled training data's limit",
+            ]
+        )
     table(
-        f"Synthesis from the held-out TotalSegmentator map (body derived; DDIM eta 1, {steps} steps)",
-        ["measure", "value", "target / difference"],
+        f"Synthesis from the held-out TotalSegmentator map ({engine.name}; body derived; DDIM eta 1, {steps} steps)",
+        ["measure", *(f"start from {start}" for start in starts), "target"],
         rows,
     )
     comparison_png(
-        [real, synthetic], ["real (held out)", "synthesised from its labels"], WINDOW, output / "synthesis.png"
+        [real, *(real.with_array(array) for array in synthetic.values())],
+        ["real (held out)", *(f"synthesised, start from {start}" for start in starts)],
+        WINDOW,
+        output / "synthesis.png",
     )
 
 
@@ -664,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         "denoise": lambda: bench_denoise(engine, args.tuning_data, args.output, args.quick),
         "anomaly": lambda: bench_anomaly(engine, args.tuning_data, args.output, args.quick),
         "super-resolution": lambda: bench_super_resolution(engine, args.output, args.quick),
-        "synthesis": lambda: bench_synthesis(engine, args.tuning_data, args.output, args.quick),
+        "synthesis": lambda: bench_synthesis(engine, args.output, args.quick),
         "lesions": lambda: bench_lesions(engine, args.output, args.quick),
     }
     failed = []

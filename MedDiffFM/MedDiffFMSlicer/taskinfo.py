@@ -13,6 +13,7 @@ REGION_LABELS = {"Auto": None, "Head & neck": "head_neck", "Chest": "chest", "Ab
 DEVICE_LABELS = {"Auto": "auto", "GPU (CUDA)": "cuda", "Apple GPU (MPS)": "mps", "CPU": "cpu"}
 
 SAMPLER_LABELS = {"DDIM": "ddim", "DDPM": "ddpm", "DPM-Solver++": "dpm++2m"}
+START_LABELS = {"Noise": "noise", "Anatomy (typical HU)": "anatomy"}
 
 REGION_KEYS = ("head_neck", "chest", "abdomen")
 
@@ -24,6 +25,7 @@ TASK_ROWS = {
     "spacing": ("spacingLabel", "spacingSpinBox"),
     "sampler": ("samplerLabel", "samplerComboBox"),
     "eta": ("etaLabel", "etaSpinBox"),
+    "start_from": ("startFromLabel", "startFromComboBox"),
     "sigma": ("sigmaLabel", "sigmaRow"),
     "lambda": ("lambdaLabel", "lambdaSpinBox"),
     "timestep": ("timestepLabel", "timestepSpinBox"),
@@ -64,6 +66,7 @@ def panel_settings(state, spec: TaskSpec) -> dict:
         "steps": lambda setting: state.steps or None,
         "sampler": lambda setting: SAMPLER_LABELS[state.sampler],
         "eta": lambda setting: state.eta,
+        "start_from": lambda setting: START_LABELS[state.startFrom],
         "sigma": lambda setting: ("auto" if setting.auto else None) if state.sigmaAuto else state.sigma,
         "lambda": lambda setting: state.lam or None,
         "timestep": lambda setting: state.t,

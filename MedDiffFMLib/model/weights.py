@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -60,10 +61,18 @@ class ModelCard:
     license: str = ""
     intended_use: str = ""
     notes: list[str] = field(default_factory=list)
+    anatomy_hu: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Typical HU of each label value in the labelled training data, by region: ``{region: {label
+    value (as text): median HU}}`` (:mod:`Training.anatomy_hu`); where synthesis can start from
+    (Docs/METHOD.md 1.1). Empty for a ControlNet and for cards written before it existed."""
 
     @property
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(dict(self.config))
+
+    def typical_hu(self, region: str) -> dict[int, float]:
+        """``anatomy_hu`` of ``region`` with integer label values (empty when the card has none)."""
+        return {int(label): float(hu) for label, hu in self.anatomy_hu.get(region, {}).items()}
 
     @property
     def identifier(self) -> str:
@@ -89,7 +98,7 @@ class ModelCard:
             "license",
             "intended_use",
         }
-        unknown = set(data) - strings - {"config", "notes"}
+        unknown = set(data) - strings - {"config", "notes", "anatomy_hu"}
         missing = {"name", "version", "task", "config"} - set(data)
         if unknown or missing:
             raise WeightsError(f"Invalid model card: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}.")
@@ -102,6 +111,17 @@ class ModelCard:
         notes = data.get("notes", [])
         if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
             raise WeightsError("Invalid model card: 'notes' must be a list of strings.")
+        table = data.get("anatomy_hu", {})
+        if not isinstance(table, dict) or not all(
+            isinstance(region, str)
+            and isinstance(values, dict)
+            and all(
+                isinstance(label, str) and label.isdigit() and _is_number(hu) and math.isfinite(hu)
+                for label, hu in values.items()
+            )
+            for region, values in table.items()
+        ):
+            raise WeightsError("Invalid model card: 'anatomy_hu' must map regions to {label value: finite HU}.")
         if data["task"] not in TASKS:
             raise WeightsError(f"Invalid model card: task '{data['task']}' is not one of {', '.join(TASKS)}.")
         card = cls(**data)
@@ -137,8 +157,13 @@ def save_checkpoint(model: MedDiffFMNet | ControlledNet, path: str | os.PathLike
     card.config = model.config.to_dict()
     _atomic_write(path, lambda target: save_file(tensors, str(target)))
     card.sha256 = sha256_of(path)
-    _atomic_write(card_path(path), lambda target: Path(target).write_text(card.to_json()))
+    write_card(card, card_path(path))
     return card
+
+
+def write_card(card: ModelCard, path: str | os.PathLike) -> None:
+    """Write ``card`` as JSON to ``path`` atomically (a reader sees the old card or the new one)."""
+    _atomic_write(Path(path), lambda target: Path(target).write_text(card.to_json()))
 
 
 def read_card(weights: str | os.PathLike) -> ModelCard:
@@ -320,7 +345,7 @@ def import_checkpoint(weights: str | os.PathLike, expected_sha256: str | None = 
     _warn_if_not_published(card, weights)
     cache_dir().mkdir(parents=True, exist_ok=True)
     _atomic_write(target, lambda temporary: shutil.copyfile(weights, temporary), expected_sha256=card.sha256)
-    _atomic_write(card_path(target), lambda temporary: Path(temporary).write_text(card.to_json()))
+    write_card(card, card_path(target))
     return target
 
 
@@ -475,3 +500,7 @@ def untrained_model(preset_name: str, seed: int = 0) -> MedDiffFMNet:
 
     torch.manual_seed(seed)
     return MedDiffFMNet(preset(preset_name)).eval()
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -87,6 +87,13 @@ class Engine:
     def config(self) -> ModelConfig:
         return self.model.config
 
+    def typical_hu(self, region: str) -> dict[int, float]:
+        """The base model card's typical HU of each label value in ``region`` (its labelled training
+        data's medians; empty for a model without a card or a card without the table)."""
+        base = getattr(self.model, "base", self.model)
+        card = getattr(base, "card", None)
+        return card.typical_hu(region) if card is not None else {}
+
     def predictor(
         self,
         conditions: Conditions,

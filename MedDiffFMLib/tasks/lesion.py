@@ -52,14 +52,29 @@ def generate_lesion(
     seed: int | None = 0,
     progress: ProgressCallback = no_progress,
     cancel: CancelToken | None = None,
+    start_from: str = "noise",
+    start: int | None = None,
 ) -> Volume:
     """A synthetic CT (HU, on the anatomy's grid) with a lesion where ``lesion`` is set.
 
-    ``engine`` must hold the lesion ControlNet (``controlnet-lesion``).
+    ``engine`` must hold the lesion ControlNet (``controlnet-lesion``); ``start_from`` and ``start``
+    as in :func:`~.synthesize.synthesize` (the base model card's typical HU).
     """
     mask = lesion_mask_on(lesion, anatomy)
     return synthesize(
-        anatomy, region, engine, sampler, steps, eta, seed, progress, cancel, control=mask, task="generate-lesion"
+        anatomy,
+        region,
+        engine,
+        sampler,
+        steps,
+        eta,
+        seed,
+        progress,
+        cancel,
+        control=mask,
+        task="generate-lesion",
+        start_from=start_from,
+        start=start,
     )
 
 

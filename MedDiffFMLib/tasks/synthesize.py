@@ -20,6 +20,9 @@ from ..volume import Volume
 from .engine import Engine
 
 AIR_HU = -1000.0
+START_FROM = ("noise", "anatomy")
+"""Where synthesis starts: pure noise (the method's default) or the anatomy painted with typical HU
+and noised to the start timestep (Docs/METHOD.md 1.1)."""
 
 
 def synthesize(
@@ -35,6 +38,7 @@ def synthesize(
     control: np.ndarray | None = None,
     task: str = "synthesize",
     body: np.ndarray | None = None,
+    start_from: str = "noise",
     label_hu: Mapping[int, float] | None = None,
     start: int | None = None,
 ) -> Volume:
@@ -53,16 +57,20 @@ def synthesize(
             TotalSegmentator output, whose label 0 means both air and unlabelled tissue). Without
             one, the body is derived from the labelled structures
             (:func:`~MedDiffFMLib.anatomy.derived_body`).
-        label_hu: typical HU of label values (e.g. their medians in labelled training CT): sampling
-            starts from the anatomy painted with them (:func:`painted`), noised to ``start``,
-            instead of from pure noise (Docs/METHOD.md 1.1). None: from pure noise.
-        start: the timestep sampling starts at (default: the schedule's pure-noise start).
+        start_from: ``noise`` (pure noise, the method's default) or ``anatomy``: sampling starts from
+            the anatomy painted with typical HU (:func:`painted`) noised to ``start`` (Docs/METHOD.md
+            1.1).
+        label_hu: the typical HU of label values for ``start_from="anatomy"``; None: the model
+            card's (``anatomy_hu``: the medians in its labelled training data).
+        start: the timestep sampling starts at (default: the schedule's pure-noise start, t = 978 of
+            the cosine schedule); another needs ``start_from="anatomy"``.
 
     Every step evaluates all overlapping windows and averages their noise estimates, so any size
     works without seams. Voxels labelled 0 (outside the body) are air: windows made only of them
     are skipped, and they are -1000 HU in the result.
     """
     check_region(region)
+    label_hu = _start_values(engine, region, start_from, label_hu, start)
     labels = np.asarray(anatomy.array)
     if labels.min() < 0 or labels.max() >= NUM_ANATOMY_VALUES or not np.issubdtype(labels.dtype, np.integer):
         raise InputError(
@@ -123,6 +131,27 @@ def synthesize(
         MedDiffFM_skipped_windows=str(predictor.skipped_windows),
         MedDiffFM_network_evaluations=str(predictor.evaluations),
     )
+
+
+def _start_values(
+    engine: Engine, region: str, start_from: str, label_hu: Mapping[int, float] | None, start: int | None
+) -> Mapping[int, float] | None:
+    """The typical HU to paint the start with, or None for a pure-noise start; checks the combination."""
+    if start_from not in START_FROM:
+        raise InputError(f"start_from must be one of {', '.join(START_FROM)}, got '{start_from}'.")
+    if start_from == "noise":
+        if label_hu is not None or start is not None:
+            raise InputError("Typical HU values and a start timestep need start_from 'anatomy' (--start-from anatomy).")
+        return None
+    if label_hu is None:
+        label_hu = engine.typical_hu(region)
+        if not label_hu:
+            raise InputError(
+                f"The model '{engine.name}' has no typical HU of the {region} anatomy in its card (anatomy_hu), so "
+                "synthesis cannot start from the anatomy. Start from noise, pass label_hu, or write the table into "
+                "the card with 'python -m Training.anatomy_hu'."
+            )
+    return label_hu
 
 
 def painted(labels: np.ndarray, label_hu: Mapping[int, float], region: str) -> np.ndarray:
