@@ -25,6 +25,9 @@ REGION_NAMES = ("head_neck", "chest", "abdomen")
 """The model's regions (``MedDiffFMLib.preprocessing.REGIONS``; a test keeps the two in step)."""
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m")
 """The generative samplers (``MedDiffFMLib.diffusion.samplers.SAMPLERS``)."""
+START_FROM = ("noise", "anatomy")
+"""Where synthesis starts: pure noise (the method's default) or the anatomy painted with the model
+card's typical HU and noised to the start timestep (Docs/METHOD.md 1.1)."""
 
 PREVIEW_OVERLAP = 0.25
 """Window overlap of the fast preview: half the windows of the default 0.5, no visible seams
@@ -330,7 +333,7 @@ _START_FROM = Setting(
     "where sampling starts: noise (default) or anatomy (the label map painted with the model card's typical HU "
     "of each structure, noised to --start)",
     kind="str",
-    choices=("noise", "anatomy"),
+    choices=START_FROM,
     panel="start_from",
 )
 _START = Setting(

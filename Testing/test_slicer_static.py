@@ -14,6 +14,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -27,6 +28,7 @@ sys.path.insert(0, str(MODULE))
 
 from MedDiffFMSlicer.taskinfo import (  # noqa: E402
     SAMPLER_LABELS,
+    START_LABELS,
     TASK_ROWS,
     TASKS,
     anatomy_use,
@@ -268,6 +270,18 @@ def test_the_panel_offers_every_sampler_of_the_library():
     from MedDiffFMLib.diffusion.samplers import SAMPLERS
 
     assert sorted(SAMPLER_LABELS.values()) == sorted(SAMPLERS)
+
+
+def test_the_panel_offers_every_synthesis_start_and_reads_the_chosen_one():
+    from MedDiffFMLib.task_spec import START_FROM
+
+    assert sorted(START_LABELS.values()) == sorted(START_FROM)
+    state = SimpleNamespace(steps=0, sampler="DDIM", eta=1.0, startFrom="Anatomy (typical HU)")
+    assert panel_settings(state, TASKS["synthesize"])["start_from"] == "anatomy"
+    assert (
+        panel_settings(SimpleNamespace(**{**vars(state), "startFrom": "Noise"}), TASKS["synthesize"])["start_from"]
+        is None
+    )  # the default: left to the task
 
 
 def test_parameter_names_in_the_ui_are_parameter_node_fields():

@@ -15,14 +15,11 @@ from ..diffusion.sliding_window import Conditions
 from ..errors import InputError
 from ..preprocessing import REGION_CLASS, check_region
 from ..progress import CancelToken, ProgressCallback, no_progress
-from ..task_spec import RunContext, TaskResult
+from ..task_spec import START_FROM, RunContext, TaskResult
 from ..volume import Volume
 from .engine import Engine
 
 AIR_HU = -1000.0
-START_FROM = ("noise", "anatomy")
-"""Where synthesis starts: pure noise (the method's default) or the anatomy painted with typical HU
-and noised to the start timestep (Docs/METHOD.md 1.1)."""
 
 
 def synthesize(
