@@ -68,6 +68,7 @@ from MedDiffFMLib.figures import comparison_png  # noqa: E402
 from MedDiffFMLib.lowdose import simulate  # noqa: E402
 from MedDiffFMLib.metrics import psnr, scaled_pair  # noqa: E402
 from MedDiffFMLib.model import load_controlled_model, load_model, resolve_weights  # noqa: E402
+from MedDiffFMLib.model.weights import card_path, read_card, version_key  # noqa: E402
 from MedDiffFMLib.tasks import (  # noqa: E402
     Engine,
     denoise,
@@ -379,18 +380,23 @@ def bench_anomaly(engine: Engine, tuning: Path, output: Path, quick: bool) -> No
 # --- super-resolution ------------------------------------------------------------------------------
 
 
-def controlled_engine(engine: Engine, task: str) -> tuple[Engine | None, str]:
-    """An engine with the newest ``task`` ControlNet trained on ``engine``'s base model, or (None, why)."""
+def controlled_engine(engine: Engine, task: str, folder: Path) -> tuple[Engine | None, str]:
+    """An engine with the newest ``task`` ControlNet trained on ``engine``'s base model (installed,
+    shipped, or a checkpoint in ``folder``, the base model's own folder), or (None, why)."""
+    base_sha256 = engine.model.card.sha256
     try:
-        model = load_controlled_model(
-            engine.model, resolve_weights(task=task, base_sha256=engine.model.card.sha256), task
-        )
+        weights = resolve_weights(task=task, base_sha256=base_sha256)
     except MedDiffFMError as error:
-        return None, f"not run: {error}".split(". ")[0]
+        cards = [(read_card(path), path) for path in sorted(folder.glob("*.safetensors")) if card_path(path).exists()]
+        beside = [(card, path) for card, path in cards if card.task == task and card.base_sha256 == base_sha256]
+        if not beside:
+            return None, f"not run: {error}".split(". ")[0]
+        weights = max(beside, key=lambda pair: version_key(pair[0].version))[1]
+    model = load_controlled_model(engine.model, weights, task)
     return Engine(model, device=engine.device, batch_size=8, overlap=0.25, precision=engine.precision), ""
 
 
-def bench_super_resolution(engine: Engine, output: Path, quick: bool) -> None:
+def bench_super_resolution(engine: Engine, folder: Path, output: Path, quick: bool) -> None:
     """The held-out CT's central 160 x 160 mm: 6 mm slab averages back to its 2 mm slices."""
     ct, _ = held_out()
     factor = 3
@@ -423,7 +429,7 @@ def bench_super_resolution(engine: Engine, output: Path, quick: bool) -> None:
         ]
     )
     figures = [thin, Volume.on_geometry(array, thin.geometry)]
-    sr_engine, why = controlled_engine(engine, "controlnet-sr")
+    sr_engine, why = controlled_engine(engine, "controlnet-sr", folder)
     if sr_engine is None:
         rows.append([f"SR ControlNet for {engine.name}", why, ""])
     else:
@@ -463,12 +469,12 @@ def synthesis_steps(quick: bool) -> int:
     return 20 if quick else 50
 
 
-def bench_lesions(engine: Engine, output: Path, quick: bool) -> None:
+def bench_lesions(engine: Engine, folder: Path, output: Path, quick: bool) -> None:
     """A 12 mm sphere in the held-out liver. Inpainting: it must not come out as air, the voxels
     around it must be kept, and its contrast to the liver should fall in the training lesions'
     range. Generation: the same mask in a CT synthesised from the held-out labels (a 96 mm cube
     around it); its contrast to the synthetic liver, against the same range."""
-    lesion_engine, why = controlled_engine(engine, "controlnet-lesion")
+    lesion_engine, why = controlled_engine(engine, "controlnet-lesion", folder)
     if lesion_engine is None:
         table("Lesion inpainting and generation", ["model", "result"], [[f"lesion ControlNet for {engine.name}", why]])
         return
@@ -670,9 +676,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
     args.tuning_data.mkdir(parents=True, exist_ok=True)
-    engine = Engine(
-        load_model(resolve_weights(args.model)), device="auto", batch_size=8, overlap=0.25, precision=args.precision
-    )
+    weights = resolve_weights(args.model)
+    engine = Engine(load_model(weights), device="auto", batch_size=8, overlap=0.25, precision=args.precision)
     print(
         f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{engine.device}, model {engine.name} ({engine.config.spacing_mm:g} mm), precision {args.precision}"
@@ -680,9 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     benches = {
         "denoise": lambda: bench_denoise(engine, args.tuning_data, args.output, args.quick),
         "anomaly": lambda: bench_anomaly(engine, args.tuning_data, args.output, args.quick),
-        "super-resolution": lambda: bench_super_resolution(engine, args.output, args.quick),
+        "super-resolution": lambda: bench_super_resolution(engine, weights.parent, args.output, args.quick),
         "synthesis": lambda: bench_synthesis(engine, args.output, args.quick),
-        "lesions": lambda: bench_lesions(engine, args.output, args.quick),
+        "lesions": lambda: bench_lesions(engine, weights.parent, args.output, args.quick),
     }
     failed = []
     for task in args.tasks:
