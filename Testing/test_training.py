@@ -489,9 +489,9 @@ def test_the_typical_hu_table_is_the_median_of_each_label_per_region(prepared, t
             pooled.setdefault((entry["region"], int(value)), []).append(hu[labels == value])
     expected: dict[str, dict[str, float]] = {}
     for (region, value), parts in pooled.items():
-        values = np.concatenate(parts)
+        values = np.clip(np.rint(np.concatenate(parts)), -1024, 3071)  # to the nearest HU
         if values.size >= 50:
-            expected.setdefault(region, {})[str(value)] = round(float(np.median(values)), 1)
+            expected.setdefault(region, {})[str(value)] = float(np.median(values))
     assert table == expected and str(BODY_LABEL) in table["abdomen"] and "0" not in table["abdomen"]
     card_file = tmp_path / "card.json"
     card_file.write_text(json.dumps({"name": "tiny", "version": "0", "task": "base", "config": {}}))

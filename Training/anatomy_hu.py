@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -29,32 +28,42 @@ from .dataset import manifest_entries
 MINIMUM_VOXELS = 100
 
 
+HU_RANGE = (-1024, 3072)
+"""HU values are counted in 1 HU bins over this range (values outside it fall in the end bins)."""
+
+
 def typical_hu(entries: list[dict], minimum_voxels: int = MINIMUM_VOXELS) -> dict[str, dict[str, float]]:
     """``{region: {label value: median HU}}`` over the region crops ``entries`` (from
-    :func:`~Training.dataset.manifest_entries`; a crop listed several times counts once). Label 0
-    (outside the body) is left out: synthesis makes it air."""
-    voxels: dict[str, dict[int, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
-    seen = set()
-    for entry in entries:
-        if entry["image"] in seen:
-            continue
-        seen.add(entry["image"])
-        hu = read_volume(entry["image"]).array.astype(np.float32).ravel()
-        labels = read_volume(entry["anatomy"]).array.astype(np.int64).ravel()
-        order = np.argsort(labels, kind="stable")
-        bounds = np.searchsorted(labels[order], np.arange(NUM_ANATOMY_VALUES + 1))
-        for value in range(1, NUM_ANATOMY_VALUES):
-            if bounds[value + 1] > bounds[value]:
-                voxels[entry["region"]][value].append(hu[order[bounds[value] : bounds[value + 1]]])
+    :func:`~Training.dataset.manifest_entries`; a crop listed several times counts once), to the
+    nearest HU. Label 0 (outside the body) is left out: synthesis makes it air. Memory does not grow
+    with the data: each region keeps one histogram per label value."""
+    low, high = HU_RANGE
+    bins = high - low
+    histograms: dict[str, np.ndarray] = {}
+    for entry in {entry["image"]: entry for entry in entries}.values():
+        hu = np.clip(np.rint(read_volume(entry["image"]).array), low, high - 1).astype(np.int64) - low
+        labels = read_volume(entry["anatomy"]).array.astype(np.int64)
+        counts = np.bincount((labels * bins + hu).ravel(), minlength=NUM_ANATOMY_VALUES * bins)
+        region = histograms.setdefault(entry["region"], np.zeros((NUM_ANATOMY_VALUES, bins), np.int64))
+        region += counts.reshape(NUM_ANATOMY_VALUES, bins)
     table = {}
-    for region, by_label in sorted(voxels.items()):
-        pooled = {value: np.concatenate(parts) for value, parts in sorted(by_label.items())}
+    for region, histogram in sorted(histograms.items()):
+        cumulative = np.cumsum(histogram, axis=1)
         table[region] = {
-            str(value): round(float(np.median(values)), 1)
-            for value, values in pooled.items()
-            if values.size >= minimum_voxels
+            str(value): float(low + _median_bin(cumulative[value]))
+            for value in range(1, NUM_ANATOMY_VALUES)
+            if cumulative[value, -1] >= minimum_voxels
         }
     return table
+
+
+def _median_bin(cumulative: np.ndarray) -> float:
+    """The median's bin of a histogram given as its cumulative counts (the mean of the two middle
+    values' bins for an even count, as :func:`numpy.median`)."""
+    total = int(cumulative[-1])
+    lower = int(np.searchsorted(cumulative, (total + 1) // 2))
+    upper = int(np.searchsorted(cumulative, total // 2 + 1))
+    return (lower + upper) / 2
 
 
 def main(argv: list[str] | None = None) -> int:
