@@ -10,7 +10,8 @@ Several GPUs or nodes (PyTorch DDP; only rank 0 writes)::
 
 Re-running with the same ``--output`` resumes from its last checkpoint, with the same data order.
 At the end (or with ``--export-only``) the EMA weights are exported as a catalogue-ready checkpoint
-(``.safetensors`` + model card).
+(``.safetensors`` + model card; a base model's card carries the median HU of each label value in the
+training data, ``anatomy_hu``, from :mod:`Training.anatomy_hu`).
 """
 
 from __future__ import annotations
