@@ -259,3 +259,23 @@ def test_the_typical_hu_table_round_trips_and_bad_tables_are_refused(tmp_path):
     del saved["anatomy_hu"]  # cards written before the table existed stay valid
     w.card_path(path).write_text(json.dumps(saved))
     assert w.load_model(path).card.anatomy_hu == {}
+
+
+def test_a_controlnet_is_found_in_a_given_folder_when_none_is_installed(tmp_path):
+    base, path, card = _save(tmp_path)
+    controlled = ControlledNet(base)
+    controlnet_card = w.ModelCard(
+        name="tiny-sr",
+        version="0.2",
+        task="controlnet-sr",
+        config={},
+        base_model=card.identifier,
+        base_sha256=card.sha256,
+    )
+    w.save_checkpoint(controlled, tmp_path / "tiny-sr-0.2.safetensors", controlnet_card)
+    with pytest.raises(WeightsError, match="No installed model"):
+        w.resolve_weights(task="controlnet-sr", base_sha256=card.sha256)
+    found = w.resolve_weights(task="controlnet-sr", base_sha256=card.sha256, folders=(tmp_path,))
+    assert found == tmp_path / "tiny-sr-0.2.safetensors"
+    with pytest.raises(WeightsError, match="No installed model"):
+        w.resolve_weights(task="controlnet-sr", base_sha256="0" * 64, folders=(tmp_path,))

@@ -68,7 +68,6 @@ from MedDiffFMLib.figures import comparison_png  # noqa: E402
 from MedDiffFMLib.lowdose import simulate  # noqa: E402
 from MedDiffFMLib.metrics import psnr, scaled_pair  # noqa: E402
 from MedDiffFMLib.model import load_controlled_model, load_model, resolve_weights  # noqa: E402
-from MedDiffFMLib.model.weights import card_path, read_card, version_key  # noqa: E402
 from MedDiffFMLib.tasks import (  # noqa: E402
     Engine,
     denoise,
@@ -383,15 +382,10 @@ def bench_anomaly(engine: Engine, tuning: Path, output: Path, quick: bool) -> No
 def controlled_engine(engine: Engine, task: str, folder: Path) -> tuple[Engine | None, str]:
     """An engine with the newest ``task`` ControlNet trained on ``engine``'s base model (installed,
     shipped, or a checkpoint in ``folder``, the base model's own folder), or (None, why)."""
-    base_sha256 = engine.model.card.sha256
     try:
-        weights = resolve_weights(task=task, base_sha256=base_sha256)
+        weights = resolve_weights(task=task, base_sha256=engine.model.card.sha256, folders=(folder,))
     except MedDiffFMError as error:
-        cards = [(read_card(path), path) for path in sorted(folder.glob("*.safetensors")) if card_path(path).exists()]
-        beside = [(card, path) for card, path in cards if card.task == task and card.base_sha256 == base_sha256]
-        if not beside:
-            return None, f"not run: {error}".split(". ")[0]
-        weights = max(beside, key=lambda pair: version_key(pair[0].version))[1]
+        return None, f"not run: {error}".split(". ")[0]
     model = load_controlled_model(engine.model, weights, task)
     return Engine(model, device=engine.device, batch_size=8, overlap=0.25, precision=engine.precision), ""
 

@@ -445,12 +445,17 @@ def list_bundled() -> list[tuple[ModelCard, Path]]:
     return found
 
 
-def resolve_weights(spec: str | None = None, task: str = "base", base_sha256: str | None = None) -> Path:
+def resolve_weights(
+    spec: str | None = None,
+    task: str = "base",
+    base_sha256: str | None = None,
+    folders: tuple[str | os.PathLike, ...] = (),
+) -> Path:
     """Weights file for ``spec``: a ``.safetensors`` path, or a model ``name[@version]``.
 
     Installed models (the cache) come first, then the models shipped in the checkout's ``models/``
-    folder; None picks the newest model of ``task`` (with ``base_sha256``: the newest ControlNet
-    trained on that base model).
+    folder, then checkpoints (with their cards) in ``folders``; None picks the newest model of ``task``
+    (with ``base_sha256``: the newest ControlNet trained on that base model).
     """
     if spec and (spec.endswith(".safetensors") or os.sep in spec):
         return Path(spec)
@@ -461,6 +466,9 @@ def resolve_weights(spec: str | None = None, task: str = "base", base_sha256: st
 
     installed = [(c, cache_dir() / f"{c.name}-{c.version}.safetensors") for c in list_installed() if matches(c)]
     candidates = installed or [(card, path) for card, path in list_bundled() if matches(card)]
+    if not candidates:
+        found = [path for folder in folders for path in sorted(Path(folder).glob("*.safetensors"))]
+        candidates = [(card, path) for path in found if card_path(path).exists() and matches(card := read_card(path))]
     if not candidates:
         wanted = f"'{spec}'" if spec else f"a '{task}' model"
         if base_sha256 is not None:
