@@ -31,7 +31,8 @@ CTA and the abdomen CT of the ``totalsegmentator`` 2.18.0 source archive (fetche
    held-out liver. Inpainting: its HU statistics, the share that came out as air, its contrast to
    the liver against the training lesions' range, and the voxels changed outside the mask.
    Generation: the same mask in a CT synthesised from the held-out labels (96 mm around it); its
-   contrast to the synthetic liver.
+   contrast to the synthetic liver, and how much the lesion condition changes the liver more than
+   10 mm away from it (against the base model alone with the same seed).
 
 Prints one Markdown table per task and writes a PNG per task into ``--output``.
 """
@@ -467,7 +468,8 @@ def bench_lesions(engine: Engine, folder: Path, output: Path, quick: bool) -> No
     """A 12 mm sphere in the held-out liver. Inpainting: it must not come out as air, the voxels
     around it must be kept, and its contrast to the liver should fall in the training lesions'
     range. Generation: the same mask in a CT synthesised from the held-out labels (a 96 mm cube
-    around it); its contrast to the synthetic liver, against the same range."""
+    around it); its contrast to the synthetic liver, against the same range, and the liver away from
+    it against the base model's synthesis with the same seed."""
     lesion_engine, why = controlled_engine(engine, "controlnet-lesion", folder)
     if lesion_engine is None:
         table("Lesion inpainting and generation", ["model", "result"], [[f"lesion ControlNet for {engine.name}", why]])
@@ -502,6 +504,8 @@ def bench_lesions(engine: Engine, folder: Path, output: Path, quick: bool) -> No
     half = [int(round(48.0 / s)) for s in spacing]
     box = tuple(slice(max(0, c - h), min(n, c + h)) for c, h, n in zip(centre, half, liver.shape))
     liver_box, mask_box = liver[box], mask[box]
+    real_liver = ct.array[box][liver_box & ~mask_box]
+    real = f"real {real_liver.mean():.0f} / {real_liver.std():.0f}"
     starts = ["noise", "anatomy"] if lesion_engine.typical_hu("abdomen") else ["noise"]
     generated = {}
     for start_from in starts:
@@ -526,7 +530,7 @@ def bench_lesions(engine: Engine, folder: Path, output: Path, quick: bool) -> No
                 "",
             ],
             [
-                f"generation from {start_from}: synthetic liver mean / std HU around it (real {liver_mean:.0f})",
+                f"generation from {start_from}: synthetic liver mean / std HU around it ({real})",
                 f"{synthetic_liver.mean():.0f} / {synthetic_liver.std():.0f}",
                 "",
             ],
@@ -536,6 +540,18 @@ def bench_lesions(engine: Engine, folder: Path, output: Path, quick: bool) -> No
                 f"training lesions {low:+.0f} .. {high:+.0f}",
             ],
         ]
+    # Same seed, same labels, no ControlNet: what the lesion condition changes away from the lesion.
+    plain = synthesize(crop(labels, box), "abdomen", engine, sampler="ddim", steps=synthesis_steps(quick), seed=0)
+    far = liver_box & (ndimage.distance_transform_edt(~mask_box, sampling=spacing) > 10.0)
+    change = np.abs(generated["noise"].array - plain.array)[far]
+    rows.append(
+        [
+            f"generation from noise: median / 90th percentile absolute HU change in the liver > 10 mm from the lesion, "
+            f"against {engine.name} alone (same seed)",
+            f"{np.median(change):.0f} / {np.percentile(change, 90):.0f}",
+            "small against the liver's std",
+        ]
+    )
     table(
         f"Lesion inpainting and generation: a 12 mm sphere in the held-out liver ({lesion_engine.name})",
         ["measure", "value", "expected"],
@@ -543,8 +559,12 @@ def bench_lesions(engine: Engine, folder: Path, output: Path, quick: bool) -> No
     )
     comparison_png([ct, result], ["held-out CT", "inpainted lesion"], WINDOW, output / "lesion.png", int(centre[0]))
     comparison_png(
-        [crop(ct, box), *generated.values()],
-        ["held-out CT", *(f"generated from its labels + lesion, start from {start}" for start in starts)],
+        [crop(ct, box), *generated.values(), plain],
+        [
+            "held-out CT",
+            *(f"generated from its labels + lesion, start from {start}" for start in starts),
+            f"{engine.name} alone, same seed",
+        ],
         WINDOW,
         output / "lesion_generation.png",
         int(centre[0] - box[0].start),
