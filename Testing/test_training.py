@@ -393,6 +393,25 @@ def test_pure_noise_share_draws_timesteps_where_a_patch_mean_is_lost_in_the_nois
     assert abs(late_share(0.25) - (0.25 + 0.75 * uniform)) < 0.02
 
 
+def test_max_sigma_draws_timesteps_up_to_that_noise_level_only():
+    from MedDiffFMLib.diffusion.schedule import NoiseSchedule
+    from Training.config import TrainingConfig
+    from Training.pretrain import noisy_batch
+
+    schedule = NoiseSchedule(1000, "cosine")
+    batch = {"image": torch.zeros(4000, 1, 2, 2, 2)}
+    _, t, _ = noisy_batch(batch, schedule, torch.Generator().manual_seed(0), torch.device("cpu"), max_sigma=1.0)
+    last = schedule.timestep_for_sigma(1.0)
+    sigmas = ((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod).sqrt()
+    assert sigmas[last] <= 1.0 < sigmas[last + 1]
+    assert int(t.max()) == last and int(t.min()) == 0
+    assert abs(float((t <= last // 2).float().mean()) - 0.5) < 0.03
+    with pytest.raises(InputError, match="max_sigma"):
+        TrainingConfig(max_sigma=1.0, pure_noise_share=0.1)
+    with pytest.raises(InputError, match="max_sigma"):
+        TrainingConfig(max_sigma=-1.0)
+
+
 def test_foreground_patches_are_centred_inside_the_body(tmp_path):
     from MedDiffFMLib.volume import Volume, write_volume
 

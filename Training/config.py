@@ -47,6 +47,11 @@ class TrainingConfig:
             must the model make the image's coarse intensities from the anatomy and region alone,
             as sampling from pure noise asks of it; meant for ``v`` models (model ``prediction``),
             whose clean estimate is usable there.
+        max_sigma: draw timesteps only up to the one whose DiffPIR noise level
+            ``sigma_bar_t = sqrt((1 - abar_t) / abar_t)`` is this (0: the whole schedule). The
+            restoration tasks start from a low noise level (super-resolution: ``sigma_n`` 0.3), so
+            a ControlNet for them learns only there: 1 (the paper's ``sigma_n``) is t <= 495 of the
+            cosine schedule, twice the uniform share of samples at or below its default start (t 178).
         mixed_precision: ``auto`` (bfloat16 autocast where the device computes it natively: CUDA
             GPUs that support it, CPUs with AMX-BF16 or AVX512-BF16; float32 elsewhere), ``bf16``
             (always, emulated where not native) or ``no`` (float32).
@@ -74,6 +79,7 @@ class TrainingConfig:
     grad_clip: float = 1.0
     low_snr_cap: float = 1.0
     pure_noise_share: float = 0.0
+    max_sigma: float = 0.0
     mixed_precision: str = "auto"
     memory_format: str = "auto"
     steps: int = 1000
@@ -97,6 +103,10 @@ class TrainingConfig:
             raise InputError("position_jitter must be at least 0 and below 1.")
         if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in self.case_weights.values()):
             raise InputError("case_weights must map case names to whole numbers of at least 1.")
+        if self.max_sigma < 0.0:
+            raise InputError("max_sigma must be positive, or 0 for the whole schedule.")
+        if self.max_sigma > 0.0 and self.pure_noise_share > 0.0:
+            raise InputError("max_sigma and pure_noise_share exclude each other: set one of them to 0.")
         if self.low_snr_cap < 1.0:
             raise InputError("low_snr_cap must be at least 1 (1 disables the weighting).")
         for name in ("batch_size", "accumulation", "steps", "checkpoint_every", "log_every", "preview_every"):

@@ -133,12 +133,15 @@ def noisy_batch(
     generator: torch.Generator,
     device: torch.device,
     pure_noise_share: float = 0.0,
+    max_sigma: float = 0.0,
 ) -> tuple[torch.Tensor, ...]:
-    """``(x_t, t, target)`` for a batch: uniform timesteps (a ``pure_noise_share`` of them drawn from
+    """``(x_t, t, target)`` for a batch: uniform timesteps, up to the one of noise level
+    ``max_sigma`` when that is positive (a ``pure_noise_share`` of them drawn from
     :func:`pure_noise_timesteps` of a sample's voxels instead), Gaussian noise, seeded by ``generator``;
     ``target`` is what the network should output (:meth:`NoiseSchedule.training_target`)."""
     x0 = batch["image"].to(device)
-    t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), generator=generator)
+    last = schedule.timestep_for_sigma(max_sigma) if max_sigma > 0 else schedule.num_timesteps - 1
+    t = torch.randint(0, last + 1, (x0.shape[0],), generator=generator)
     if pure_noise_share > 0:
         first = min(pure_noise_timesteps(schedule, x0[0].numel()), schedule.num_timesteps - 1)
         late = torch.randint(first, schedule.num_timesteps, t.shape, generator=generator)
@@ -316,7 +319,9 @@ class Trainer:
                 last_micro = micro == config.accumulation - 1
                 sync = contextlib.nullcontext() if last_micro or env.world == 1 else self.network.no_sync()
                 with sync:
-                    x_t, t, target = noisy_batch(batch, self.schedule, generator, env.device, config.pure_noise_share)
+                    x_t, t, target = noisy_batch(
+                        batch, self.schedule, generator, env.device, config.pure_noise_share, config.max_sigma
+                    )
                     inputs = dict(
                         coordinates=batch["coordinates"].to(env.device),
                         region=batch["region"].to(env.device),
