@@ -391,17 +391,24 @@ def controlled_engine(engine: Engine, task: str, folder: Path) -> tuple[Engine |
     return Engine(model, device=engine.device, batch_size=8, overlap=0.25, precision=engine.precision), ""
 
 
-def bench_super_resolution(engine: Engine, folder: Path, output: Path, quick: bool) -> None:
-    """The held-out CT's central 160 x 160 mm: 6 mm slab averages back to its 2 mm slices."""
-    ct, _ = held_out()
-    factor = 3
+def slab_pair(ct: Volume, factor: int, extent_mm: float = SR_EXTENT_MM) -> tuple[Volume, Volume]:
+    """``(thin, thick)``: ``ct``'s central ``extent_mm`` in-plane (its slices cut to a multiple of
+    ``factor``), and the averages of its slabs of ``factor`` slices, each placed at its slab's centre."""
     depth = ct.array.shape[0] // factor * factor
-    thin = crop(ct, (slice(0, depth), *central_box(ct.array.shape, ct.spacing, SR_EXTENT_MM)[1:]))
+    thin = crop(ct, (slice(0, depth), *central_box(ct.array.shape, ct.spacing, extent_mm)[1:]))
     slabs = thin.array.astype(np.float32).reshape(depth // factor, factor, *thin.array.shape[1:]).mean(axis=1)
     first = thin.geometry.subgrid((slice(0, depth, factor), slice(None), slice(None)))
     spacing = (thin.spacing[0], thin.spacing[1], thin.spacing[2] * factor)
     origin = first.index_to_physical() @ np.array([0.0, 0.0, (factor - 1) / 2.0, 1.0])
-    thick = Volume(slabs, spacing, tuple(origin[:3]), thin.direction)
+    return thin, Volume(slabs, spacing, tuple(origin[:3]), thin.direction)
+
+
+def bench_super_resolution(engine: Engine, folder: Path, output: Path, quick: bool) -> None:
+    """The held-out CT's central 160 x 160 mm: 6 mm slab averages back to its 2 mm slices."""
+    ct, _ = held_out()
+    factor = 3
+    thin, thick = slab_pair(ct, factor)
+    slabs, spacing = thick.array, thick.spacing
     body = body_mask(thin.array)
     rows = []
     interpolators = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}
