@@ -34,7 +34,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="base model (its SR ControlNet is found beside it)")
     parser.add_argument("--ct", type=Path, required=True, help="a CT from the models' training data")
-    parser.add_argument("--slices", type=int, nargs=2, default=(80, 176), help="slice range of the CT")
+    parser.add_argument("--slices", type=int, nargs=2, default=(100, 148), help="slice range of the CT")
     parser.add_argument("--factor", type=int, default=4, help="thin slices per thick slab")
     parser.add_argument("--region", default="chest")
     parser.add_argument("--steps", type=int, default=20)
