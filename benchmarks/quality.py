@@ -408,7 +408,6 @@ def bench_super_resolution(engine: Engine, folder: Path, output: Path, quick: bo
     ct, _ = held_out()
     factor = 3
     thin, thick = slab_pair(ct, factor)
-    slabs, spacing = thick.array, thick.spacing
     body = body_mask(thin.array)
     rows = []
     interpolators = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}
@@ -422,7 +421,7 @@ def bench_super_resolution(engine: Engine, folder: Path, output: Path, quick: bo
         )
         array = sitk.GetArrayFromImage(image)
         rows.append([name, f"{psnr(thin.array, array, WINDOW, body):.2f}", f"{ssim(thin.array, array, body):.3f}"])
-    consistent = ZSlabAverage(factor).interpolate(torch.from_numpy(slabs)).numpy()
+    consistent = ZSlabAverage(factor).interpolate(torch.from_numpy(thick.array)).numpy()
     rows.append(
         [
             "cubic made consistent with the slabs (the SR start, no model)",
@@ -450,13 +449,13 @@ def bench_super_resolution(engine: Engine, folder: Path, output: Path, quick: bo
             figures.append(thin.with_array(result))
     comparison_png(
         figures,
-        ["2 mm (held out)", f"cubic from {spacing[2]:g} mm", "SR ControlNet"][: len(figures)],
+        ["2 mm (held out)", f"cubic from {thick.spacing[2]:g} mm", "SR ControlNet"][: len(figures)],
         WINDOW,
         output / "super_resolution.png",
     )
     table(
-        f"Super-resolution: {spacing[2]:g} mm slab averages of the held-out CT (central {SR_EXTENT_MM:g} mm) back to "
-        f"{thin.spacing[2]:g} mm",
+        f"Super-resolution: {thick.spacing[2]:g} mm slab averages of the held-out CT (central {SR_EXTENT_MM:g} mm) "
+        f"back to {thin.spacing[2]:g} mm",
         ["method", "PSNR dB", "SSIM"],
         rows,
     )
