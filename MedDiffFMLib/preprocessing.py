@@ -15,11 +15,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError, MaskError
-from .volume import Geometry, Volume
+from .volume import Geometry, Volume, sitk
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
+from monai.utils import optional_import
 
 from .errors import InputError, OutputExistsError, ReadError
 from .file_check import check_complete, check_dicom_file, is_dicom_file
+
+# SimpleITK is needed to read, write or resample images, not to import this module: training from
+# arrays (Training.pack_data) runs where it is not installed, and fails on use where it is missing.
+sitk, _ = optional_import("SimpleITK")
 
 WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 

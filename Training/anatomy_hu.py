@@ -21,9 +21,8 @@ import numpy as np
 from MedDiffFMLib.anatomy import NUM_ANATOMY_VALUES
 from MedDiffFMLib.errors import MedDiffFMError
 from MedDiffFMLib.model.weights import ModelCard, write_card
-from MedDiffFMLib.volume import read_volume
 
-from .dataset import manifest_entries
+from .dataset import manifest_entries, read_array
 
 MINIMUM_VOXELS = 100
 
@@ -41,8 +40,8 @@ def typical_hu(entries: list[dict], minimum_voxels: int = MINIMUM_VOXELS) -> dic
     bins = high - low
     histograms: dict[str, np.ndarray] = {}
     for entry in {entry["image"]: entry for entry in entries}.values():
-        hu = np.clip(np.rint(read_volume(entry["image"]).array), low, high - 1).astype(np.int64) - low
-        labels = read_volume(entry["anatomy"]).array.astype(np.int64)
+        hu = np.clip(np.rint(read_array(entry["image"])), low, high - 1).astype(np.int64) - low
+        labels = read_array(entry["anatomy"]).astype(np.int64)
         counts = np.bincount((labels * bins + hu).ravel(), minlength=NUM_ANATOMY_VALUES * bins)
         region = histograms.setdefault(entry["region"], np.zeros((NUM_ANATOMY_VALUES, bins), np.int64))
         region += counts.reshape(NUM_ANATOMY_VALUES, bins)

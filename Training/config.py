@@ -61,6 +61,8 @@ class TrainingConfig:
         checkpoint_every, log_every, preview_every: intervals in optimiser steps.
         seed: seed of the model initialisation and of the data order.
         num_workers: data-loader worker processes.
+        samples_per_volume: samples drawn from each listed region crop per epoch. A data loader
+            starts its workers anew each epoch, so a fast device needs epochs of many batches.
     """
 
     model: str = "demo"
@@ -88,6 +90,7 @@ class TrainingConfig:
     preview_every: int = 500
     seed: int = 0
     num_workers: int = 0
+    samples_per_volume: int = 16
 
     def __post_init__(self) -> None:
         if len(self.level_probabilities) != 3 or abs(sum(self.level_probabilities) - 1.0) > 1e-6:
@@ -109,7 +112,15 @@ class TrainingConfig:
             raise InputError("max_sigma and pure_noise_share exclude each other: set one of them to 0.")
         if self.low_snr_cap < 1.0:
             raise InputError("low_snr_cap must be at least 1 (1 disables the weighting).")
-        for name in ("batch_size", "accumulation", "steps", "checkpoint_every", "log_every", "preview_every"):
+        for name in (
+            "batch_size",
+            "accumulation",
+            "steps",
+            "checkpoint_every",
+            "log_every",
+            "preview_every",
+            "samples_per_volume",
+        ):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be at least 1.")
 

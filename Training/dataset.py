@@ -63,6 +63,12 @@ def manifest_entries(folder: Path, case_weights: dict[str, int] | None = None) -
     return entries
 
 
+def read_array(path: str | Path) -> np.ndarray:
+    """The voxel array ``(D, H, W)`` of a cache file: a NumPy ``.npy`` file (an unpacked
+    :mod:`Training.pack_data` cache, read without SimpleITK) or any image :func:`read_volume` reads."""
+    return np.load(path) if str(path).endswith(".npy") else read_volume(path).array
+
+
 def load_entry(entry: dict) -> dict[str, torch.Tensor]:
     """A region crop's tensors ``(D, H, W)``, cached per process: ``image`` (float32, [-1, 1]),
     ``anatomy`` (uint8) and, for fine-tuning data, ``condition`` (float32: windowed like the image
@@ -75,11 +81,11 @@ def load_entry(entry: dict) -> dict[str, torch.Tensor]:
 @functools.lru_cache(maxsize=32)
 def _load(image: str, anatomy: str, region: str, condition: str | None, kind: str) -> dict[str, torch.Tensor]:
     tensors = {
-        "image": torch.from_numpy(hu_to_model(read_volume(image).array, region)),
-        "anatomy": torch.from_numpy(read_volume(anatomy).array.astype(np.uint8)),
+        "image": torch.from_numpy(hu_to_model(read_array(image), region)),
+        "anatomy": torch.from_numpy(read_array(anatomy).astype(np.uint8)),
     }
     if condition is not None:
-        values = read_volume(condition).array
+        values = read_array(condition)
         scaled = hu_to_model(values, region) if kind == "image" else (values > 0).astype(np.float32)
         tensors["condition"] = torch.from_numpy(scaled)
     return tensors
@@ -88,14 +94,14 @@ def _load(image: str, anatomy: str, region: str, condition: str | None, kind: st
 @functools.lru_cache(maxsize=32)
 def _body_voxels(anatomy: str, stride: int = 4) -> np.ndarray:
     """``[z, y, x]`` indices ``(K, 3)`` of every ``stride``-th voxel per axis inside the body (label > 0)."""
-    labels = read_volume(anatomy).array[::stride, ::stride, ::stride]
+    labels = read_array(anatomy)[::stride, ::stride, ::stride]
     return np.argwhere(labels > 0) * stride
 
 
 @functools.lru_cache(maxsize=64)
 def _mask_voxels(mask: str) -> np.ndarray:
     """``[z, y, x]`` indices ``(K, 3)`` of every voxel inside a 0/1 mask (lesions are small)."""
-    return np.argwhere(read_volume(mask).array > 0)
+    return np.argwhere(read_array(mask) > 0)
 
 
 def _random_voxel(voxels: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:

@@ -49,6 +49,7 @@ from .dataset import MultiLevelDataset, manifest_entries
 from .previews import save_preview
 
 logger = logging.getLogger("pretrain")
+EXPORT_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 LOG_FIELDS = ("step", "epoch", "loss", "learning_rate", "samples_per_second", "elapsed_seconds", "data_wait_share")
 
 
@@ -179,6 +180,8 @@ class Trainer:
     ) -> None:
         self.config, self.output, self.env, self.task = config, output, env, task
         torch.manual_seed(config.seed)
+        if env.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest 3D kernels
         if task == "base":
             self.model = MedDiffFMNet(config.model_config).to(env.device)
             self.trainable = list(self.model.parameters())
@@ -220,6 +223,7 @@ class Trainer:
             foreground=config.foreground,
             condition_focus=config.condition_focus,
             position_jitter=config.position_jitter,
+            samples_per_volume=config.samples_per_volume,
         )
         self.network = DistributedDataParallel(self.model) if env.world > 1 else self.model
         base_sha256 = self.model.base.card.sha256 if task != "base" else ""
@@ -292,6 +296,7 @@ class Trainer:
             sampler=sampler,
             num_workers=self.config.num_workers,
             prefetch_factor=4 if self.config.num_workers else None,
+            pin_memory=self.env.device.type == "cuda",
             drop_last=True,
         )
 
@@ -410,8 +415,11 @@ class Trainer:
             values = (f"{loss:.6f}", self.config.learning_rate, f"{rate:.3f}", f"{elapsed:.1f}", f"{data_share:.3f}")
             writer.writerow([step, epoch, *values])
 
-    def export(self, name: str, version: str, training_data: str, notes: list[str]) -> Path:
-        """Save the EMA (or raw) weights as ``<output>/<name>-<version>.safetensors`` with its model card."""
+    def export(
+        self, name: str, version: str, training_data: str, notes: list[str], dtype: torch.dtype | None = None
+    ) -> Path:
+        """Save the EMA (or raw) weights as ``<output>/<name>-<version>.safetensors`` with its model card
+        (floating-point weights as ``dtype`` when given, e.g. bfloat16 for half the size)."""
         weights = self.ema.module if self.ema is not None else self.model
         hours = self.state["elapsed_seconds"] / 3600
         device = torch.cuda.get_device_name(0) if self.env.device.type == "cuda" else f"{platform.processor() or 'CPU'}"
@@ -439,7 +447,7 @@ class Trainer:
             anatomy_hu=typical_hu(self.entries) if self.task == "base" else {},
         )
         path = self.output / f"{name}-{version}.safetensors"
-        save_checkpoint(weights, path, card)
+        save_checkpoint(weights, path, card, dtype)
         return path
 
 
@@ -461,6 +469,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--training-data", default="", help="description of the training data for the model card")
     parser.add_argument("--note", action="append", default=[], help="note for the model card (repeatable)")
+    parser.add_argument(
+        "--export-dtype",
+        choices=sorted(EXPORT_DTYPES),
+        default="float32",
+        help="type of the exported weights (bfloat16: half the file; loading casts them back to float32)",
+    )
     return parser
 
 
@@ -479,7 +493,8 @@ def run(args: argparse.Namespace, task: str = "base", base_weights: Path | None 
             trainer.run(args.stop_after_minutes)
         if args.export and env.main and (args.export_only or trainer.state["step"] >= config.steps):
             name, _, version = args.export.partition("@")
-            path = trainer.export(name, version or "1.0", args.training_data, args.note)
+            dtype = EXPORT_DTYPES[args.export_dtype]
+            path = trainer.export(name, version or "1.0", args.training_data, args.note, dtype)
             print(f"exported {path}")
     except MedDiffFMError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -143,17 +143,24 @@ def card_path(weights: str | os.PathLike) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def save_checkpoint(model: MedDiffFMNet | ControlledNet, path: str | os.PathLike, card: ModelCard) -> ModelCard:
+def save_checkpoint(
+    model: MedDiffFMNet | ControlledNet, path: str | os.PathLike, card: ModelCard, dtype: torch.dtype | None = None
+) -> ModelCard:
     """Write ``model``'s trainable weights to ``path`` (.safetensors) and its card beside it.
 
     A :class:`ControlledNet` stores only its ControlNet; the card names the base model.
+    ``dtype`` (e.g. ``torch.bfloat16``, half the size of float32) stores the floating-point weights
+    in that type; loading casts them back to the model's float32.
     Both files are written atomically. Returns the card with the file's SHA-256 filled in.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise WeightsError(f"Checkpoints are saved as .safetensors files, not '{path.name}'.")
     module = model.controlnet if isinstance(model, ControlledNet) else model
-    tensors = {key: value.detach().cpu().contiguous() for key, value in module.state_dict().items()}
+    tensors = {
+        key: (value.to(dtype) if dtype is not None and value.is_floating_point() else value).detach().cpu().contiguous()
+        for key, value in module.state_dict().items()
+    }
     card.config = model.config.to_dict()
     _atomic_write(path, lambda target: save_file(tensors, str(target)))
     card.sha256 = sha256_of(path)
