@@ -110,7 +110,7 @@ def to_int16_hu(values: np.ndarray) -> np.ndarray:
 
 def pack(data: Path, output: Path) -> dict:
     """Write ``output/pack.json`` and one ``<case>.npz`` per finished case of the cache ``data``."""
-    from MedDiffFMLib.volume import read_volume
+    from MedDiffFMLib.volume import Volume, read_volume
 
     manifest_path = data / "manifest.json"
     if not manifest_path.exists():
@@ -121,7 +121,16 @@ def pack(data: Path, output: Path) -> dict:
     for name, case in sorted(manifest["cases"].items()):
         if case["status"] != "done":
             continue
-        source = read_volume(case["source"])
+        slices = {tuple(entry.get("source_slices", ())) for entry in case["regions"]}
+        if len(slices) != 1 or len(next(iter(slices))) != 2:
+            raise InputError(
+                f"Case '{name}' of '{data}' does not record the source slices of its crops (prepared by an "
+                "older version); prepare it again into a new folder."
+            )
+        (start, stop), source = next(iter(slices)), read_volume(case["source"])
+        source = Volume.on_geometry(
+            source.array[start:stop], source.geometry.subgrid((slice(start, stop), slice(None), slice(None)))
+        )
         arrays, regions = {}, []
         maps = []
         for index, entry in enumerate(case["regions"]):

@@ -11,7 +11,9 @@ recorded in the manifest). Without any of these the run stops first and names th
 The CT and its 118-class anatomy map are resampled to ``--spacing`` mm, whole-body scans are split
 into head & neck / chest / abdomen by the z-extent of each region's characteristic structures, and
 each region crop is written as ``<case>_<region>_ct.nii.gz`` (int16 HU) and
-``<case>_<region>_anatomy.nii.gz`` (uint8), each file atomically (temporary name, then rename).
+``<case>_<region>_anatomy.nii.gz`` (uint8), each file atomically (temporary name, then rename). The
+manifest records for each crop the slices of the source scan it was resampled from
+(``source_slices``: start, stop), so that :mod:`Training.pack_data` can redo the resampling.
 
 Scale: ``--workers N`` prepares N cases at a time in worker processes; ``--shard i/n`` (SLURM
 arrays: ``--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT``) or ``torchrun``'s ``RANK`` /
@@ -179,6 +181,7 @@ def crop_z(volume: Volume, z: slice) -> Volume:
 def prepare_case(case: Case, output: Path, spacing: float, threshold_labels: bool) -> list[dict]:
     """Prepare one case; returns its manifest entries (one per region crop)."""
     ct = read_volume(case.image)
+    source_slices = slice(case.z_start, case.z_stop).indices(ct.array.shape[0])[:2]
     if case.z_start is not None or case.z_stop is not None:
         ct = crop_z(ct, slice(case.z_start, case.z_stop))
     hu = ct.array.astype(np.float32)
@@ -211,6 +214,7 @@ def prepare_case(case: Case, output: Path, spacing: float, threshold_labels: boo
                 anatomy=anatomy_path.name,
                 shape=list(region_ct.array.shape),
                 labels=source,
+                source_slices=list(source_slices),
             )
         )
     return entries
