@@ -123,8 +123,9 @@ assert pretrain.main([*args, "--export", "handover@1", "--export-dtype", "bfloat
 
 def test_bfloat16_export_halves_the_file_and_loads_as_float32(tmp_path):
     model = untrained_model("tiny", seed=0)
-    save_checkpoint(model, tmp_path / "full.safetensors", ModelCard(name="full", version="1", task="base", config={}))
-    save_checkpoint(model, tmp_path / "half.safetensors", ModelCard(name="half", version="1", task="base", config={}), torch.bfloat16)
+    card = ModelCard(name="tiny", version="1", task="base", config={})
+    save_checkpoint(model, tmp_path / "full.safetensors", card)
+    save_checkpoint(model, tmp_path / "half.safetensors", card, torch.bfloat16)
     full, half = (tmp_path / "full.safetensors").stat().st_size, (tmp_path / "half.safetensors").stat().st_size
     assert half < 0.55 * full
     loaded = load_model(tmp_path / "half.safetensors")
