@@ -51,7 +51,7 @@ train() {  # name config [extra pretrain options...]
 export_run() {  # name config export-name dtype
     "$PYTHON" -m Training.pretrain --config "$2" --data "$WORK/data" --output "$WORK/$1" --export "$3" \
         --export-only --export-dtype "$4" --training-data "$DATA" \
-        --note "Trained on three CT scans for $MINUTES minutes on one GPU (Training/gpu_train.sh); not for clinical use." \
+        --note "Trained on three CT scans on one GPU (Training/gpu_train.sh; the hours above count every sitting); not for clinical use." \
         >> "$WORK/$1.console.txt" 2>&1
 }
 

@@ -69,6 +69,7 @@ from MedDiffFMLib.figures import comparison_png  # noqa: E402
 from MedDiffFMLib.lowdose import simulate  # noqa: E402
 from MedDiffFMLib.metrics import psnr, scaled_pair  # noqa: E402
 from MedDiffFMLib.model import load_controlled_model, load_model, resolve_weights  # noqa: E402
+from MedDiffFMLib.task_spec import START_FROM  # noqa: E402
 from MedDiffFMLib.tasks import (  # noqa: E402
     Engine,
     denoise,
@@ -580,10 +581,10 @@ def bench_lesions(engine: Engine, folder: Path, output: Path, quick: bool) -> No
 # --- synthesis -------------------------------------------------------------------------------------
 
 
-def bench_synthesis(engine: Engine, output: Path, quick: bool) -> None:
+def bench_synthesis(engine: Engine, output: Path, quick: bool, starts: tuple[str, ...] = START_FROM) -> None:
     """Synthesis from the held-out TotalSegmentator map (no body class: the body is derived), from
-    pure noise and, when the model card has the typical HU of the abdomen's labels, from the
-    anatomy painted with them."""
+    each of ``starts``: pure noise and, when the model card has the typical HU of the abdomen's
+    labels, the anatomy painted with them."""
     trained = engine.typical_hu("abdomen")
     window = pp.REGIONS["abdomen"]
     ct, labels = held_out()
@@ -594,7 +595,7 @@ def bench_synthesis(engine: Engine, output: Path, quick: bool) -> None:
     box = (box[0], box[1], slice(box[2].start, middle) if left else slice(middle, box[2].stop))
     real, anatomy = crop(ct, box), crop(labels, box)
     steps = synthesis_steps(quick)
-    starts = ["noise", "anatomy"] if trained else ["noise"]
+    starts = [start for start in starts if trained or start == "noise"]
     synthetic, seconds = {}, {}
     for start_from in starts:
         started = time.perf_counter()
@@ -693,6 +694,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--precision", default="auto", help="network precision (Engine; auto: bf16 where native)")
     parser.add_argument("--quick", action="store_true", help="smaller tuning grids")
+    parser.add_argument(
+        "--synthesis-starts",
+        nargs="+",
+        choices=START_FROM,
+        default=list(START_FROM),
+        help="where synthesis starts (anatomy: only for models whose card has typical HU)",
+    )
     args = parser.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
     args.tuning_data.mkdir(parents=True, exist_ok=True)
@@ -706,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         "denoise": lambda: bench_denoise(engine, args.tuning_data, args.output, args.quick),
         "anomaly": lambda: bench_anomaly(engine, args.tuning_data, args.output, args.quick),
         "super-resolution": lambda: bench_super_resolution(engine, weights.parent, args.output, args.quick),
-        "synthesis": lambda: bench_synthesis(engine, args.output, args.quick),
+        "synthesis": lambda: bench_synthesis(engine, args.output, args.quick, tuple(args.synthesis_starts)),
         "lesions": lambda: bench_lesions(engine, weights.parent, args.output, args.quick),
     }
     failed = []
