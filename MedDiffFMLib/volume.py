@@ -18,14 +18,27 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from monai.utils import optional_import
 
 from .errors import InputError, OutputExistsError, ReadError
 from .file_check import check_complete, check_dicom_file, is_dicom_file
 
+
+class _NotInstalled:
+    """Stands in for a package that is missing: any use raises an ImportError that names it."""
+
+    def __init__(self, name: str, error: ImportError) -> None:
+        self._name, self._error = name, error
+
+    def __getattr__(self, attribute: str):
+        raise ImportError(f"{self._name} is needed to read, write or resample images ({self._error}).")
+
+
 # SimpleITK is needed to read, write or resample images, not to import this module: training from
 # arrays (Training.pack_data) runs where it is not installed, and fails on use where it is missing.
-sitk, _ = optional_import("SimpleITK")
+try:
+    import SimpleITK as sitk
+except ImportError as missing:
+    sitk = _NotInstalled("SimpleITK", missing)
 
 WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 
