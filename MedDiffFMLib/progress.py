@@ -85,3 +85,13 @@ class JsonLinesProgress:
 
     def __call__(self, done: int, total: int, message: str) -> None:
         emit_json(event="progress", task=self._description, done=done, total=total, message=message)
+
+
+def stage_progress(progress: ProgressCallback, index: int, count: int, label: str) -> ProgressCallback:
+    """``progress`` for stage ``index`` (0-based) of ``count`` stages: each stage's ``done / total``
+    becomes one ``count``-th of a single bar (in thousandths), its messages prefixed with ``label``."""
+
+    def report(done: int, total: int, message: str) -> None:
+        progress(1000 * index + (1000 * done) // max(total, 1), 1000 * count, f"{label}: {message}")
+
+    return report

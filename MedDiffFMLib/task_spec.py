@@ -28,6 +28,10 @@ SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m")
 START_FROM = ("noise", "anatomy")
 """Where synthesis starts: pure noise (the method's default) or the anatomy painted with the model
 card's typical HU and noised to the start timestep (Docs/METHOD.md 1.1)."""
+LESION_SCOPES = ("lesion", "volume")
+"""What the lesion ControlNet generates in lesion generation: only the lesion (the base model
+synthesises the CT, then the lesion is RePainted into it, so the tissue around it is the base
+model's) or the whole volume (the ControlNet conditions the whole synthesis, the paper's method)."""
 
 PREVIEW_OVERLAP = 0.25
 """Window overlap of the fast preview: half the windows of the default 0.5, no visible seams
@@ -347,6 +351,19 @@ _START = Setting(
 )
 
 
+def _margin(prefix: str) -> Setting:
+    return Setting(
+        "margin_mm",
+        0.0,
+        prefix + "blend generated and original voxels in a band this wide (mm) around the lesion mask; default 0: "
+        "only the mask changes",
+        flag="--margin",
+        minimum=0.0,
+        maximum=30.0,
+        panel="margin",
+    )
+
+
 def _eta(help_text: str) -> Setting:
     return Setting("eta", 1.0, help_text, minimum=0.0, maximum=1.0, panel="eta")
 
@@ -528,11 +545,35 @@ register(
         "lesion:run_generate",
         inputs=(_ANATOMY_GRID, Role("lesion", "lesion mask (non-zero = lesion)")),
         outputs=(Output("volume", "synthetic lesion CT"),),
-        settings=(_SAMPLER, _STEPS_OF_SAMPLER, _eta("DDIM stochasticity (default 1)"), _START_FROM, _START),
+        settings=(
+            _SAMPLER,
+            _STEPS_OF_SAMPLER,
+            _eta("DDIM stochasticity (default 1)"),
+            _START_FROM,
+            _START,
+            Setting(
+                "scope",
+                "lesion",
+                "what the lesion ControlNet generates: lesion (default; the base model synthesises the CT and the "
+                "lesion is RePainted into it, so everything outside the mask and --margin is the base model's "
+                "synthesis with the same seed) or volume (the ControlNet conditions the whole synthesis, the "
+                "paper's method)",
+                kind="str",
+                choices=LESION_SCOPES,
+            ),
+            Setting(
+                "lesion_steps",
+                50,
+                "with --scope lesion: RePaint steps of the lesion (default 50, one re-noising jump of 10 steps)",
+                kind="int",
+                minimum=1,
+            ),
+            _margin("with --scope lesion: "),
+        ),
         region_required=True,
         controlnet_task="controlnet-lesion",
         grid_from_volume=True,
-        preview=(("sampler", "dpm++2m"), ("steps", 10)),
+        preview=(("sampler", "dpm++2m"), ("steps", 10), ("lesion_steps", 20)),
     )
 )
 register(
@@ -567,16 +608,7 @@ register(
                 minimum=0,
                 panel="jumpCount",
             ),
-            Setting(
-                "margin_mm",
-                0.0,
-                "blend generated and original voxels in a band this wide (mm) around the mask; default 0: only the "
-                "mask changes",
-                flag="--margin",
-                minimum=0.0,
-                maximum=30.0,
-                panel="margin",
-            ),
+            _margin(""),
         ),
         controlnet_task="controlnet-lesion",
         preview=(("steps", 20), ("jump_count", 0)),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DATA, OracleNet, crop, random_tiny_model, randomise_zero_parameters
+from scipy import ndimage
 
 from MedDiffFMLib import cli
 from MedDiffFMLib import preprocessing as pp
@@ -20,7 +21,7 @@ from MedDiffFMLib.diffusion.repaint import repaint_schedule
 from MedDiffFMLib.errors import InputError, MaskError, WeightsError
 from MedDiffFMLib.model import weights as w
 from MedDiffFMLib.model.network import ControlledNet
-from MedDiffFMLib.tasks import Engine, generate_lesion, inpaint_lesion, super_resolve
+from MedDiffFMLib.tasks import Engine, generate_lesion, inpaint_lesion, super_resolve, synthesize
 from MedDiffFMLib.tasks.lesion import blend_weights, bounding_box
 from MedDiffFMLib.tasks.super_resolution import thin_geometry
 from MedDiffFMLib.volume import Volume, read_volume, write_volume
@@ -209,14 +210,15 @@ def test_crop_and_paste_keeps_geometry(small_ct):
 
 def test_lesion_generation_follows_the_mask(small_seg, lesion_engine):
     lesion = _lesion(small_seg, (slice(4, 10), slice(10, 25), slice(15, 30)))
-    first = generate_lesion(small_seg, lesion, "abdomen", lesion_engine, steps=3, seed=1)
-    again = generate_lesion(small_seg, lesion, "abdomen", lesion_engine, steps=3, seed=1)
+    first = generate_lesion(small_seg, lesion, "abdomen", lesion_engine, steps=3, lesion_steps=2, seed=1)
+    again = generate_lesion(small_seg, lesion, "abdomen", lesion_engine, steps=3, lesion_steps=2, seed=1)
     other = generate_lesion(
         small_seg,
         _lesion(small_seg, (slice(0, 2), slice(0, 5), slice(0, 5))),
         "abdomen",
         lesion_engine,
         steps=3,
+        lesion_steps=2,
         seed=1,
     )
     assert first.geometry.same_grid(small_seg.geometry)
@@ -224,6 +226,45 @@ def test_lesion_generation_follows_the_mask(small_seg, lesion_engine):
     assert not np.array_equal(first.array, other.array)
     with pytest.raises(MaskError):
         generate_lesion(small_seg, small_seg.with_array(np.zeros_like(small_seg.array)), "abdomen", lesion_engine)
+
+
+def test_lesion_generation_changes_only_the_lesion_of_the_base_synthesis(small_seg, lesion_engine):
+    """Scope "lesion": every voxel outside the mask and its band is the base model's synthesis with
+    the same seed, bit for bit; the lesion itself is the ControlNet's. Scope "volume" (the ControlNet
+    conditions the whole synthesis) changes voxels far from the lesion."""
+    box = (slice(4, 10), slice(10, 25), slice(15, 30))
+    lesion = _lesion(small_seg, box)
+    mask = lesion.array > 0
+    plain = synthesize(small_seg, "abdomen", lesion_engine.without_controlnet(), steps=3, seed=1)
+    reports = []
+    local = generate_lesion(
+        small_seg,
+        lesion,
+        "abdomen",
+        lesion_engine,
+        steps=3,
+        lesion_steps=2,
+        seed=1,
+        progress=lambda *report: reports.append(report),
+    )
+    np.testing.assert_array_equal(local.array[~mask], plain.array[~mask])
+    assert np.abs(local.array[mask] - plain.array[mask]).mean() > 1.0
+    assert local.metadata["MedDiffFM_task"] == "generate-lesion" and local.metadata["MedDiffFM_scope"] == "lesion"
+    done = [report[0] for report in reports]
+    assert done == sorted(done) and reports[-1][:2] == (2000, 2000) and {r[1] for r in reports} == {2000}
+    assert reports[0][2].startswith("synthesis: ") and reports[-1][2].startswith("lesion: ")
+
+    banded = generate_lesion(
+        small_seg, lesion, "abdomen", lesion_engine, steps=3, lesion_steps=2, seed=1, margin_mm=4.0
+    )
+    distance = ndimage.distance_transform_edt(~mask, sampling=small_seg.spacing[::-1])
+    np.testing.assert_array_equal(banded.array[distance > 4.0], plain.array[distance > 4.0])
+    assert (banded.array[(distance > 0) & (distance <= 4.0)] != plain.array[(distance > 0) & (distance <= 4.0)]).any()
+
+    whole = generate_lesion(small_seg, lesion, "abdomen", lesion_engine, steps=3, seed=1, scope="volume")
+    assert (whole.array[distance > 10.0] != plain.array[distance > 10.0]).any()
+    with pytest.raises(InputError, match="scope"):
+        generate_lesion(small_seg, lesion, "abdomen", lesion_engine, scope="organ")
 
 
 def test_cli_fine_tuned_commands(tmp_path, small_ct, small_seg):

@@ -5,7 +5,8 @@ phantom CT (air, soft tissue, bone, a liver label) is run through all six tasks 
 networks. Invariants: outputs lie on the input's grid (super-resolution: the input's in-plane grid
 and the requested slices); voxel type float32 HU for whole-volume results, the input's own type for
 inpainting; synthesised HU within the CT range; every voxel the model cannot represent carried over
-with its exact value; inpainting leaves every voxel outside the mask bit-identical.
+with its exact value; inpainting leaves every voxel outside the mask bit-identical, and lesion generation every voxel
+outside it as the base model's synthesis.
 """
 
 from __future__ import annotations
@@ -102,8 +103,10 @@ def test_every_task_keeps_its_invariants_on_far_grids(engines, spacing, angles, 
     assert painted.geometry.same_grid(ct.geometry) and painted.array.dtype == ct.array.dtype
     np.testing.assert_array_equal(painted.array[keep], ct.array[keep])
 
-    generated = generate_lesion(anatomy, lesion, region, controlled, steps=1)
+    generated = generate_lesion(anatomy, lesion, region, controlled, steps=1, lesion_steps=2)
     assert generated.geometry.same_grid(anatomy.geometry)
+    plain = synthesize(anatomy, region, controlled.without_controlnet(), steps=1)
+    np.testing.assert_array_equal(generated.array[keep], plain.array[keep])
 
     # Super-resolution works in whole multiples of the model's spacing: thick slices of 2-3 of them.
     model_mm = controlled.config.spacing_mm

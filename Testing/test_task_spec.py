@@ -66,7 +66,7 @@ FLAGS_ADDED_SINCE = {
     "detect-anomalies": {"--organ-only"},
     "super-resolve": {"--draws"},
     "synthesize": {"--start-from", "--start"},
-    "generate-lesion": {"--start-from", "--start"},
+    "generate-lesion": {"--start-from", "--start", "--scope", "--lesion-steps", "--margin"},
 }
 
 

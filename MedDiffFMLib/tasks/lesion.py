@@ -1,7 +1,9 @@
 """Lesion generation and lesion inpainting with the lesion ControlNet (Docs/METHOD.md 1.5).
 
-* :func:`generate_lesion`: whole-volume synthesis from an anatomy label map with the lesion mask
-  as the ControlNet condition.
+* :func:`generate_lesion`: synthesis from an anatomy label map with a lesion where a mask says:
+  by default the base model synthesises the CT and the lesion is RePainted into it with the lesion
+  ControlNet (the tissue around it stays the base model's); or, as in the paper, the whole
+  synthesis conditioned on the lesion mask.
 * :func:`inpaint_lesion`: RePaint on a real CT. Only voxels inside the lesion mask change (plus, on
   request, a blended band around it, whose voxels outside the region's HU window, such as gas or
   bone, are kept); every other voxel is returned bit-identical (same values, same dtype). The work
@@ -20,10 +22,10 @@ from .. import preprocessing as pp
 from ..device import make_generator
 from ..diffusion.repaint import repaint
 from ..diffusion.sliding_window import Conditions
-from ..errors import MaskError
-from ..progress import CancelToken, ProgressCallback, no_progress
+from ..errors import InputError, MaskError
+from ..progress import CancelToken, ProgressCallback, no_progress, stage_progress
 from ..region import detect_region
-from ..task_spec import TASKS, RunContext, TaskResult
+from ..task_spec import LESION_SCOPES, TASKS, RunContext, TaskResult
 from ..volume import Volume
 from .engine import Engine, anatomy_on, checked_ct
 from .synthesize import synthesize
@@ -54,27 +56,61 @@ def generate_lesion(
     cancel: CancelToken | None = None,
     start_from: str = "noise",
     start: int | None = None,
+    scope: str = "lesion",
+    lesion_steps: int = DEFAULT_STEPS,
+    margin_mm: float = DEFAULT_MARGIN_MM,
 ) -> Volume:
     """A synthetic CT (HU, on the anatomy's grid) with a lesion where ``lesion`` is set.
 
-    ``engine`` must hold the lesion ControlNet (``controlnet-lesion``); ``start_from`` and ``start``
-    as in :func:`~.synthesize.synthesize` (the base model card's typical HU).
+    ``engine`` must hold the lesion ControlNet (``controlnet-lesion``); ``sampler`` to ``start`` as in
+    :func:`~.synthesize.synthesize` (the base model card's typical HU).
+
+    ``scope="lesion"`` (default): the base model alone synthesises the CT (exactly
+    ``synthesize(anatomy, region, engine.without_controlnet(), ...)`` with the same settings and
+    seed), then :func:`inpaint_lesion` RePaints the lesion into it with the ControlNet and the
+    anatomy in ``lesion_steps`` steps (its default jumps, ``margin_mm``). Every voxel outside the mask (and the
+    band) is the base model's synthesis, so the lesion condition cannot change the organ around it.
+    ``scope="volume"``: the ControlNet conditions the whole synthesis (the paper's method; the
+    condition may change tissue far from the lesion).
     """
+    if scope not in LESION_SCOPES:
+        raise InputError(f"scope must be one of {', '.join(LESION_SCOPES)}, got '{scope}'.")
     mask = lesion_mask_on(lesion, anatomy)
-    return synthesize(
+    synthesis = dict(sampler=sampler, steps=steps, eta=eta, seed=seed, cancel=cancel, start_from=start_from)
+    if scope == "volume":
+        return synthesize(
+            anatomy, region, engine, progress=progress, control=mask, task="generate-lesion", start=start, **synthesis
+        )
+    base = synthesize(
         anatomy,
         region,
-        engine,
-        sampler,
-        steps,
-        eta,
-        seed,
-        progress,
-        cancel,
-        control=mask,
-        task="generate-lesion",
-        start_from=start_from,
+        engine.without_controlnet(),
+        progress=stage_progress(progress, 0, 2, "synthesis"),
         start=start,
+        **synthesis,
+    )
+    result = inpaint_lesion(
+        base,
+        base.with_array(mask.astype(np.uint8)),
+        engine,
+        region,
+        anatomy,
+        steps=lesion_steps,
+        margin_mm=margin_mm,
+        seed=seed,
+        progress=stage_progress(progress, 1, 2, "lesion"),
+        cancel=cancel,
+    )
+    band = f" and a {margin_mm:g} mm band around it" if margin_mm > 0 else ""
+    return result.with_array(
+        result.array,
+        MedDiffFM_task="generate-lesion",
+        MedDiffFM_model=engine.name,
+        MedDiffFM_scope=scope,
+        MedDiffFM_note=(
+            f"{base.metadata['MedDiffFM_note']} The lesion mask{band} was RePainted with the lesion ControlNet; every "
+            f"other voxel is the base model's synthesis ({base.metadata['MedDiffFM_model']}, seed {seed})."
+        ),
     )
 
 
