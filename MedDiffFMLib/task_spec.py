@@ -29,9 +29,9 @@ START_FROM = ("noise", "anatomy")
 """Where synthesis starts: pure noise (the method's default) or the anatomy painted with the model
 card's typical HU and noised to the start timestep (Docs/METHOD.md 1.1)."""
 LESION_SCOPES = ("lesion", "volume")
-"""What the lesion ControlNet generates in lesion generation: only the lesion (the base model
-synthesises the CT, then the lesion is RePainted into it, so the tissue around it is the base
-model's) or the whole volume (the ControlNet conditions the whole synthesis, the paper's method)."""
+"""What the lesion ControlNet generates in lesion generation: only the lesion (the CT is synthesised
+without it, then the lesion is RePainted into it, so the tissue around it stays as it was) or the
+whole volume (the ControlNet conditions the whole synthesis on the mask, the paper's method)."""
 
 PREVIEW_OVERLAP = 0.25
 """Window overlap of the fast preview: half the windows of the default 0.5, no visible seams
@@ -554,10 +554,10 @@ register(
             Setting(
                 "scope",
                 "lesion",
-                "what the lesion ControlNet generates: lesion (default; the base model synthesises the CT and the "
-                "lesion is RePainted into it, so everything outside the mask and --margin is the base model's "
-                "synthesis with the same seed) or volume (the ControlNet conditions the whole synthesis, the "
-                "paper's method)",
+                "what the lesion ControlNet generates: lesion (default; the CT is synthesised without the lesion, "
+                "then the lesion is RePainted into it, so everything outside the mask and --margin is the "
+                "lesion-free synthesis with the same seed) or volume (the ControlNet conditions the whole "
+                "synthesis on the mask, the paper's method)",
                 kind="str",
                 choices=LESION_SCOPES,
             ),

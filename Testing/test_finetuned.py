@@ -228,14 +228,14 @@ def test_lesion_generation_follows_the_mask(small_seg, lesion_engine):
         generate_lesion(small_seg, small_seg.with_array(np.zeros_like(small_seg.array)), "abdomen", lesion_engine)
 
 
-def test_lesion_generation_changes_only_the_lesion_of_the_base_synthesis(small_seg, lesion_engine):
-    """Scope "lesion": every voxel outside the mask and its band is the base model's synthesis with
-    the same seed, bit for bit; the lesion itself is the ControlNet's. Scope "volume" (the ControlNet
-    conditions the whole synthesis) changes voxels far from the lesion."""
+def test_lesion_generation_changes_only_the_lesion_of_the_lesion_free_synthesis(small_seg, lesion_engine):
+    """Scope "lesion": every voxel outside the mask and its band is the synthesis without a lesion
+    (an empty mask) with the same seed, bit for bit; the lesion itself is RePainted. Scope "volume"
+    (the ControlNet conditions the whole synthesis on the mask) changes voxels far from the lesion."""
     box = (slice(4, 10), slice(10, 25), slice(15, 30))
     lesion = _lesion(small_seg, box)
     mask = lesion.array > 0
-    plain = synthesize(small_seg, "abdomen", lesion_engine.without_controlnet(), steps=3, seed=1)
+    plain = synthesize(small_seg, "abdomen", lesion_engine, steps=3, seed=1, control=np.zeros(mask.shape, np.float32))
     reports = []
     local = generate_lesion(
         small_seg,

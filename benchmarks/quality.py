@@ -29,10 +29,12 @@ CTA and the abdomen CT of the ``totalsegmentator`` 2.18.0 source archive (fetche
    -900 HU, the body outline's Dice, and every large organ's median HU against the real scan's.
 5. Lesions (when a lesion ControlNet exists for the base model): a 12 mm sphere painted in the
    held-out liver. Inpainting: its HU statistics, the share that came out as air, its contrast to
-   the liver against the training lesions' range, and the voxels changed outside the mask.
-   Generation: the same mask in a CT synthesised from the held-out labels (96 mm around it); its
-   contrast to the synthetic liver, and how much the lesion condition changes the liver more than
-   10 mm away from it (against the base model alone with the same seed).
+   the liver (whole, and 2-8 mm around it) against the training lesions' range, and the voxels
+   changed outside the mask. Generation: the same mask in a CT synthesised from the held-out labels
+   (96 mm around it), with the lesion RePainted (the default) and with the whole synthesis
+   conditioned on it (``--scope volume``); its contrast to the synthetic liver (whole, and around
+   it), and how much the lesion changes the liver more than 10 mm away from it (against the same
+   model's synthesis without the lesion, same seed).
 
 Prints one Markdown table per task and writes a PNG per task into ``--output``.
 """
@@ -475,9 +477,8 @@ def bench_lesions(engine: Engine, folder: Path, output: Path, quick: bool) -> No
     """A 12 mm sphere in the held-out liver. Inpainting: it must not come out as air, the voxels
     around it must be kept, and its contrast to the liver should fall in the training lesions'
     range. Generation: the same mask in a CT synthesised from the held-out labels (a 96 mm cube
-    around it, the default scope "lesion": the base model's synthesis with the lesion RePainted into
-    it); its contrast to the synthetic liver, against the same range, and the liver away from it
-    against the base model's synthesis with the same seed."""
+    around it), per scope; its contrast to the synthetic liver, against the same range, and the
+    liver away from it against the synthesis without the lesion (empty mask, same seed)."""
     lesion_engine, why = controlled_engine(engine, "controlnet-lesion", folder)
     if lesion_engine is None:
         table("Lesion inpainting and generation", ["model", "result"], [[f"lesion ControlNet for {engine.name}", why]])
@@ -495,6 +496,7 @@ def bench_lesions(engine: Engine, folder: Path, output: Path, quick: bool) -> No
     seconds = time.perf_counter() - started
     inside, outside = result.array[mask], result.array[~mask] != ct.array[~mask]
     liver_mean = float(ct.array[liver & ~mask].mean())
+    shell = liver & (distance > 8.0) & (distance <= 14.0)  # the liver 2-8 mm around the lesion
     rows = [
         ["inpainting: mean / std HU inside the painted lesion", f"{inside.mean():.0f} / {inside.std():.0f}", ""],
         [
@@ -507,6 +509,11 @@ def bench_lesions(engine: Engine, folder: Path, output: Path, quick: bool) -> No
             f"{inside.mean() - liver_mean:+.0f}",
             f"training lesions {low:+.0f} .. {high:+.0f}",
         ],
+        [
+            "inpainting: lesion mean - mean of the liver 2-8 mm around it (HU)",
+            f"{inside.mean() - ct.array[shell].mean():+.0f}",
+            "",
+        ],
         [f"inpainting: voxels changed outside the mask ({seconds:.0f} s)", f"{int(outside.sum())}", "0"],
     ]
     half = [int(round(48.0 / s)) for s in spacing]
@@ -514,52 +521,65 @@ def bench_lesions(engine: Engine, folder: Path, output: Path, quick: bool) -> No
     liver_box, mask_box = liver[box], mask[box]
     real_liver = ct.array[box][liver_box & ~mask_box]
     real = f"real {real_liver.mean():.0f} / {real_liver.std():.0f}"
-    starts = ["noise", "anatomy"] if lesion_engine.typical_hu("abdomen") else ["noise"]
+    variants = [("lesion", "noise"), ("volume", "noise")]
+    if lesion_engine.typical_hu("abdomen") and not quick:
+        variants.append(("lesion", "anatomy"))
+    lesion_box = crop(ct.with_array(mask.astype(np.uint8)), box)
+    # Same seed, same labels, an empty lesion mask: the CT without the lesion.
+    plain = synthesize(
+        crop(labels, box),
+        "abdomen",
+        lesion_engine,
+        sampler="ddim",
+        steps=synthesis_steps(quick),
+        seed=0,
+        control=np.zeros(lesion_box.array.shape, dtype=np.float32),
+    )
+    far = liver_box & (ndimage.distance_transform_edt(~mask_box, sampling=spacing) > 10.0)
     generated = {}
-    for start_from in starts:
+    for scope, start_from in variants:
         started = time.perf_counter()
-        generated[start_from] = generate_lesion(
+        volume = generate_lesion(
             crop(labels, box),
-            crop(ct.with_array(mask.astype(np.uint8)), box),
+            lesion_box,
             "abdomen",
             lesion_engine,
             sampler="ddim",
             steps=synthesis_steps(quick),
             seed=0,
             start_from=start_from,
+            scope=scope,
         )
         seconds = time.perf_counter() - started
-        synthetic_liver = generated[start_from].array[liver_box & ~mask_box]
-        made = generated[start_from].array[mask_box]
+        name = f"generation, scope {scope}, from {start_from}"
+        generated[name] = volume
+        synthetic_liver = volume.array[liver_box & ~mask_box]
+        made = volume.array[mask_box]
+        change = np.abs(volume.array - plain.array)[far]
         rows += [
+            [f"{name}: mean / std HU inside the lesion ({seconds:.0f} s)", f"{made.mean():.0f} / {made.std():.0f}", ""],
             [
-                f"generation from {start_from}: mean / std HU inside the lesion ({seconds:.0f} s)",
-                f"{made.mean():.0f} / {made.std():.0f}",
-                "",
-            ],
-            [
-                f"generation from {start_from}: synthetic liver mean / std HU around it ({real})",
+                f"{name}: synthetic liver mean / std HU around it ({real})",
                 f"{synthetic_liver.mean():.0f} / {synthetic_liver.std():.0f}",
                 "",
             ],
             [
-                f"generation from {start_from}: lesion mean - synthetic liver mean (HU)",
+                f"{name}: lesion mean - synthetic liver mean (HU)",
                 f"{made.mean() - synthetic_liver.mean():+.0f}",
                 f"training lesions {low:+.0f} .. {high:+.0f}",
             ],
+            [
+                f"{name}: lesion mean - mean of the synthetic liver 2-8 mm around it (HU)",
+                f"{made.mean() - volume.array[shell[box]].mean():+.0f}",
+                "",
+            ],
+            [
+                f"{name}: median / 90th percentile absolute HU change in the liver > 10 mm from the lesion, against "
+                "the same model's synthesis without it (empty mask, same seed)",
+                f"{np.median(change):.0f} / {np.percentile(change, 90):.0f}",
+                "0" if scope == "lesion" else "small against the liver's std",
+            ],
         ]
-    # Same seed, same labels, no ControlNet: what the lesion condition changes away from the lesion.
-    plain = synthesize(crop(labels, box), "abdomen", engine, sampler="ddim", steps=synthesis_steps(quick), seed=0)
-    far = liver_box & (ndimage.distance_transform_edt(~mask_box, sampling=spacing) > 10.0)
-    change = np.abs(generated["noise"].array - plain.array)[far]
-    rows.append(
-        [
-            f"generation from noise: median / 90th percentile absolute HU change in the liver > 10 mm from the lesion, "
-            f"against {engine.name} alone (same seed)",
-            f"{np.median(change):.0f} / {np.percentile(change, 90):.0f}",
-            "0 (only the mask is RePainted)",
-        ]
-    )
     table(
         f"Lesion inpainting and generation: a 12 mm sphere in the held-out liver ({lesion_engine.name})",
         ["measure", "value", "expected"],
@@ -568,11 +588,7 @@ def bench_lesions(engine: Engine, folder: Path, output: Path, quick: bool) -> No
     comparison_png([ct, result], ["held-out CT", "inpainted lesion"], WINDOW, output / "lesion.png", int(centre[0]))
     comparison_png(
         [crop(ct, box), *generated.values(), plain],
-        [
-            "held-out CT",
-            *(f"generated from its labels + lesion, start from {start}" for start in starts),
-            f"{engine.name} alone, same seed",
-        ],
+        ["held-out CT", *(name.replace("generation, ", "") for name in generated), "without the lesion, same seed"],
         WINDOW,
         output / "lesion_generation.png",
         int(centre[0] - box[0].start),

@@ -4,7 +4,6 @@ the trip from the user's grid in HU to the model's working grid in [-1, 1] and b
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -87,14 +86,6 @@ class Engine:
     @property
     def config(self) -> ModelConfig:
         return self.model.config
-
-    def without_controlnet(self) -> Engine:
-        """An engine running this one's base network alone (itself when it holds no ControlNet); the
-        weights are shared, the settings the same."""
-        base = getattr(self.model, "base", None)
-        if base is None:
-            return self
-        return dataclasses.replace(self, model=base, name="")
 
     def typical_hu(self, region: str) -> dict[int, float]:
         """The base model card's typical HU of each label value in ``region`` (its labelled training

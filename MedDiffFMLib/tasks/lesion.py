@@ -1,8 +1,8 @@
 """Lesion generation and lesion inpainting with the lesion ControlNet (Docs/METHOD.md 1.5).
 
 * :func:`generate_lesion`: synthesis from an anatomy label map with a lesion where a mask says:
-  by default the base model synthesises the CT and the lesion is RePainted into it with the lesion
-  ControlNet (the tissue around it stays the base model's); or, as in the paper, the whole
+  by default the CT is synthesised without the lesion and the lesion is RePainted into it with the
+  lesion ControlNet (the tissue around it stays as it was); or, as in the paper, the whole
   synthesis conditioned on the lesion mask.
 * :func:`inpaint_lesion`: RePaint on a real CT. Only voxels inside the lesion mask change (plus, on
   request, a blended band around it, whose voxels outside the region's HU window, such as gas or
@@ -65,13 +65,14 @@ def generate_lesion(
     ``engine`` must hold the lesion ControlNet (``controlnet-lesion``); ``sampler`` to ``start`` as in
     :func:`~.synthesize.synthesize` (the base model card's typical HU).
 
-    ``scope="lesion"`` (default): the base model alone synthesises the CT (exactly
-    ``synthesize(anatomy, region, engine.without_controlnet(), ...)`` with the same settings and
-    seed), then :func:`inpaint_lesion` RePaints the lesion into it with the ControlNet and the
-    anatomy in ``lesion_steps`` steps (its default jumps, ``margin_mm``). Every voxel outside the mask (and the
-    band) is the base model's synthesis, so the lesion condition cannot change the organ around it.
-    ``scope="volume"``: the ControlNet conditions the whole synthesis (the paper's method; the
-    condition may change tissue far from the lesion).
+    ``scope="lesion"`` (default): first the CT without the lesion, exactly ``synthesize(anatomy,
+    region, engine, control=<an empty mask>, ...)`` with the same settings and seed (the lesion
+    ControlNet with nothing to add: its lesion-free training patches); then :func:`inpaint_lesion`
+    RePaints the lesion into it with the ControlNet and the anatomy in ``lesion_steps`` steps (its
+    default jumps, ``margin_mm``). Every voxel outside the mask (and the band) is that lesion-free
+    synthesis, so the lesion cannot change the organ around it.
+    ``scope="volume"``: the ControlNet conditions the whole synthesis on the mask (the paper's
+    method; the condition may change tissue far from the lesion).
     """
     if scope not in LESION_SCOPES:
         raise InputError(f"scope must be one of {', '.join(LESION_SCOPES)}, got '{scope}'.")
@@ -84,8 +85,9 @@ def generate_lesion(
     base = synthesize(
         anatomy,
         region,
-        engine.without_controlnet(),
+        engine,
         progress=stage_progress(progress, 0, 2, "synthesis"),
+        control=np.zeros(mask.shape, dtype=np.float32),
         start=start,
         **synthesis,
     )
@@ -108,8 +110,8 @@ def generate_lesion(
         MedDiffFM_model=engine.name,
         MedDiffFM_scope=scope,
         MedDiffFM_note=(
-            f"{base.metadata['MedDiffFM_note']} The lesion mask{band} was RePainted with the lesion ControlNet; every "
-            f"other voxel is the base model's synthesis ({base.metadata['MedDiffFM_model']}, seed {seed})."
+            f"{base.metadata['MedDiffFM_note']} The lesion mask{band} was RePainted into the synthesis without a "
+            f"lesion (seed {seed}); every other voxel is that synthesis."
         ),
     )
 
