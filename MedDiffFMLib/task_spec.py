@@ -28,10 +28,10 @@ SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m")
 START_FROM = ("noise", "anatomy")
 """Where synthesis starts: pure noise (the method's default) or the anatomy painted with the model
 card's typical HU and noised to the start timestep (Docs/METHOD.md 1.1)."""
-LESION_SCOPES = ("lesion", "volume")
-"""What the lesion ControlNet generates in lesion generation: only the lesion (the CT is synthesised
-without it, then the lesion is RePainted into it, so the tissue around it stays as it was) or the
-whole volume (the ControlNet conditions the whole synthesis on the mask, the paper's method)."""
+LESION_SCOPES = ("volume", "lesion")
+"""What the lesion ControlNet generates in lesion generation: the whole volume (the synthesis is
+conditioned on the mask, the paper's method) or only the lesion (the CT is synthesised without it,
+then the lesion is RePainted into it, so every other voxel is exactly the lesion-free synthesis)."""
 
 PREVIEW_OVERLAP = 0.25
 """Window overlap of the fast preview: half the windows of the default 0.5, no visible seams
@@ -351,7 +351,7 @@ _START = Setting(
 )
 
 
-def _margin(prefix: str) -> Setting:
+def _margin(prefix: str, panel: str = "margin") -> Setting:
     return Setting(
         "margin_mm",
         0.0,
@@ -360,7 +360,7 @@ def _margin(prefix: str) -> Setting:
         flag="--margin",
         minimum=0.0,
         maximum=30.0,
-        panel="margin",
+        panel=panel,
     )
 
 
@@ -553,11 +553,11 @@ register(
             _START,
             Setting(
                 "scope",
-                "lesion",
-                "what the lesion ControlNet generates: lesion (default; the CT is synthesised without the lesion, "
-                "then the lesion is RePainted into it, so everything outside the mask and --margin is the "
-                "lesion-free synthesis with the same seed) or volume (the ControlNet conditions the whole "
-                "synthesis on the mask, the paper's method)",
+                "volume",
+                "what the lesion ControlNet generates: volume (default; the whole synthesis is conditioned on the "
+                "mask, the paper's method) or lesion (the CT is synthesised without the lesion, then the lesion is "
+                "RePainted into it, so every voxel outside the mask and --margin is the lesion-free synthesis with "
+                "the same seed)",
                 kind="str",
                 choices=LESION_SCOPES,
             ),
@@ -568,7 +568,7 @@ register(
                 kind="int",
                 minimum=1,
             ),
-            _margin("with --scope lesion: "),
+            _margin("with --scope lesion: ", panel=""),
         ),
         region_required=True,
         controlnet_task="controlnet-lesion",

@@ -208,10 +208,11 @@ def test_crop_and_paste_keeps_geometry(small_ct):
     np.testing.assert_array_equal(pasted[box], small_ct.array[box])
 
 
-def test_lesion_generation_follows_the_mask(small_seg, lesion_engine):
+@pytest.mark.parametrize("scope", ["volume", "lesion"])
+def test_lesion_generation_follows_the_mask(small_seg, lesion_engine, scope):
     lesion = _lesion(small_seg, (slice(4, 10), slice(10, 25), slice(15, 30)))
-    first = generate_lesion(small_seg, lesion, "abdomen", lesion_engine, steps=3, lesion_steps=2, seed=1)
-    again = generate_lesion(small_seg, lesion, "abdomen", lesion_engine, steps=3, lesion_steps=2, seed=1)
+    first = generate_lesion(small_seg, lesion, "abdomen", lesion_engine, steps=3, lesion_steps=2, seed=1, scope=scope)
+    again = generate_lesion(small_seg, lesion, "abdomen", lesion_engine, steps=3, lesion_steps=2, seed=1, scope=scope)
     other = generate_lesion(
         small_seg,
         _lesion(small_seg, (slice(0, 2), slice(0, 5), slice(0, 5))),
@@ -220,6 +221,7 @@ def test_lesion_generation_follows_the_mask(small_seg, lesion_engine):
         steps=3,
         lesion_steps=2,
         seed=1,
+        scope=scope,
     )
     assert first.geometry.same_grid(small_seg.geometry)
     np.testing.assert_array_equal(first.array, again.array)
@@ -231,7 +233,8 @@ def test_lesion_generation_follows_the_mask(small_seg, lesion_engine):
 def test_lesion_generation_changes_only_the_lesion_of_the_lesion_free_synthesis(small_seg, lesion_engine):
     """Scope "lesion": every voxel outside the mask and its band is the synthesis without a lesion
     (an empty mask) with the same seed, bit for bit; the lesion itself is RePainted. Scope "volume"
-    (the ControlNet conditions the whole synthesis on the mask) changes voxels far from the lesion."""
+    (the default: the ControlNet conditions the whole synthesis on the mask) changes voxels outside it,
+    also more than 10 mm away on this tiny model's 3 mm grid."""
     box = (slice(4, 10), slice(10, 25), slice(15, 30))
     lesion = _lesion(small_seg, box)
     mask = lesion.array > 0
@@ -245,6 +248,7 @@ def test_lesion_generation_changes_only_the_lesion_of_the_lesion_free_synthesis(
         steps=3,
         lesion_steps=2,
         seed=1,
+        scope="lesion",
         progress=lambda *report: reports.append(report),
     )
     np.testing.assert_array_equal(local.array[~mask], plain.array[~mask])
@@ -255,13 +259,14 @@ def test_lesion_generation_changes_only_the_lesion_of_the_lesion_free_synthesis(
     assert reports[0][2].startswith("synthesis: ") and reports[-1][2].startswith("lesion: ")
 
     banded = generate_lesion(
-        small_seg, lesion, "abdomen", lesion_engine, steps=3, lesion_steps=2, seed=1, margin_mm=4.0
+        small_seg, lesion, "abdomen", lesion_engine, steps=3, lesion_steps=2, seed=1, scope="lesion", margin_mm=4.0
     )
     distance = ndimage.distance_transform_edt(~mask, sampling=small_seg.spacing[::-1])
     np.testing.assert_array_equal(banded.array[distance > 4.0], plain.array[distance > 4.0])
     assert (banded.array[(distance > 0) & (distance <= 4.0)] != plain.array[(distance > 0) & (distance <= 4.0)]).any()
 
-    whole = generate_lesion(small_seg, lesion, "abdomen", lesion_engine, steps=3, seed=1, scope="volume")
+    whole = generate_lesion(small_seg, lesion, "abdomen", lesion_engine, steps=3, seed=1)
+    assert whole.metadata["MedDiffFM_task"] == "generate-lesion"
     assert (whole.array[distance > 10.0] != plain.array[distance > 10.0]).any()
     with pytest.raises(InputError, match="scope"):
         generate_lesion(small_seg, lesion, "abdomen", lesion_engine, scope="organ")

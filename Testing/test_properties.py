@@ -5,8 +5,8 @@ phantom CT (air, soft tissue, bone, a liver label) is run through all six tasks 
 networks. Invariants: outputs lie on the input's grid (super-resolution: the input's in-plane grid
 and the requested slices); voxel type float32 HU for whole-volume results, the input's own type for
 inpainting; synthesised HU within the CT range; every voxel the model cannot represent carried over
-with its exact value; inpainting leaves every voxel outside the mask bit-identical, and lesion generation every voxel
-outside it as the synthesis without a lesion.
+with its exact value; inpainting leaves every voxel outside the mask bit-identical, and lesion generation (scope
+"lesion") every voxel outside it as the synthesis without a lesion.
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ def test_every_task_keeps_its_invariants_on_far_grids(engines, spacing, angles, 
     assert painted.geometry.same_grid(ct.geometry) and painted.array.dtype == ct.array.dtype
     np.testing.assert_array_equal(painted.array[keep], ct.array[keep])
 
-    generated = generate_lesion(anatomy, lesion, region, controlled, steps=1, lesion_steps=2)
-    assert generated.geometry.same_grid(anatomy.geometry)
+    for scope in ("volume", "lesion"):
+        generated = generate_lesion(anatomy, lesion, region, controlled, steps=1, scope=scope, lesion_steps=2)
+        assert generated.geometry.same_grid(anatomy.geometry)
     plain = synthesize(anatomy, region, controlled, steps=1, control=np.zeros(keep.shape, np.float32))
     np.testing.assert_array_equal(generated.array[keep], plain.array[keep])
 

@@ -31,8 +31,8 @@ CTA and the abdomen CT of the ``totalsegmentator`` 2.18.0 source archive (fetche
    held-out liver. Inpainting: its HU statistics, the share that came out as air, its contrast to
    the liver (whole, and 2-8 mm around it) against the training lesions' range, and the voxels
    changed outside the mask. Generation: the same mask in a CT synthesised from the held-out labels
-   (96 mm around it), with the lesion RePainted (the default) and with the whole synthesis
-   conditioned on it (``--scope volume``); its contrast to the synthetic liver (whole, and around
+   (96 mm around it), with the whole synthesis conditioned on it (the default) and with the lesion
+   RePainted into the lesion-free synthesis (``--scope lesion``); its contrast to the synthetic liver (whole, and around
    it), and how much the lesion changes the liver more than 10 mm away from it (against the same
    model's synthesis without the lesion, same seed).
 
@@ -521,7 +521,7 @@ def bench_lesions(engine: Engine, folder: Path, output: Path, quick: bool) -> No
     liver_box, mask_box = liver[box], mask[box]
     real_liver = ct.array[box][liver_box & ~mask_box]
     real = f"real {real_liver.mean():.0f} / {real_liver.std():.0f}"
-    variants = [("lesion", "noise"), ("volume", "noise")]
+    variants = [("volume", "noise"), ("lesion", "noise")]
     if lesion_engine.typical_hu("abdomen") and not quick:
         variants.append(("lesion", "anatomy"))
     lesion_box = crop(ct.with_array(mask.astype(np.uint8)), box)

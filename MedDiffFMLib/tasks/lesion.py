@@ -1,9 +1,8 @@
 """Lesion generation and lesion inpainting with the lesion ControlNet (Docs/METHOD.md 1.5).
 
 * :func:`generate_lesion`: synthesis from an anatomy label map with a lesion where a mask says:
-  by default the CT is synthesised without the lesion and the lesion is RePainted into it with the
-  lesion ControlNet (the tissue around it stays as it was); or, as in the paper, the whole
-  synthesis conditioned on the lesion mask.
+  the whole synthesis conditioned on the lesion mask (the paper's method, default), or the CT
+  synthesised without the lesion and the lesion RePainted into it, every other voxel kept.
 * :func:`inpaint_lesion`: RePaint on a real CT. Only voxels inside the lesion mask change (plus, on
   request, a blended band around it, whose voxels outside the region's HU window, such as gas or
   bone, are kept); every other voxel is returned bit-identical (same values, same dtype). The work
@@ -56,7 +55,7 @@ def generate_lesion(
     cancel: CancelToken | None = None,
     start_from: str = "noise",
     start: int | None = None,
-    scope: str = "lesion",
+    scope: str = "volume",
     lesion_steps: int = DEFAULT_STEPS,
     margin_mm: float = DEFAULT_MARGIN_MM,
 ) -> Volume:
@@ -65,14 +64,15 @@ def generate_lesion(
     ``engine`` must hold the lesion ControlNet (``controlnet-lesion``); ``sampler`` to ``start`` as in
     :func:`~.synthesize.synthesize` (the base model card's typical HU).
 
-    ``scope="lesion"`` (default): first the CT without the lesion, exactly ``synthesize(anatomy,
-    region, engine, control=<an empty mask>, ...)`` with the same settings and seed (the lesion
-    ControlNet with nothing to add: its lesion-free training patches); then :func:`inpaint_lesion`
+    ``scope="volume"`` (default): the ControlNet conditions the whole synthesis on the mask (the
+    paper's method). Only windows that overlap the lesion see it, so tissue a model window away is
+    unchanged, but tissue near it may change.
+    ``scope="lesion"``: first the CT without the lesion, exactly ``synthesize(anatomy, region,
+    engine, control=<an empty mask>, ...)`` with the same settings and seed (the lesion ControlNet
+    with nothing to add, as in its lesion-free training patches); then :func:`inpaint_lesion`
     RePaints the lesion into it with the ControlNet and the anatomy in ``lesion_steps`` steps (its
     default jumps, ``margin_mm``). Every voxel outside the mask (and the band) is that lesion-free
-    synthesis, so the lesion cannot change the organ around it.
-    ``scope="volume"``: the ControlNet conditions the whole synthesis on the mask (the paper's
-    method; the condition may change tissue far from the lesion).
+    synthesis, bit for bit: pairs with and without a lesion.
     """
     if scope not in LESION_SCOPES:
         raise InputError(f"scope must be one of {', '.join(LESION_SCOPES)}, got '{scope}'.")
