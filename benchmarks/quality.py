@@ -32,9 +32,9 @@ CTA and the abdomen CT of the ``totalsegmentator`` 2.18.0 source archive (fetche
    the liver (whole, and 2-8 mm around it) against the training lesions' range, and the voxels
    changed outside the mask. Generation: the same mask in a CT synthesised from the held-out labels
    (96 mm around it), with the whole synthesis conditioned on it (the default) and with the lesion
-   RePainted into the lesion-free synthesis (``--scope lesion``); its contrast to the synthetic liver (whole, and around
-   it), and how much the lesion changes the liver more than 10 mm away from it (against the same
-   model's synthesis without the lesion, same seed).
+   RePainted into the lesion-free synthesis (``--scope lesion``); its contrast to the synthetic
+   liver (whole, and around it), and how much the lesion changes the liver more than 10 mm away
+   from it (against the same model's synthesis without the lesion, same seed).
 
 Prints one Markdown table per task and writes a PNG per task into ``--output``.
 """
