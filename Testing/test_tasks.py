@@ -6,18 +6,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import OracleNet, crop
+from scipy import ndimage
 
 from MedDiffFMLib import preprocessing as pp
-from MedDiffFMLib.anatomy import derived_body, label_of
+from MedDiffFMLib.anatomy import body_mask, derived_body, label_of
 from MedDiffFMLib.device import make_generator
 from MedDiffFMLib.diffusion.diffpir import diffpir, identity_data_step
 from MedDiffFMLib.diffusion.schedule import NoiseSchedule
 from MedDiffFMLib.errors import CancelledError, InputError, MaskError
-from MedDiffFMLib.noise_level import resampled_noise_factor
+from MedDiffFMLib.lowdose import simulate
 from MedDiffFMLib.progress import CancelToken
 from MedDiffFMLib.region import detect_region
-from MedDiffFMLib.tasks import Engine, denoise, detect_anomalies, stack_slices, synthesize
-from MedDiffFMLib.tasks.denoise import DEFAULT_NOISE_GAIN
+from MedDiffFMLib.tasks import Engine, denoise, detect_anomalies, estimate_noise_sigma, stack_slices, synthesize
+from MedDiffFMLib.tasks.denoise import DEFAULT_NOISE_GAIN, resampled_noise_factor
 from MedDiffFMLib.volume import Volume
 
 
@@ -83,6 +84,62 @@ def test_denoise_with_an_oracle_network_recovers_the_clean_ct(small_ct):
     assert correlated.t_start == engine.schedule.timestep_for_sigma(DEFAULT_NOISE_GAIN * 30 * 2 / 360)
     assert correlated.sigma_n == pytest.approx(30 * 2 / 360)
     assert correlated.volume.metadata["MedDiffFM_noise_gain"] == f"{DEFAULT_NOISE_GAIN:g}"
+
+
+def test_noise_estimate_is_close_to_the_truth():
+    """Reconstructed-CT-like noise (correlated in-plane over about a pixel) on piecewise-flat organs."""
+    rng = np.random.default_rng(0)
+    organs = np.kron(rng.uniform(-0.6, 0.6, (2, 8, 8)), np.ones((4, 16, 16))).astype(np.float32)
+    for sigma in (0.02, 0.1):
+        correlated = ndimage.gaussian_filter(rng.normal(0, 1, organs.shape), (0, 0.9, 0.9))
+        correlated *= sigma / correlated.std()
+        assert estimate_noise_sigma(organs + correlated) == pytest.approx(sigma, rel=0.15)
+        white = rng.normal(0, sigma, organs.shape)
+        assert sigma < estimate_noise_sigma(organs + white) < 1.35 * sigma
+        # Constant padding outside the field of view (inside a wide window such as the chest's) is no tissue.
+        padded = np.pad(organs + correlated, ((0, 0), (40, 40), (40, 40)), constant_values=-0.5)
+        assert estimate_noise_sigma(padded) == pytest.approx(sigma, rel=0.15)
+
+
+def noise_phantom(slices: int = 4, rows: int = 160, columns: int = 200) -> Volume:
+    """An elliptic body (bone-like rim, soft tissue, a liver-like and a fatty organ, a contrast-filled
+    vessel, smooth texture) at 0.8 x 0.8 x 2.5 mm: no scan the noise calibration was fitted on."""
+    y, x = np.mgrid[:rows, :columns]
+
+    def ellipse(ry: float, rx: float, dy: float = 0.0, dx: float = 0.0) -> np.ndarray:
+        return ((y - rows / 2 - dy) / ry) ** 2 + ((x - columns / 2 - dx) / rx) ** 2 < 1
+
+    plane = np.full((rows, columns), -1000.0)
+    for ry, rx, dy, dx, hu in ((70, 92, 0, 0, 700), (65, 87, 0, 0, 30), (25, 30, -10, -35, 60), (12, 12, 15, 40, -80)):
+        plane[ellipse(ry, rx, dy, dx)] = hu
+    plane[ellipse(8, 8, 20, -5)] = 200.0
+    rng = np.random.default_rng(0)
+    texture = ndimage.gaussian_filter(plane + 8 * rng.standard_normal((slices, rows, columns)), (0, 3, 3))
+    return Volume(texture.astype(np.float32), spacing=(0.8, 0.8, 2.5))
+
+
+@pytest.mark.parametrize("target_db", [19.0, 27.0])
+def test_noise_estimate_matches_projection_domain_low_dose(target_db):
+    ct = noise_phantom()
+    result = simulate(ct, target_psnr=target_db, seed=0)
+    low, reference = (pp.hu_to_model(v.array, "abdomen") for v in (result.low_dose, result.reference))
+    truth = np.std((low - reference)[body_mask(result.reference.array)])
+    assert estimate_noise_sigma(low, ct.spacing) == pytest.approx(truth, rel=0.3)
+
+
+def test_resampled_noise_factor_predicts_the_noise_on_the_working_grid():
+    rng = np.random.default_rng(1)
+    angle = np.deg2rad(25.0)
+    direction = (np.cos(angle), -np.sin(angle), 0.0, np.sin(angle), np.cos(angle), 0.0, 0.0, 0.0, 1.0)
+    for spacing in ((0.7, 0.7, 2.5), (0.6, 0.6, 5.0), (1.0, 1.0, 1.0)):
+        shape = (int(60 / spacing[2]), 128, 128)
+        volume = Volume(np.zeros(shape, np.float32), spacing=spacing, direction=direction)
+        noise = ndimage.gaussian_filter(rng.normal(0, 1, shape), (0, 0.9, 0.9))
+        noise = (noise / noise.std()).astype(np.float32)
+        working = pp.resample(volume.with_array(noise), pp.isotropic_geometry(volume.geometry, 1.0)).array
+        factor = resampled_noise_factor(volume.geometry, 1.0)
+        assert factor == pytest.approx(working[2:-2, 4:-4, 4:-4].std(), rel=0.05), spacing
+    assert resampled_noise_factor(volume.geometry, 1.0) == pytest.approx(1.0, abs=0.03)
 
 
 def test_denoise_is_reproducible_and_keeps_geometry(small_ct, tiny_engine):

@@ -1,9 +1,8 @@
 """One module per task; each task is one function shared by the CLI, the Slicer module and tests."""
 
-from ..noise_level import estimate_noise_sigma
 from ..region import detect_region
 from .anomaly import AnomalyResult, detect_anomalies, stack_slices
-from .denoise import DenoiseResult, denoise
+from .denoise import DenoiseResult, denoise, estimate_noise_sigma
 from .engine import Engine
 from .lesion import generate_lesion, inpaint_lesion
 from .super_resolution import super_resolve

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from scipy import ndimage
 
@@ -13,18 +14,67 @@ from ..device import make_generator
 from ..diffusion.diffpir import diffpir
 from ..diffusion.sliding_window import Conditions
 from ..errors import InputError
-from ..noise_level import estimate_noise_sigma, resampled_noise_factor
 from ..preprocessing import REGION_CLASS, check_region
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..region import detect_region
 from ..task_spec import TASKS, RunContext, TaskResult
-from ..volume import Volume
+from ..volume import Geometry, Volume
 from .engine import Engine, anatomy_on, checked_ct
 
 SPEC = TASKS["denoise"]
 DEFAULT_STEPS, DEFAULT_LAMBDA, DEFAULT_ZETA, DEFAULT_NOISE_GAIN = (
     SPEC.setting(name).default for name in ("steps", "lam", "zeta", "noise_gain")
 )
+NEIGHBOURHOOD_MM = 5.0
+NOISE_PERCENTILE = 25
+NOISE_CALIBRATION = 1.26
+NOISE_CORRELATION_PX = 0.9
+
+
+def estimate_noise_sigma(image: np.ndarray, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> float:
+    """Noise standard deviation of a CT image ``[z, y, x]`` on its own grid, in the image's units.
+
+    The local standard deviation is taken in-plane over about 5 x 5 mm (at least 3 x 3 pixels;
+    ``spacing`` is (x, y, z) in mm) where no voxel is clipped by the window (|value| < 0.95) and the
+    values are not all equal (padding outside the field of view, e.g. -1024 HU); the 25th percentile
+    of those values, the spread of homogeneous tissue, times ``NOISE_CALIBRATION`` is the estimate.
+    The constant was fitted on projection-domain simulated low-dose CT of the training scans
+    (``benchmarks/noise_level.py``). Working on the input's own slices avoids the
+    bias of interpolated slices, whose noise is lower than the scan's; :func:`resampled_noise_factor`
+    carries the estimate to another grid.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    pixels = max(3, int(round(NEIGHBOURHOOD_MM / min(spacing[0], spacing[1]))) | 1)
+    size = (1, pixels, pixels)
+    count = pixels * pixels
+    mean = ndimage.uniform_filter(image, size=size)
+    variance = np.maximum(ndimage.uniform_filter(image * image, size=size) - mean * mean, 0.0) * count / (count - 1)
+    # Constant neighbourhoods are padding (outside the scanner's field of view), not tissue.
+    usable = ndimage.minimum_filter(np.abs(image) < 0.95, size=size) & (variance > 1e-12)
+    if usable.sum() < 1000:
+        raise InputError(
+            "Too few voxels inside the window to estimate the noise level; give the noise level explicitly "
+            "(sigma_n in the model's [-1, 1] scale, e.g. 0.05)."
+        )
+    return float(np.percentile(np.sqrt(variance[usable]), NOISE_PERCENTILE) * NOISE_CALIBRATION)
+
+
+def resampled_noise_factor(source: Geometry, spacing_mm: float) -> float:
+    """Ratio of the noise standard deviation after linear resampling of ``source`` to ``spacing_mm``.
+
+    Measured on reconstructed-CT-like noise (Gaussian-correlated in-plane over
+    ``NOISE_CORRELATION_PX`` pixels, independent between slices) on a block of ``source`` of up to
+    12 x 96 x 96 voxels, resampled to the isotropic grid over it (:func:`isotropic_geometry`, as
+    the working grid is made). Interpolation averages neighbouring voxels, so the factor is below 1
+    when the working grid is finer than the input's.
+    """
+    block = source.subgrid(tuple(slice(0, min(n, limit)) for n, limit in zip(source.shape, (12, 96, 96))))
+    noise = np.random.default_rng(0).standard_normal(block.shape)
+    noise = ndimage.gaussian_filter(noise, (0, NOISE_CORRELATION_PX, NOISE_CORRELATION_PX))
+    noise = (noise / noise.std()).astype(np.float32)
+    resampled = pp.resample(Volume.on_geometry(noise, block), pp.isotropic_geometry(block, spacing_mm)).array
+    interior = tuple(slice(1, -1) if n > 4 else slice(None) for n in resampled.shape)
+    return float(resampled[interior].std())
 
 
 @dataclass
@@ -90,7 +140,7 @@ def denoise(
     working_labels = None if labels is None else torch.from_numpy(grid.labels(labels))
     factor = resampled_noise_factor(ct.geometry, engine.config.spacing_mm)
     if sigma_n == "auto":
-        sigma_n = estimate_noise_sigma(hu, region, ct.spacing) * factor
+        sigma_n = estimate_noise_sigma(pp.hu_to_model(hu, region), ct.spacing) * factor
     sigma_n = float(sigma_n)
     if not sigma_n > 0:
         raise InputError(f"The noise level must be positive, got {sigma_n}.")
