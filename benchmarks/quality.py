@@ -9,7 +9,8 @@ the models this benchmark is run for (their cards say so) and nothing is tuned o
 
 Tuning scans (baselines' parameters, DiffPIR's lambda, steps and noise gain, the anomaly timestep): the chest
 CTA and the abdomen CT of the ``totalsegmentator`` 2.18.0 source archive (fetched with pip into
-``--tuning-data``), which are training data.
+``--tuning-data``), which are training data. Denoising is tuned in the held-out case's region window
+on the CTA's upper-abdominal slices.
 
 1. Denoising: projection-domain simulated low dose (23 dB in [-160, 240] HU) of the held-out scan
    (whole slices simulated; the central 256 x 256 mm scored, liver, spine and bowel);
@@ -162,7 +163,7 @@ def anisotropic_diffusion(volume: Volume, iterations: int, conductance: float) -
 # Denoising is tuned and scored in the held-out case's region window; the tuning slab is the part of
 # the chest CTA (1.5 mm, contrast-enhanced) that shows the same anatomy.
 DENOISE_REGION = "abdomen"
-TUNING_SLICES = slice(10, 34)
+DENOISE_TUNING_SLICES = slice(10, 34)
 
 BASELINE_GRIDS = {
     "Gaussian filter": (gaussian, [dict(sigma_mm=s) for s in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)]),
@@ -194,7 +195,7 @@ def tuning_case(tuning: Path) -> DenoiseCase:
     """A training scan for tuning, in the held-out case's region: 24 axial slices (36 mm) of the chest
     CTA's upper abdomen (liver, spleen, stomach; simulated whole), the central 160 x 160 mm scored."""
     cta = read_volume(fetch_totalsegmentator(tuning) / "aorta_report" / "example_ct.nii.gz")
-    slab = crop_z(cta, TUNING_SLICES)
+    slab = crop_z(cta, DENOISE_TUNING_SLICES)
     return DenoiseCase.simulated(slab, central_box(slab.array.shape, slab.spacing, 160.0), seed=7)
 
 
