@@ -219,12 +219,17 @@ def tune_diffpir(engine: Engine, tune: DenoiseCase, sigma_n: float | str, grid: 
     return max(scores, key=lambda pair: pair[0])[1]
 
 
+def tune_baselines(tune: DenoiseCase) -> dict[str, tuple[float, dict]]:
+    """Each classical baseline's best PSNR (dB) on the tuning case and the settings of its grid that give it."""
+    return {
+        name: max(((tune.score(function(tune.low, **settings))[0], settings) for settings in grid), key=lambda p: p[0])
+        for name, (function, grid) in BASELINE_GRIDS.items()
+    }
+
+
 def bench_denoise(engine: Engine, tuning: Path, output: Path, quick: bool) -> None:
     tune = tuning_case(tuning)
-    chosen = {}
-    for name, (function, grid) in BASELINE_GRIDS.items():
-        scores = [(tune.score(function(tune.low, **settings))[0], settings) for settings in grid]
-        chosen[name] = max(scores, key=lambda pair: pair[0])[1]
+    chosen = {name: settings for name, (_, settings) in tune_baselines(tune).items()}
     auto_grid = [dict(lam=10.0, steps=4, noise_gain=gain) for gain in (1.0, 2.0, 3.0, 4.0)]
     if not quick:
         auto_grid += [dict(lam=1.0, steps=4, noise_gain=3.0), dict(lam=10.0, steps=10, noise_gain=3.0)]

@@ -38,7 +38,6 @@ import quality  # noqa: E402
 from MedDiffFMLib import read_volume  # noqa: E402
 from MedDiffFMLib.model import load_model  # noqa: E402
 from MedDiffFMLib.tasks import Engine, denoise  # noqa: E402
-from MedDiffFMLib.volume import Volume  # noqa: E402
 
 
 def case_from_args(args: argparse.Namespace) -> quality.DenoiseCase:
@@ -46,10 +45,7 @@ def case_from_args(args: argparse.Namespace) -> quality.DenoiseCase:
         case = quality.tuning_case(args.tuning_data)
         box = quality.central_box(case.low.array.shape, case.low.spacing, args.extent_mm)
         return quality.DenoiseCase(quality.crop(case.low, box), quality.crop(case.reference, box), case.body[box])
-    ct = read_volume(args.ct)
-    z0, z1 = args.slices
-    origin = (ct.geometry.index_to_physical() @ [0, 0, z0, 1])[:3]
-    ct = Volume(ct.array[z0:z1].copy(), ct.spacing, tuple(origin), ct.direction)
+    ct = quality.crop_z(read_volume(args.ct), slice(*args.slices))
     return quality.DenoiseCase.simulated(ct, (slice(None),) * 3, seed=1)
 
 
@@ -75,8 +71,7 @@ def main() -> int:
     second = Engine(load_model(args.ensemble), device="auto") if args.ensemble else None
     low_psnr, low_ssim = case.score(case.low.array)
     print(f"low dose: {low_psnr:.2f} dB, SSIM {low_ssim:.3f}; {case.low.array.shape} voxels of {case.low.spacing} mm")
-    for name, (function, grid) in quality.BASELINE_GRIDS.items():
-        value, settings = max(((case.score(function(case.low, **s))[0], s) for s in grid), key=lambda pair: pair[0])
+    for name, (value, settings) in quality.tune_baselines(case).items():
         print(f"{name}, best of its grid: {value:.2f} dB with {settings}")
     levels = [("automatic", "auto")]
     if args.true_level:
