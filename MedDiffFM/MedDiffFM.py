@@ -397,7 +397,8 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             self.ui.cacheFolderButton.directory = str(models.cache_folder())
             wanted = self._parameterNode.model if self._parameterNode else ""
-            self._fillCombo(self.ui.modelComboBox, models.installed("base") + [models.UNTRAINED_CHOICE], wanted)
+            choices = [models.AUTOMATIC_CHOICE, *models.installed("base"), models.UNTRAINED_CHOICE]
+            self._fillCombo(self.ui.modelComboBox, choices, wanted)
             self.ui.catalogueComboBox.clear()
             try:
                 entries = models.catalogue()
@@ -423,7 +424,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingGui = True
         try:
             wanted = self._parameterNode.controlNet if self._parameterNode else ""
-            self._fillCombo(self.ui.controlNetComboBox, models.installed(task), wanted)
+            self._fillCombo(self.ui.controlNetComboBox, [models.AUTOMATIC_CHOICE, *models.installed(task)], wanted)
         finally:
             self._updatingGui = False
 
@@ -511,11 +512,12 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def taskParameters(self):
         """The :class:`TaskParameters` for the panel's current state."""
         from MedDiffFMSlicer.logic import TaskParameters
-        from MedDiffFMSlicer.models import UNTRAINED_CHOICE
+        from MedDiffFMSlicer.models import AUTOMATIC_CHOICE, UNTRAINED_CHOICE
 
         p = self._parameterNode
         task = self.currentTask()
         model = self.ui.modelComboBox.currentText
+        controlnet = self.ui.controlNetComboBox.currentText
         return TaskParameters(
             task=task,
             volume=p.inputVolume,
@@ -529,8 +531,8 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             overlap=p.overlap,
             batch_size=p.batchSize,
             compile=p.compileNetwork,
-            model=None if model == UNTRAINED_CHOICE else (model or None),
-            controlnet=self.ui.controlNetComboBox.currentText or None,
+            model=None if model in (UNTRAINED_CHOICE, AUTOMATIC_CHOICE) else (model or None),
+            controlnet=None if controlnet == AUTOMATIC_CHOICE else (controlnet or None),
             untrained="tiny" if model == UNTRAINED_CHOICE else None,
             preview=p.preview,
         )

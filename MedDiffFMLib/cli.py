@@ -400,7 +400,14 @@ def run_models(args: argparse.Namespace, cancel: CancelToken) -> None:
         print(f"cache folder: {model_weights.cache_dir()}")
         print("catalogue:")
         for entry in model_weights.read_catalogue() or []:
-            print(f"  {entry.name}@{entry.version} ({entry.task}) {entry.description}")
+            uses = [
+                f"{label} for {', '.join(TASKS[task].command for task in tasks if task in TASKS)}"
+                for label, tasks in (("default", entry.default_for), ("fast preview", entry.preview_for))
+                if tasks
+            ]
+            print(
+                f"  {entry.identifier} ({entry.task}) {entry.description}" + (f" [{'; '.join(uses)}]" if uses else "")
+            )
         print("installed:")
         for card in model_weights.list_installed():
             print(f"  {card.identifier} ({card.task}) {card.intended_use}")

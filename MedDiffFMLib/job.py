@@ -52,10 +52,11 @@ class Job:
         seed: random seed (None: a random one).
         series_uid: the DICOM series of the ``ct`` input when its folder holds several.
         engine: how to build the engine (:class:`~MedDiffFMLib.tasks.engine.EngineOptions`; its
-            ``controlnet_task`` is the task's).
+            ``controlnet_task``, ``task_key`` and ``preview`` are the job's).
         overwrite: replace existing output files.
         preview: the fast preview (:attr:`~MedDiffFMLib.task_spec.TaskSpec.preview`: fewer steps,
-            window overlap at most :data:`~MedDiffFMLib.task_spec.PREVIEW_OVERLAP`).
+            window overlap at most :data:`~MedDiffFMLib.task_spec.PREVIEW_OVERLAP`, and, when no
+            model is named, the catalogue's preview model: the 3 mm one).
     """
 
     task: str
@@ -142,6 +143,8 @@ def run_job(
     """Run ``job``: check, read, run (engine from ``engine_factory``), write. Returns the result."""
     spec = job.spec
     engine_options = replace(job.engine, controlnet_task=spec.controlnet_task)
+    if not (job.engine.model or job.engine.controlnet or job.engine.untrained):  # the task picks its model
+        engine_options = replace(engine_options, task_key=spec.key, preview=job.preview)
     settings = spec.resolve(spec.preview_settings(job.settings) if job.preview else job.settings)
     if job.preview:
         engine_options = replace(engine_options, overlap=min(engine_options.overlap, PREVIEW_OVERLAP))
@@ -156,5 +159,6 @@ def run_job(
     }
     engine = engine_factory(engine_options)
     result = spec.run(engine, inputs, settings, job.region, job.seed, progress, cancel)
+    result.message = "; ".join(part for part in (f"model {engine.name}", result.message) if part)
     write_all([(result.volumes[name], path) for name, path in job.outputs.items()], job.overwrite)
     return result

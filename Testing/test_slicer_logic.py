@@ -8,6 +8,7 @@ globals that ``slicer.util`` expects.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -943,19 +944,37 @@ def test_the_panel_and_the_command_line_build_the_same_engine(scene, ct_node):
 
 
 def test_the_fast_preview_reaches_both_ways_of_running(scene, ct_node, tmp_path):
-    from MedDiffFMLib.job import Job
+    from MedDiffFMLib.job import Job, run_job
 
     logic = TaskLogic(scene)
     parameters = TaskParameters("denoise", volume=ct_node, untrained="tiny", device="cpu", preview=True)
-    assert parameters.run_settings()["steps"] == 4 and logic.engine_options(parameters).overlap == 0.25
+    options = logic.engine_options(parameters)
+    assert parameters.run_settings()["steps"] == 4 and options.overlap == 0.25
+    # Without a named model the task picks the preview's (weights.recommended); a named one stays.
+    assert options.task_key is None
+    unnamed = logic.engine_options(dataclasses.replace(parameters, untrained=None))
+    assert unnamed.preview and unnamed.task_key == "denoise"
     assert TaskParameters("denoise", settings={"steps": 6}, preview=True).run_settings()["steps"] == 6
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def factory(options):
+        seen.append(options)
+        raise Stop
+
     job = ChildJob(temp_parent=tmp_path)
     try:
         job_file, _ = logic.write_job(parameters, logic.prepare(parameters), job)
         read = Job.read(job_file)
+        for job_read in (read, dataclasses.replace(read, engine=dataclasses.replace(read.engine, untrained=None))):
+            with pytest.raises(Stop):
+                run_job(job_read, factory)
     finally:
         job.cleanup()
     assert read.preview and read.engine.overlap == 0.25
+    assert seen[0].task_key is None and (seen[1].task_key, seen[1].preview) == ("denoise", True)
 
 
 def test_compiling_the_network_reaches_both_ways_of_running(scene, ct_node, tmp_path):

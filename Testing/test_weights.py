@@ -279,3 +279,77 @@ def test_a_controlnet_is_found_in_a_given_folder_when_none_is_installed(tmp_path
     assert found == tmp_path / "tiny-sr-0.2.safetensors"
     with pytest.raises(WeightsError, match="No installed model"):
         w.resolve_weights(task="controlnet-sr", base_sha256="0" * 64, folders=(tmp_path,))
+
+
+def test_a_task_without_a_named_model_gets_the_catalogues_recommendation(tmp_path, monkeypatch):
+    def saved(name, version, model, task="base", base=None):
+        card = w.ModelCard(
+            name=name,
+            version=version,
+            task=task,
+            config={},
+            base_model=base.identifier if base else "",
+            base_sha256=base.sha256 if base else "",
+        )
+        path = tmp_path / f"{name}-{version}.safetensors"
+        return path, w.save_checkpoint(model, path, card)
+
+    fine_path, fine = saved("fine", "0.1", random_tiny_model(0))
+    coarse_path, coarse = saved("coarse", "0.1", random_tiny_model(1))
+    newest_path, newest = saved("newest", "0.9", random_tiny_model(2))
+    sr_path, sr = saved("fine-sr", "0.1", ControlledNet(w.load_model(fine_path)), "controlnet-sr", fine)
+    recommendations = {
+        "fine": dict(default_for=["denoise"]),
+        "coarse": dict(preview_for=["denoise", "super_resolve"]),
+        "fine-sr": dict(default_for=["super_resolve"]),
+        "missing": dict(default_for=["synthesize"]),
+    }
+    entries = [
+        dict(
+            name=name,
+            version="0.1",
+            task="controlnet-sr" if name.endswith("-sr") else "base",
+            url=(tmp_path / f"{name}-0.1.safetensors").as_uri(),
+            sha256="0" * 64,
+            card_url=(tmp_path / f"{name}-0.1.json").as_uri(),
+            **tasks,
+        )
+        for name, tasks in recommendations.items()
+    ]
+    (tmp_path / "catalogue.json").write_text(json.dumps({"version": 1, "models": entries}))
+    monkeypatch.setenv("MEDDIFFFM_CATALOGUE", str(tmp_path / "catalogue.json"))
+    for path in (fine_path, coarse_path, newest_path, sr_path):
+        w.import_checkpoint(path)
+
+    assert w.load_task_model(task_key="denoise").card.identifier == "fine@0.1"
+    assert w.load_task_model(task_key="denoise", preview=True).card.identifier == "coarse@0.1"
+    # Not installed or shipped ("missing"), or nothing recommended: the newest, as before.
+    assert w.recommended("synthesize") is None
+    assert w.load_task_model(task_key="synthesize").card.identifier == "newest@0.9"
+    assert w.load_task_model(task_key="detect_anomalies", preview=True).card.identifier == "newest@0.9"
+    # A ControlNet task gets the recommended ControlNet with the base model it was trained on.
+    paired = w.load_task_model(None, "controlnet-sr", task_key="super_resolve")
+    assert paired.card.identifier == "fine-sr@0.1" and paired.base.card.identifier == "fine@0.1"
+    # A named model always wins.
+    assert w.load_task_model("newest", task_key="denoise").card.identifier == "newest@0.9"
+
+
+def test_the_shipped_catalogue_recommends_one_shipped_model_per_task(monkeypatch):
+    from MedDiffFMLib.task_spec import TASKS
+
+    monkeypatch.setattr(w, "BUNDLED_DIR", resources.shipped_models_dir())
+    entries = w.read_catalogue()
+    for task in TASKS:
+        for field_name in ("default_for", "preview_for"):
+            chosen = [e for e in entries if task in getattr(e, field_name)]
+            assert len(chosen) == 1, (task, field_name, chosen)
+            entry = chosen[0]
+            assert entry.task == (TASKS[task].controlnet_task or "base"), (task, entry)
+            path = resources.shipped_models_dir() / f"{entry.file_stem}.safetensors"
+            assert w.read_card(path).sha256 == entry.sha256 == w.sha256_of(path)
+    assert all(set(e.default_for) | set(e.preview_for) <= set(TASKS) for e in entries)
+    for task, spec in TASKS.items():  # the fast preview runs on the coarse 3 mm grid, the default at 1 mm
+        for preview, spacing_mm in ((True, 3.0), (False, 1.0)):
+            model = w.load_task_model(controlnet_task=spec.controlnet_task, task_key=task, preview=preview)
+            base = model if spec.controlnet_task is None else model.base
+            assert base.config.spacing_mm == spacing_mm, (task, preview)

@@ -17,6 +17,9 @@ from MedDiffFMLib.model import weights
 
 UNTRAINED_CHOICE = "untrained tiny network (pipeline test only)"
 """Model choice that runs the pipeline with a random network: output is meaningless, for checking a setup."""
+AUTOMATIC_CHOICE = "automatic (the best model for the task)"
+"""Model choice that names no model: the catalogue's recommendation for the task (its 3 mm model for the
+fast preview; :func:`MedDiffFMLib.model.weights.recommended`), else the newest installed."""
 
 
 def cache_folder() -> Path:

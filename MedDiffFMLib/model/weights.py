@@ -268,7 +268,12 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class CatalogueEntry:
-    """An installable model: where to get its weights and card, and their SHA-256."""
+    """An installable model: where to get its weights and card, and their SHA-256.
+
+    ``default_for`` lists the tasks (:data:`~MedDiffFMLib.task_spec.TASKS` keys) it runs when no model
+    is named, the best measured for them (README, "Quality against the classical tools");
+    ``preview_for`` those whose fast preview it runs (the 3 mm models: minutes on a CPU).
+    """
 
     name: str
     version: str
@@ -277,10 +282,20 @@ class CatalogueEntry:
     sha256: str
     card_url: str
     description: str = ""
+    default_for: tuple[str, ...] = ()
+    preview_for: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "default_for", tuple(self.default_for))
+        object.__setattr__(self, "preview_for", tuple(self.preview_for))
 
     @property
     def file_stem(self) -> str:
         return f"{self.name}-{self.version}"
+
+    @property
+    def identifier(self) -> str:
+        return f"{self.name}@{self.version}"
 
 
 def read_catalogue(path: str | os.PathLike | None = None) -> list[CatalogueEntry]:
@@ -487,15 +502,46 @@ def resolve_weights(
     return max(candidates, key=lambda pair: version_key(pair[0].version))[1]
 
 
+def recommended(task_key: str, preview: bool = False) -> CatalogueEntry | None:
+    """The catalogue's model for the task ``task_key`` (``default_for``; ``preview_for`` with
+    ``preview``) when it is installed or shipped, else None (the caller then picks the newest)."""
+    for entry in read_catalogue():
+        if task_key in (entry.preview_for if preview else entry.default_for):
+            usable = installed_path(entry), BUNDLED_DIR / f"{entry.file_stem}.safetensors"
+            if any(path.exists() and card_path(path).exists() for path in usable):
+                return entry
+    return None
+
+
 def load_task_model(
-    model: str | None = None, controlnet_task: str | None = None, controlnet: str | None = None
+    model: str | None = None,
+    controlnet_task: str | None = None,
+    controlnet: str | None = None,
+    task_key: str | None = None,
+    preview: bool = False,
 ) -> MedDiffFMNet | ControlledNet:
     """The network a task runs: a base model, or a base model with its ControlNet for ``controlnet_task``.
 
     ``model`` / ``controlnet`` are paths or ``name[@version]`` (None: pick). The two always match:
-    with neither given, the newest ControlNet and the base model it was trained on; with only the
-    base given, the newest ControlNet trained on it; with only the ControlNet given, its base.
+    with neither given, the model the catalogue recommends for ``task_key`` (:func:`recommended`;
+    for a ControlNet, with the base model it was trained on), or else the newest ControlNet and its
+    base model; with only the base given, the newest ControlNet trained on it; with only the
+    ControlNet given, its base.
     """
+    if model is None and controlnet is None and task_key is not None:
+        entry = recommended(task_key, preview)
+        if entry is not None:
+            logger.info(
+                "Model for %s%s: %s (%s)",
+                task_key,
+                " (preview)" if preview else "",
+                entry.identifier,
+                entry.description,
+            )
+            if controlnet_task is None:
+                model = entry.identifier
+            else:
+                controlnet = entry.identifier
     if controlnet_task is None:
         return load_model(resolve_weights(model))
     if model is None:

@@ -147,16 +147,19 @@ class EngineOptions:
     """How to build an :class:`Engine`: the one description the CLI, the Slicer module and the
     benchmarks share (hashable, so it can key a cache of loaded engines).
 
-    ``model`` is an installed name[@version] or a ``.safetensors`` path (None: the newest installed);
-    ``untrained`` a preset name for a randomly initialised network instead (seeded by ``seed``);
-    ``controlnet_task`` attaches the ControlNet of that task (``controlnet`` names one, else the
-    newest installed one trained on the same base). The rest are :class:`Engine`'s fields.
+    ``model`` is an installed name[@version] or a ``.safetensors`` path (None: the model the
+    catalogue recommends for the task ``task_key``, or its fast ``preview`` model, else the newest
+    installed; :func:`~MedDiffFMLib.model.weights.load_task_model`); ``untrained`` a preset name
+    for a randomly initialised network instead (seeded by ``seed``); ``controlnet_task`` attaches
+    the ControlNet of that task (``controlnet`` names one). The rest are :class:`Engine`'s fields.
     """
 
     model: str | None = None
     untrained: str | None = None
     controlnet_task: str | None = None
     controlnet: str | None = None
+    task_key: str | None = None
+    preview: bool = False
     device: str = "auto"
     overlap: float = 0.5
     batch_size: int = 4
@@ -178,11 +181,13 @@ def build_engine(options: EngineOptions) -> Engine:
         if options.controlnet_task:
             model = ControlledNet(model)
     else:
-        model = weights.load_task_model(options.model, options.controlnet_task, options.controlnet)
+        model = weights.load_task_model(
+            options.model, options.controlnet_task, options.controlnet, options.task_key, options.preview
+        )
         name = model.card.identifier
         if options.controlnet_task:
             name = f"{model.base.card.identifier} + {name}"
-    return Engine(
+    engine = Engine(
         model,
         options.device,
         options.overlap,
@@ -193,6 +198,19 @@ def build_engine(options: EngineOptions) -> Engine:
         memory_format=options.memory_format,
         compile=options.compile,
     )
+    fine = engine.config.spacing_mm < COARSE_GRID_MM
+    if fine and engine.device.type == "cpu" and options.task_key and not options.preview:
+        logger.warning(
+            "%s works on a %g mm grid: on a CPU a whole CT takes an hour or more (a GPU: minutes). The fast "
+            "preview (--preview; the panel's 'Fast preview') uses the 3 mm model: minutes, less detail.",
+            name,
+            engine.config.spacing_mm,
+        )
+    return engine
+
+
+COARSE_GRID_MM = 3.0
+"""Working grids this coarse or coarser run a whole CT in minutes on a CPU (benchmarks/whole_ct.py)."""
 
 
 PRECISIONS: dict[str, torch.dtype | None] = {
