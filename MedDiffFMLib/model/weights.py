@@ -503,13 +503,16 @@ def resolve_weights(
 
 
 def recommended(task_key: str, preview: bool = False) -> CatalogueEntry | None:
-    """The catalogue's model for the task ``task_key`` (``default_for``; ``preview_for`` with
-    ``preview``) when it is installed or shipped, else None (the caller then picks the newest)."""
-    for entry in read_catalogue():
-        if task_key in (entry.preview_for if preview else entry.default_for):
-            usable = installed_path(entry), BUNDLED_DIR / f"{entry.file_stem}.safetensors"
-            if any(path.exists() and card_path(path).exists() for path in usable):
-                return entry
+    """The catalogue's model for the task ``task_key`` (``default_for``; with ``preview`` its
+    ``preview_for`` model, or the default where the task has none) when it is installed or shipped,
+    else None (the caller then picks the newest)."""
+    entries = read_catalogue()
+    for fast in (True, False) if preview else (False,):
+        for entry in entries:
+            if task_key in (entry.preview_for if fast else entry.default_for):
+                usable = installed_path(entry), BUNDLED_DIR / f"{entry.file_stem}.safetensors"
+                if any(path.exists() and card_path(path).exists() for path in usable):
+                    return entry
     return None
 
 
