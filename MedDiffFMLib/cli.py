@@ -33,10 +33,6 @@ SAMPLE_DIR = resources.find(resources.SAMPLE)
 DEMO_CT, DEMO_LABELS = "example_ct_dicom", "example_seg_dicom.nii.gz"
 """The demo's scan: the bundled upper-abdomen DICOM series (0.98 x 0.98 x 2 mm), held out of the
 training of every shipped 1 mm model (meddiff-fm-1mm@0.2 and later), and its TotalSegmentator labels."""
-DEMO_MODEL = model_weights.BUNDLED_DIR / "meddiff-fm-1mm-large-0.1.safetensors"
-"""The demo's model when --model is not given and the checkout ships it: the shipped model that
-denoises best (benchmarks/quality.py), a 1 mm base model that never saw the demo's scan (the 3 mm
-demonstration model was trained on it)."""
 DEMO_EXTENT_MM = 256.0
 DEMO_STEPS = 4
 """DiffPIR steps of the demo: the count benchmarks/quality.py uses for the demo's model (on its
@@ -317,13 +313,13 @@ def run_demo(args: argparse.Namespace, cancel: CancelToken) -> None:
     from .preprocessing import Window
 
     if not args.model and not args.untrained:
-        if DEMO_MODEL.exists():
-            args.model = str(DEMO_MODEL)
-        else:
-            try:
-                model_weights.resolve_weights()
-            except MedDiffFMError:
-                args.untrained = "demo"
+        # The model `meddiff-fm denoise` runs: a 1 mm one that never saw the demo's scan (the 3 mm
+        # demonstration model was trained on it).
+        entry = model_weights.recommended("denoise")
+        try:
+            args.model = entry.identifier if entry else str(model_weights.resolve_weights())
+        except MedDiffFMError:
+            args.untrained = "demo"
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / f"{name}.nii.gz" for name in ("reference", "low_dose", "gaussian", "denoised")}
