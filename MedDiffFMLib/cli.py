@@ -34,9 +34,6 @@ DEMO_CT, DEMO_LABELS = "example_ct_dicom", "example_seg_dicom.nii.gz"
 """The demo's scan: the bundled upper-abdomen DICOM series (0.98 x 0.98 x 2 mm), held out of the
 training of every shipped 1 mm model (meddiff-fm-1mm@0.2 and later), and its TotalSegmentator labels."""
 DEMO_EXTENT_MM = 256.0
-DEMO_STEPS = 4
-"""DiffPIR steps of the demo: the count benchmarks/quality.py uses for the demo's model (on its
-training-data tuning case 8 steps gain 0.08 dB for twice the time)."""
 DEMO_GAUSSIAN_SIGMA_MM = 1.25
 """The Gaussian filter the demo reports beside DiffPIR: the best of 0.5-2 mm on simulated low-dose
 training slices of the chest CTA's upper abdomen, scored in the abdomen window (benchmarks/quality.py)."""
@@ -189,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=23.0,
         help="low-dose PSNR in [-160, 240] HU that the photon count is calibrated to (default 23: Mayo quarter dose)",
     )
-    p.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"DiffPIR steps (default {DEMO_STEPS})")
+    steps = TASKS["denoise"].setting("steps").default
+    p.add_argument("--steps", type=int, default=steps, help=f"DiffPIR steps (default {steps}, as meddiff-fm denoise)")
     p.add_argument("--with-anatomy", action="store_true", help="condition on the sample's TotalSegmentator labels")
     _add_engine_options(p)
     p.set_defaults(overlap=0.25)
