@@ -2,9 +2,10 @@
 
 Typical use::
 
-    from MedDiffFMLib import Engine, denoise, load_model, read_volume, resolve_weights, write_volume
+    from MedDiffFMLib import Engine, denoise, read_volume, write_volume
+    from MedDiffFMLib.model import load_task_model
 
-    engine = Engine(load_model(resolve_weights()))
+    engine = Engine(load_task_model(task_key="denoise"))  # the model the command line runs for the task
     result = denoise(read_volume("low_dose.nii.gz"), engine)
     write_volume(result.volume, "denoised.nii.gz")
 """
