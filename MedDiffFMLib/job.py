@@ -142,9 +142,7 @@ def run_job(
 ) -> TaskResult:
     """Run ``job``: check, read, run (engine from ``engine_factory``), write. Returns the result."""
     spec = job.spec
-    engine_options = replace(job.engine, controlnet_task=spec.controlnet_task)
-    if not (job.engine.model or job.engine.controlnet or job.engine.untrained):  # the task picks its model
-        engine_options = replace(engine_options, task_key=spec.key, preview=job.preview)
+    engine_options = replace(job.engine, controlnet_task=spec.controlnet_task).for_task(spec.key, job.preview)
     settings = spec.resolve(spec.preview_settings(job.settings) if job.preview else job.settings)
     if job.preview:
         engine_options = replace(engine_options, overlap=min(engine_options.overlap, PREVIEW_OVERLAP))

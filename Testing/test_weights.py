@@ -197,17 +197,22 @@ def test_models_shipped_with_the_checkout_are_found_after_installed_ones(tmp_pat
     assert w.resolve_weights() == installed
 
 
+def _saved(folder, name, version, model, task="base", base=None) -> w.ModelCard:
+    """Save ``model`` as ``folder/name-version.safetensors`` (a ControlNet of ``base``'s card when given)."""
+    card = w.ModelCard(
+        name=name,
+        version=version,
+        task=task,
+        config={},
+        base_model=base.identifier if base else "",
+        base_sha256=base.sha256 if base else "",
+    )
+    return w.save_checkpoint(model, folder / f"{name}-{version}.safetensors", card)
+
+
 def test_a_task_gets_a_controlnet_and_base_model_that_match(tmp_path):
     def saved(name, version, model, task="base", base=None):
-        card = w.ModelCard(
-            name=name,
-            version=version,
-            task=task,
-            config={},
-            base_model=base.identifier if base else "",
-            base_sha256=base.sha256 if base else "",
-        )
-        return w.save_checkpoint(model, tmp_path / f"{name}-{version}.safetensors", card)
+        return _saved(tmp_path, name, version, model, task, base)
 
     old = saved("base-a", "0.1", random_tiny_model(0))
     new = saved("base-b", "0.2", random_tiny_model(1))  # the newest base model has no ControlNet
@@ -283,16 +288,7 @@ def test_a_controlnet_is_found_in_a_given_folder_when_none_is_installed(tmp_path
 
 def test_a_task_without_a_named_model_gets_the_catalogues_recommendation(tmp_path, monkeypatch):
     def saved(name, version, model, task="base", base=None):
-        card = w.ModelCard(
-            name=name,
-            version=version,
-            task=task,
-            config={},
-            base_model=base.identifier if base else "",
-            base_sha256=base.sha256 if base else "",
-        )
-        path = tmp_path / f"{name}-{version}.safetensors"
-        return path, w.save_checkpoint(model, path, card)
+        return tmp_path / f"{name}-{version}.safetensors", _saved(tmp_path, name, version, model, task, base)
 
     fine_path, fine = saved("fine", "0.1", random_tiny_model(0))
     coarse_path, coarse = saved("coarse", "0.1", random_tiny_model(1))

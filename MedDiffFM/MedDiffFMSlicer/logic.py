@@ -270,20 +270,17 @@ class TaskLogic:
 
     @staticmethod
     def engine_options(parameters: TaskParameters) -> EngineOptions:
-        named = bool(parameters.model or parameters.controlnet or parameters.untrained)
         return EngineOptions(
             model=parameters.model,
             untrained=parameters.untrained,
             controlnet_task=parameters.spec.controlnet_task,
             controlnet=parameters.controlnet,
-            task_key=None if named else parameters.spec.key,
-            preview=parameters.preview and not named,
             device=parameters.device,
             overlap=min(parameters.overlap, PREVIEW_OVERLAP) if parameters.preview else parameters.overlap,
             batch_size=parameters.batch_size,
             compile=parameters.compile,
             seed=parameters.seed if parameters.untrained else None,
-        )
+        ).for_task(parameters.spec.key, parameters.preview)
 
     def run(
         self,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -168,6 +168,13 @@ class EngineOptions:
     memory_format: str = "auto"
     compile: bool = False
     seed: int | None = 0
+
+    def for_task(self, task_key: str, preview: bool = False) -> EngineOptions:
+        """These options with the task (and whether it is a fast preview) that picks the model when
+        none is named; unchanged when one is, so that runs of one model share one engine cache key."""
+        if self.model or self.controlnet or self.untrained:
+            return self
+        return replace(self, task_key=task_key, preview=preview)
 
 
 def build_engine(options: EngineOptions) -> Engine:
