@@ -9,8 +9,10 @@ import pytest
 import torch
 from conftest import random_tiny_model
 
+from MedDiffFMLib.anatomy import BODY_LABEL, UNKNOWN_LABEL
 from MedDiffFMLib.diffusion.sliding_window import Conditions
 from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.model.weights import ModelCard
 from MedDiffFMLib.tasks import Engine
 
 SHAPE = (16, 24, 20)
@@ -145,3 +147,36 @@ def test_bf16_denoising_agrees_with_float32_within_two_hu():
     ]
     difference = np.abs(results[0].array - results[1].array)
     assert 0 < difference.max() < 2.0
+
+
+class AnatomyRecorder(torch.nn.Module):
+    """Test network that records the anatomy each call receives and predicts zero noise."""
+
+    def __init__(self, card) -> None:
+        super().__init__()
+        self.config = random_tiny_model().config
+        self.card = card
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x, t, coordinates, region, anatomy, control=None):
+        self.seen.append(anatomy.clone())
+        return torch.zeros_like(x)
+
+
+def test_label_values_the_model_never_learned_reach_it_as_body_tissue(caplog):
+    card = ModelCard(name="m", version="1", task="base", config={}, anatomy_hu={"abdomen": {"5": 40.0}})
+    recorder = AnatomyRecorder(card)
+    engine = Engine(recorder, device="cpu", precision="fp32")
+    assert engine.learned_labels == {0, 5, BODY_LABEL, UNKNOWN_LABEL}
+    anatomy = torch.tensor([0, 5, 110, BODY_LABEL, UNKNOWN_LABEL, 69], dtype=torch.uint8).repeat(16, 4, 1)[:, :, :6]
+    with caplog.at_level(logging.WARNING):
+        engine.predictor(Conditions(3, anatomy), tuple(anatomy.shape))(torch.zeros(anatomy.shape), 100)
+    expected = torch.tensor([0, 5, BODY_LABEL, BODY_LABEL, UNKNOWN_LABEL, BODY_LABEL], dtype=torch.uint8)
+    assert recorder.seen and all(torch.equal(seen[0, 0, 0], expected) for seen in recorder.seen)
+    assert "rib_right_7" in caplog.text and "humerus_left" in caplog.text and "liver" not in caplog.text
+
+    recorder.card = ModelCard(name="m", version="0", task="base", config={})
+    assert engine.learned_labels is None
+    recorder.seen.clear()
+    engine.predictor(Conditions(3, anatomy), tuple(anatomy.shape))(torch.zeros(anatomy.shape), 100)
+    assert all(torch.equal(seen[0, 0, 0], anatomy[0, 0]) for seen in recorder.seen)

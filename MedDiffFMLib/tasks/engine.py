@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .. import preprocessing as pp
-from ..anatomy import BODY_LABEL, UNKNOWN_LABEL, body_mask
+from ..anatomy import BODY_LABEL, CLASS_NAMES, NUM_ANATOMY_VALUES, UNKNOWN_LABEL, body_mask
 from ..device import native_bf16, select_device
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.sliding_window import Conditions, KnownVoxels, WindowedNoisePredictor
@@ -94,6 +94,41 @@ class Engine:
         card = getattr(base, "card", None)
         return card.typical_hu(region) if card is not None else {}
 
+    @property
+    def learned_labels(self) -> frozenset[int] | None:
+        """The label values the base model learned: those of its card's ``anatomy_hu`` (every value
+        with at least 100 voxels in its labelled training data, any region), plus outside-body,
+        body and unknown. None when the card has no such table (any value is passed through)."""
+        base = getattr(self.model, "base", self.model)
+        card = getattr(base, "card", None)
+        if card is None or not card.anatomy_hu:
+            return None
+        values = {int(value) for table in card.anatomy_hu.values() for value in table}
+        return frozenset(values | {0, BODY_LABEL, UNKNOWN_LABEL})
+
+    def learned_anatomy(self, anatomy: torch.Tensor | None) -> torch.Tensor | None:
+        """``anatomy`` (label map, values 0..119) with every label value the model never learned
+        replaced by the body label, with a warning naming those structures.
+
+        An unlearned value's embedding is still its random initialisation, which tells the network
+        nothing true; as "body" the structure is generated as unlabelled tissue in context.
+        """
+        learned = self.learned_labels
+        if anatomy is None or learned is None:
+            return anatomy
+        present = np.flatnonzero(np.bincount(anatomy.reshape(-1).cpu().numpy(), minlength=NUM_ANATOMY_VALUES))
+        unlearned = [int(value) for value in present if int(value) not in learned]
+        if not unlearned:
+            return anatomy
+        logger.warning(
+            "%s was not trained on %s: these structures are treated as unlabelled body tissue.",
+            self.name,
+            ", ".join(CLASS_NAMES[value] for value in unlearned),
+        )
+        lookup = torch.arange(NUM_ANATOMY_VALUES, dtype=anatomy.dtype)
+        lookup[unlearned] = BODY_LABEL
+        return lookup[anatomy.long()]
+
     def predictor(
         self,
         conditions: Conditions,
@@ -108,6 +143,7 @@ class Engine:
         Refuses volumes whose estimated memory exceeds the device's (see :func:`check_memory`).
         """
         check_memory(shape, self.device)
+        conditions = replace(conditions, anatomy=self.learned_anatomy(conditions.anatomy))
         return WindowedNoisePredictor(
             self.network,
             conditions,
