@@ -498,6 +498,27 @@ def test_position_jitter_shifts_and_stretches_each_samples_coordinates_only(prep
         TrainingConfig(position_jitter=1.5)
 
 
+def test_field_of_view_crop_gives_coordinates_of_a_smaller_scan_containing_the_sample(prepared):
+    entries = manifest_entries(prepared)
+    plain = MultiLevelDataset(entries, 16, (0.0, 0.5, 0.5), seed=3)
+    cropped = MultiLevelDataset(entries, 16, (0.0, 0.5, 0.5), seed=3, field_of_view_crop=1.0)
+    scales = []
+    for index in range(12):
+        a, b = plain[index], cropped[index]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["anatomy"], b["anatomy"])
+        for axis in range(3):
+            c, d = a["coordinates"][axis].flatten().double(), b["coordinates"][axis].flatten().double()
+            design = torch.stack((c, torch.ones_like(c)), dim=1)
+            scale, offset = torch.linalg.lstsq(design, d[:, None]).solution.flatten()
+            assert torch.allclose(design @ torch.stack((scale, offset)), d, atol=1e-4)  # an affine map per axis
+            assert scale >= 1 - 1e-6  # a sub-box of the scan: never a wider extent
+            assert float(d.min()) >= -1 - 1e-5  # the frame contains the sample (padding only follows it)
+            scales.append(float(scale))
+    assert max(scales) > 1.5 and min(scales) < 1.5  # random sub-boxes, up to the whole scan
+    with pytest.raises(InputError, match="field_of_view_crop"):
+        TrainingConfig(field_of_view_crop=1.5)
+
+
 def test_the_typical_hu_table_is_the_median_of_each_label_per_region(prepared, tmp_path):
     entries = manifest_entries(prepared, {"labelled": 3})  # repeated crops count once
     table = anatomy_hu.typical_hu(entries, minimum_voxels=50)

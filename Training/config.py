@@ -28,6 +28,8 @@ class TrainingConfig:
             with body-threshold labels.
         position_jitter: random shift and stretch of each sample's position coordinates, up to
             this fraction per axis (see :class:`~.dataset.MultiLevelDataset`).
+        field_of_view_crop: chance that a sample's coordinates span a random sub-box of its scan
+            containing it instead of the whole scan (see :class:`~.dataset.MultiLevelDataset`).
         region_dropout / anatomy_dropout: chances of replacing the region by the null class and the
             anatomy by "unknown" (classifier-free conditioning, unconditioned use).
         learning_rate, batch_size, accumulation: Adam step size, samples per step per process, and
@@ -72,6 +74,7 @@ class TrainingConfig:
     condition_focus: float = 0.0
     case_weights: dict = field(default_factory=dict)
     position_jitter: float = 0.0
+    field_of_view_crop: float = 0.0
     region_dropout: float = 0.1
     anatomy_dropout: float = 0.2
     learning_rate: float = 1e-4
@@ -95,7 +98,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if len(self.level_probabilities) != 3 or abs(sum(self.level_probabilities) - 1.0) > 1e-6:
             raise InputError("level_probabilities must be three numbers that sum to 1.")
-        for name in ("foreground", "condition_focus", "pure_noise_share"):
+        for name in ("foreground", "condition_focus", "pure_noise_share", "field_of_view_crop"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"{name} must be between 0 and 1.")
         if self.mixed_precision not in ("auto", "bf16", "no"):

@@ -114,6 +114,11 @@ def _nearest(key: str, kind: str) -> bool:
     return key == "anatomy" or (key == "condition" and kind == "mask")
 
 
+def _shifted(window: tuple[slice, ...], frame: tuple[slice, ...]) -> tuple[slice, ...]:
+    """``window`` in the voxel indices of the sub-box ``frame`` (both ``[z, y, x]`` slices)."""
+    return tuple(slice(s.start - f.start, s.stop - f.start) for s, f in zip(window, frame))
+
+
 def _index_grid(start: int, stop: int, size: int) -> torch.Tensor:
     """Nearest voxel indices of ``size`` points spread evenly over ``start..stop-1``."""
     return torch.linspace(start, stop - 1, size).round().long()
@@ -138,6 +143,11 @@ class MultiLevelDataset(Dataset):
             stretched extent (every scan's coordinates span its own field of view). With few training
             scans the exact position alone identifies the anatomy, and the model learns to ignore
             the label map that synthesis relies on.
+        field_of_view_crop: chance that a sample's coordinates are taken relative to a random
+            sub-box of the crop that contains the sample (per axis, its start drawn uniformly up to
+            the sample's start, its end from the sample's end), as if the scan had covered only that
+            field of view. Users' scans cover anything from a few slices to a whole trunk, and the
+            coordinates span each scan's own extent.
     """
 
     def __init__(
@@ -152,6 +162,7 @@ class MultiLevelDataset(Dataset):
         foreground: float = 0.0,
         condition_focus: float = 0.0,
         position_jitter: float = 0.0,
+        field_of_view_crop: float = 0.0,
     ) -> None:
         self.entries = entries
         self.patch = patch_size
@@ -163,6 +174,7 @@ class MultiLevelDataset(Dataset):
         self.foreground = foreground
         self.condition_focus = condition_focus
         self.position_jitter = position_jitter
+        self.field_of_view_crop = field_of_view_crop
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -213,11 +225,12 @@ class MultiLevelDataset(Dataset):
         else:
             starts = [int(np.clip(c - e // 2, 0, n - e)) for c, n, e in zip(centre, shape, extent)]
         window = tuple(slice(s, s + e) for s, e in zip(starts, extent))
+        frame = self._field_of_view(window, shape, rng)
         if level == 2:
-            return self._fine_patch(volumes, window, kind)
+            return self._fine_patch(volumes, window, kind, frame)
         size = (self.patch,) * 3
         index = [_index_grid(s.start, s.stop, self.patch) for s in window]
-        sample = {"coordinates": window_coordinates(window, shape, size)}
+        sample = {"coordinates": window_coordinates(_shifted(window, frame), [s.stop - s.start for s in frame], size)}
         for key, volume in volumes.items():
             if _nearest(key, kind):
                 picked = volume[index[0][:, None, None], index[1][None, :, None], index[2][None, None, :]]
@@ -228,11 +241,24 @@ class MultiLevelDataset(Dataset):
                 )[0]
         return sample
 
-    def _fine_patch(self, volumes: dict[str, torch.Tensor], window: tuple[slice, ...], kind: str) -> dict:
+    def _field_of_view(
+        self, window: tuple[slice, ...], shape: tuple[int, ...], rng: np.random.Generator
+    ) -> tuple[slice, ...]:
+        """The extent ``[z, y, x]`` the sample's coordinates span: the whole crop, or with chance
+        ``field_of_view_crop`` a random sub-box of it containing ``window``."""
+        if self.field_of_view_crop <= 0 or rng.random() >= self.field_of_view_crop:
+            return tuple(slice(0, n) for n in shape)
+        return tuple(
+            slice(int(rng.integers(0, s.start + 1)), int(rng.integers(s.stop, n + 1))) for s, n in zip(window, shape)
+        )
+
+    def _fine_patch(
+        self, volumes: dict[str, torch.Tensor], window: tuple[slice, ...], kind: str, frame: tuple[slice, ...]
+    ) -> dict:
         pads = [self.patch - (s.stop - s.start) for s in window]
         padding = (0, pads[2], 0, pads[1], 0, pads[0])
         full = tuple(slice(s.start, s.start + self.patch) for s in window)
-        sample = {"coordinates": window_coordinates(full, tuple(volumes["image"].shape))}
+        sample = {"coordinates": window_coordinates(_shifted(full, frame), [s.stop - s.start for s in frame])}
         for key, volume in volumes.items():
             air = 0 if _nearest(key, kind) else -1.0
             crop = F.pad(volume[window], padding, value=air)

@@ -223,6 +223,7 @@ class Trainer:
             foreground=config.foreground,
             condition_focus=config.condition_focus,
             position_jitter=config.position_jitter,
+            field_of_view_crop=config.field_of_view_crop,
             samples_per_volume=config.samples_per_volume,
         )
         self.network = DistributedDataParallel(self.model) if env.world > 1 else self.model
