@@ -15,14 +15,15 @@ import torch
 from conftest import DATA
 from safetensors.torch import load_file
 
-from MedDiffFMLib.anatomy import BODY_LABEL, UNKNOWN_LABEL
+from MedDiffFMLib.anatomy import BODY_LABEL, UNKNOWN_LABEL, label_of
 from MedDiffFMLib.errors import InputError, MedDiffFMError
 from MedDiffFMLib.model.embeddings import window_coordinates
 from MedDiffFMLib.model.weights import load_model
-from MedDiffFMLib.volume import read_volume
+from MedDiffFMLib.volume import Volume, read_volume, write_volume
 from Training import anatomy_hu, prepare_data
 from Training.config import TrainingConfig, load_config
 from Training.dataset import MultiLevelDataset, manifest_entries
+from Training.demo_data import CHEST_CTA_MASKS, chest_cta_labels
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "Training" / "configs" / "tiny.yaml"
@@ -537,3 +538,25 @@ def test_the_typical_hu_table_is_the_median_of_each_label_per_region(prepared, t
     card_file.write_text(json.dumps({"name": "tiny", "version": "0", "task": "base", "config": {}}))
     assert anatomy_hu.main(["--data", str(prepared), "--card", str(card_file), "--minimum-voxels", "50"]) == 0
     assert json.loads(card_file.read_text())["anatomy_hu"] == table
+
+
+def test_chest_cta_masks_land_on_the_ct_grid_at_their_physical_position(tmp_path):
+    direction = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+    ct = Volume(np.full((12, 10, 14), -100, dtype=np.int16), (0.8, 0.8, 1.5), (-5.0, 3.0, 20.0), direction)
+    reference = tmp_path / "reference"
+    boxes = {}
+    for index, path in enumerate(CHEST_CTA_MASKS):
+        box = (slice(index, index + 4), slice(2, 8), slice(3, 3 + index + 1))  # each on its own crop
+        crop = ct.geometry.subgrid(box)
+        mask = np.zeros(crop.shape, dtype=np.uint8)
+        mask[1:3, 2:4, : index + 1] = 1
+        (reference / path).parent.mkdir(parents=True, exist_ok=True)
+        write_volume(Volume.on_geometry(mask, crop), reference / path)
+        boxes[path] = (slice(index + 1, index + 3), slice(4, 6), slice(3, 4 + index))
+    write_volume(ct, reference / "aorta_report" / "example_ct.nii.gz")
+    labels = read_volume(chest_cta_labels(reference, tmp_path / "labels.nii.gz"))
+    assert labels.geometry.same_grid(ct.geometry)
+    expected = np.zeros(ct.array.shape, dtype=np.uint8)
+    for path, name in CHEST_CTA_MASKS.items():
+        expected[boxes[path]] = label_of(name)
+    np.testing.assert_array_equal(labels.array, expected)

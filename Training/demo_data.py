@@ -19,7 +19,9 @@ Writes ``<output>/cases.csv`` for :mod:`Training.prepare_data`. Two case lists:
 * ``demo`` (the 3 mm demonstration models): the four scans, the DICOM series with its labels;
 * ``base1mm`` (``meddiff-fm-1mm``): the whole abdomen CT with its TotalSegmentator labels
   (``example_seg_fast_force_split.nii.gz``; versions 0.3 and 0.4 used slices 0-77 only, which hold
-  no spleen, stomach, ribs or costal cartilage and 3 % of the liver), the chest CTA and the head CT;
+  no spleen, stomach, ribs or costal cartilage and 3 % of the liver), the chest CTA with the
+  TotalSegmentator masks its aorta and pulmonary reports ship (heart, aorta and its branches, iliac
+  arteries, T12; from version 0.7, :func:`chest_cta_labels`) and the head CT;
   the upper-abdomen DICOM series (0.98 x 0.98 x 2 mm) is held out entirely, as the held-out scan of
   ``benchmarks/quality.py`` and ``meddiff-fm demo``.
 
@@ -40,7 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-from MedDiffFMLib.volume import Volume, write_volume
+from MedDiffFMLib.anatomy import label_of
+from MedDiffFMLib.preprocessing import labels_on_grid
+from MedDiffFMLib.volume import Volume, read_volume, write_volume
 
 TOTALSEGMENTATOR = "totalsegmentator==2.18.0"
 REFERENCE = "totalsegmentator-2.18.0/tests/reference_files"
@@ -48,6 +52,18 @@ HELD_OUT_FROM_SLICE = 78
 CRANIUM_SHAPE = (108, 256, 256)
 CRANIUM_SPACING = (0.95703125, 0.95703125, 1.5)
 CRANIUM_DIRECTION = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+# TotalSegmentator masks of the chest CTA in the archive's report test results (each on its own
+# crop of the CT), by the TotalSegmentator v2 class they are; later masks overwrite earlier ones.
+CHEST_CTA_MASKS = {
+    "pulmonary_report/models/heart.nii.gz": "heart",
+    "aorta_report/test_result/models/aorta.nii.gz": "aorta",
+    "aorta_report/test_result/models/brachiocephalic_trunk.nii.gz": "brachiocephalic_trunk",
+    "aorta_report/test_result/models/subclavian_artery_left.nii.gz": "subclavian_artery_left",
+    "aorta_report/test_result/models/common_carotid_artery_left.nii.gz": "common_carotid_artery_left",
+    "aorta_report/test_result/models/iliac_artery_left.nii.gz": "iliac_artery_left",
+    "aorta_report/test_result/models/iliac_artery_right.nii.gz": "iliac_artery_right",
+    "aorta_report/test_result/models/vertebrae_T12.nii.gz": "vertebrae_T12",
+}
 
 
 def fetch_totalsegmentator(folder: Path) -> Path:
@@ -94,6 +110,20 @@ def fetch_cranium(folder: Path) -> Path:
     return target
 
 
+def chest_cta_labels(reference: Path, output: Path) -> Path:
+    """Write the chest CTA's TotalSegmentator v2 label map (``CHEST_CTA_MASKS``, each brought onto
+    the CT's grid by physical position, nearest neighbour) to ``output``; other voxels are 0."""
+    if output.exists():
+        return output
+    ct = read_volume(reference / "aorta_report" / "example_ct.nii.gz")
+    labels = np.zeros(ct.array.shape, dtype=np.uint8)
+    for path, name in CHEST_CTA_MASKS.items():
+        mask = labels_on_grid(read_volume(reference / path), ct.geometry, f"mask '{path}'").array > 0
+        labels[mask] = label_of(name)
+    write_volume(ct.with_array(labels), output)
+    return output
+
+
 def write_cases(output: Path, cases: str = "demo") -> Path:
     """Fetch everything and write the ``cases.csv`` of a training set (``demo`` or ``base1mm``)."""
     output.mkdir(parents=True, exist_ok=True)
@@ -106,6 +136,7 @@ def write_cases(output: Path, cases: str = "demo") -> Path:
             image=reference / "example_ct.nii.gz",
             labels=reference / "example_seg_fast_force_split.nii.gz",
         )
+        chest["labels"] = chest_cta_labels(reference, output / "ts_chest_cta_labels.nii.gz")
         rows = [abdomen, chest, head]
     else:
         rows = [
