@@ -174,6 +174,10 @@ def test_label_values_the_model_never_learned_reach_it_as_body_tissue(caplog):
     expected = torch.tensor([0, 5, BODY_LABEL, BODY_LABEL, UNKNOWN_LABEL, BODY_LABEL], dtype=torch.uint8)
     assert recorder.seen and all(torch.equal(seen[0, 0, 0], expected) for seen in recorder.seen)
     assert "rib_right_7" in caplog.text and "humerus_left" in caplog.text and "liver" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        engine.predictor(Conditions(3, anatomy), tuple(anatomy.shape))
+    assert "rib_right_7" not in caplog.text  # one warning per set of structures, not per predictor
 
     recorder.card = ModelCard(name="m", version="0", task="base", config={})
     assert engine.learned_labels is None

@@ -62,6 +62,7 @@ class Engine:
     compile: bool = False
     schedule: NoiseSchedule = field(init=False)
     network: Callable[..., torch.Tensor] = field(init=False, repr=False)
+    _reported_unlearned: set[tuple[int, ...]] = field(init=False, repr=False, default_factory=set)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -108,7 +109,8 @@ class Engine:
 
     def learned_anatomy(self, anatomy: torch.Tensor | None) -> torch.Tensor | None:
         """``anatomy`` (label map, values 0..119) with every label value the model never learned
-        replaced by the body label, with a warning naming those structures.
+        replaced by the body label, with a warning naming those structures (once per set of
+        structures: a task that builds several predictors warns once).
 
         An unlearned value's embedding is still its random initialisation, which tells the network
         nothing true; as "body" the structure is generated as unlabelled tissue in context.
@@ -120,11 +122,13 @@ class Engine:
         unlearned = [int(value) for value in present if int(value) not in learned]
         if not unlearned:
             return anatomy
-        logger.warning(
-            "%s was not trained on %s: these structures are treated as unlabelled body tissue.",
-            self.name,
-            ", ".join(CLASS_NAMES[value] for value in unlearned),
-        )
+        if tuple(unlearned) not in self._reported_unlearned:
+            self._reported_unlearned.add(tuple(unlearned))
+            logger.warning(
+                "%s was not trained on %s: these structures are treated as unlabelled body tissue.",
+                self.name,
+                ", ".join(CLASS_NAMES[value] for value in unlearned),
+            )
         lookup = torch.arange(NUM_ANATOMY_VALUES, dtype=anatomy.dtype)
         lookup[unlearned] = BODY_LABEL
         return lookup[anatomy.long()]
