@@ -734,6 +734,18 @@ def bench_synthesis(engine: Engine, output: Path, quick: bool, starts: tuple[str
         ],
     ]
     if trained:
+        learned = [organ for organ in organs if label_of(organ[0]) in trained]
+        rows.append(
+            [
+                "label fidelity: of the structures in the card's training labels, synthesised within 25 HU of "
+                "their training median (the held-out scan's contrast aside, does the model follow the label map?)",
+                *(
+                    f"{sum(abs(m[i] - c) <= 25 for _, _, m, c in learned)} of {len(learned)}"
+                    for i in range(len(starts))
+                ),
+                "all",
+            ]
+        )
         rows.append(
             [
                 "baseline: each structure painted with its training median (window-clipped), within 25 HU",
