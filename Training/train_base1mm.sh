@@ -7,7 +7,7 @@
 #
 # EXPORT=1 exports the last checkpoint's EMA weights when the run stops (the shipped model stopped
 # long before the configuration's 20,000 steps; its card gives the count and the hours).
-# INIT=models/meddiff-fm-1mm-0.4.safetensors warm-starts a new run from shipped weights (how 0.7 began).
+# INIT=models/meddiff-fm-1mm-0.4.safetensors warm-starts a new run from shipped weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK="${1:-base1mm_training}"
