@@ -479,21 +479,30 @@ def test_low_snr_weighting_turns_the_noise_loss_into_the_clean_image_loss_at_hig
         TrainingConfig(low_snr_cap=0.5)
 
 
+def _coordinate_maps(plain: MultiLevelDataset, changed: MultiLevelDataset, index: int, atol: float) -> list:
+    """Per axis ``(scale, offset, changed coordinates)`` of sample ``index``: the changed dataset's
+    coordinates must be an affine map of the plain one's, with image and anatomy the same."""
+    a, b = plain[index], changed[index]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["anatomy"], b["anatomy"])
+    maps = []
+    for axis in range(3):
+        c, d = a["coordinates"][axis].flatten().double(), b["coordinates"][axis].flatten().double()
+        design = torch.stack((c, torch.ones_like(c)), dim=1)
+        scale, offset = torch.linalg.lstsq(design, d[:, None]).solution.flatten()
+        assert torch.allclose(design @ torch.stack((scale, offset)), d, atol=atol)  # an affine map per axis
+        maps.append((float(scale), float(offset), d))
+    return maps
+
+
 def test_position_jitter_shifts_and_stretches_each_samples_coordinates_only(prepared):
     entries = manifest_entries(prepared)
     plain = MultiLevelDataset(entries, 16, (0.3, 0.3, 0.4), seed=2)
     jittered = MultiLevelDataset(entries, 16, (0.3, 0.3, 0.4), seed=2, position_jitter=0.25)
     offsets = []
     for index in range(8):
-        a, b = plain[index], jittered[index]
-        assert torch.equal(a["image"], b["image"]) and torch.equal(a["anatomy"], b["anatomy"])
-        for axis in range(3):
-            c, d = a["coordinates"][axis].flatten().double(), b["coordinates"][axis].flatten().double()
-            design = torch.stack((c, torch.ones_like(c)), dim=1)
-            scale, offset = torch.linalg.lstsq(design, d[:, None]).solution.flatten()
-            assert torch.allclose(design @ torch.stack((scale, offset)), d, atol=1e-5)  # an affine map per axis
+        for scale, offset, _ in _coordinate_maps(plain, jittered, index, atol=1e-5):
             assert abs(scale - 1) <= 0.25 + 1e-6 and abs(offset) <= 0.25 + 1e-6
-            offsets.append(float(offset))
+            offsets.append(offset)
     assert np.std(offsets) > 0.05  # drawn per sample, not one fixed shift
     with pytest.raises(InputError, match="position_jitter"):
         TrainingConfig(position_jitter=1.5)
@@ -505,16 +514,10 @@ def test_field_of_view_crop_gives_coordinates_of_a_smaller_scan_containing_the_s
     cropped = MultiLevelDataset(entries, 16, (0.0, 0.5, 0.5), seed=3, field_of_view_crop=1.0)
     scales = []
     for index in range(12):
-        a, b = plain[index], cropped[index]
-        assert torch.equal(a["image"], b["image"]) and torch.equal(a["anatomy"], b["anatomy"])
-        for axis in range(3):
-            c, d = a["coordinates"][axis].flatten().double(), b["coordinates"][axis].flatten().double()
-            design = torch.stack((c, torch.ones_like(c)), dim=1)
-            scale, offset = torch.linalg.lstsq(design, d[:, None]).solution.flatten()
-            assert torch.allclose(design @ torch.stack((scale, offset)), d, atol=1e-4)  # an affine map per axis
+        for scale, _, d in _coordinate_maps(plain, cropped, index, atol=1e-4):
             assert scale >= 1 - 1e-6  # a sub-box of the scan: never a wider extent
             assert float(d.min()) >= -1 - 1e-5  # the frame contains the sample (padding only follows it)
-            scales.append(float(scale))
+            scales.append(scale)
     assert max(scales) > 1.5 and min(scales) < 1.5  # random sub-boxes, up to the whole scan
     with pytest.raises(InputError, match="field_of_view_crop"):
         TrainingConfig(field_of_view_crop=1.5)

@@ -114,9 +114,13 @@ def _nearest(key: str, kind: str) -> bool:
     return key == "anatomy" or (key == "condition" and kind == "mask")
 
 
-def _shifted(window: tuple[slice, ...], frame: tuple[slice, ...]) -> tuple[slice, ...]:
-    """``window`` in the voxel indices of the sub-box ``frame`` (both ``[z, y, x]`` slices)."""
-    return tuple(slice(s.start - f.start, s.stop - f.start) for s, f in zip(window, frame))
+def _frame_coordinates(
+    window: tuple[slice, ...], frame: tuple[slice, ...], size: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """Coordinates ``(3, ...)`` of ``window`` (resampled to ``size``) in a scan whose extent is the
+    sub-box ``frame`` (both ``[z, y, x]`` slices of the crop)."""
+    shifted = tuple(slice(s.start - f.start, s.stop - f.start) for s, f in zip(window, frame))
+    return window_coordinates(shifted, [f.stop - f.start for f in frame], size)
 
 
 def _index_grid(start: int, stop: int, size: int) -> torch.Tensor:
@@ -230,7 +234,7 @@ class MultiLevelDataset(Dataset):
             return self._fine_patch(volumes, window, kind, frame)
         size = (self.patch,) * 3
         index = [_index_grid(s.start, s.stop, self.patch) for s in window]
-        sample = {"coordinates": window_coordinates(_shifted(window, frame), [s.stop - s.start for s in frame], size)}
+        sample = {"coordinates": _frame_coordinates(window, frame, size)}
         for key, volume in volumes.items():
             if _nearest(key, kind):
                 picked = volume[index[0][:, None, None], index[1][None, :, None], index[2][None, None, :]]
@@ -258,7 +262,7 @@ class MultiLevelDataset(Dataset):
         pads = [self.patch - (s.stop - s.start) for s in window]
         padding = (0, pads[2], 0, pads[1], 0, pads[0])
         full = tuple(slice(s.start, s.start + self.patch) for s in window)
-        sample = {"coordinates": window_coordinates(_shifted(full, frame), [s.stop - s.start for s in frame])}
+        sample = {"coordinates": _frame_coordinates(full, frame)}
         for key, volume in volumes.items():
             air = 0 if _nearest(key, kind) else -1.0
             crop = F.pad(volume[window], padding, value=air)

@@ -20,8 +20,8 @@ Writes ``<output>/cases.csv`` for :mod:`Training.prepare_data`. Two case lists:
 * ``base1mm`` (``meddiff-fm-1mm``): the whole abdomen CT with its TotalSegmentator labels
   (``example_seg_fast_force_split.nii.gz``; versions 0.3 and 0.4 used slices 0-77 only, which hold
   no spleen, stomach, ribs or costal cartilage and 3 % of the liver), the chest CTA with the
-  TotalSegmentator masks its aorta and pulmonary reports ship (heart, aorta and its branches, iliac
-  arteries, T12; since 2026-12-07, :func:`chest_cta_labels`) and the head CT;
+  TotalSegmentator masks its aorta and pulmonary reports ship (heart, aorta and its branches, T12;
+  the iliac masks lie outside this CT; since 2026-12-07, :func:`chest_cta_labels`) and the head CT;
   the upper-abdomen DICOM series (0.98 x 0.98 x 2 mm) is held out entirely, as the held-out scan of
   ``benchmarks/quality.py`` and ``meddiff-fm demo``.
 
