@@ -25,9 +25,10 @@ REGION_NAMES = ("head_neck", "chest", "abdomen")
 """The model's regions (``MedDiffFMLib.preprocessing.REGIONS``; a test keeps the two in step)."""
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m")
 """The generative samplers (``MedDiffFMLib.diffusion.samplers.SAMPLERS``)."""
-START_FROM = ("noise", "anatomy")
-"""Where synthesis starts: pure noise (the method's default) or the anatomy painted with the model
-card's typical HU and noised to the start timestep (Docs/METHOD.md 1.1)."""
+START_FROM = ("auto", "noise", "anatomy")
+"""Where synthesis starts: pure noise (the method's), the anatomy painted with the model card's
+typical HU and noised to the start timestep (Docs/METHOD.md 1.1), or ``auto`` (the default): the
+anatomy where the card has the region's typical HU, else noise."""
 LESION_SCOPES = ("volume", "lesion")
 """What the lesion ControlNet generates in lesion generation: the whole volume (the synthesis is
 conditioned on the mask, the paper's method) or only the lesion (the CT is synthesised without it,
@@ -333,9 +334,9 @@ _STEPS_OF_SAMPLER = Setting(
 _SAMPLER = Setting("sampler", "ddim", "sampler", kind="str", choices=SAMPLER_NAMES, panel="sampler")
 _START_FROM = Setting(
     "start_from",
-    "noise",
-    "where sampling starts: noise (default) or anatomy (the label map painted with the model card's typical HU "
-    "of each structure, noised to --start)",
+    "auto",
+    "where sampling starts: noise (the method's) or anatomy (the label map painted with the model card's typical "
+    "HU of each structure, noised to --start); auto (default): anatomy where the card has the region's typical HU",
     kind="str",
     choices=START_FROM,
     panel="start_from",
@@ -343,8 +344,8 @@ _START_FROM = Setting(
 _START = Setting(
     "start",
     None,
-    "timestep to start at with --start-from anatomy (default: the pure-noise start, 978 of 1000 for a "
-    "noise-predicting model); lower keeps more of the painted anatomy",
+    "timestep to start at with --start-from anatomy (default: where the noise is 1.65 times the window's "
+    "half-width, 649 of 1000 for the cosine schedule); lower keeps more of the painted anatomy",
     kind="int",
     minimum=1,
     maximum=999,

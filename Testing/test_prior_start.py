@@ -16,7 +16,7 @@ from MedDiffFMLib.model.weights import BUNDLED_DIR as MODELS
 from MedDiffFMLib.model.weights import ModelCard
 from MedDiffFMLib.preprocessing import REGIONS
 from MedDiffFMLib.tasks.engine import Engine
-from MedDiffFMLib.tasks.synthesize import AIR_HU, painted, synthesize
+from MedDiffFMLib.tasks.synthesize import AIR_HU, PAINTED_START_SIGMA, painted, synthesize
 from MedDiffFMLib.volume import Volume
 
 
@@ -105,9 +105,48 @@ def test_the_start_comes_from_the_model_card_or_says_how_to_get_one(tiny_engine)
     np.testing.assert_array_equal(card_start.array, given.array)
 
 
+def test_a_painted_start_without_a_timestep_starts_where_the_noise_is_the_default_sigma(tiny_engine):
+    anatomy = _block_anatomy((0.8, 0.8, 5.0), Volume(np.zeros((1, 1, 1))).direction)
+    table = {5: 60.0, BODY_LABEL: -80.0}
+    assert NoiseSchedule(schedule="cosine").timestep_for_sigma(PAINTED_START_SIGMA) == 649
+    start = tiny_engine.schedule.timestep_for_sigma(PAINTED_START_SIGMA)
+    default = synthesize(anatomy, "abdomen", tiny_engine, steps=2, start_from="anatomy", label_hu=table, seed=0)
+    explicit = synthesize(
+        anatomy, "abdomen", tiny_engine, steps=2, start_from="anatomy", label_hu=table, start=start, seed=0
+    )
+    pure_noise_start = synthesize(
+        anatomy,
+        "abdomen",
+        tiny_engine,
+        steps=2,
+        start_from="anatomy",
+        label_hu=table,
+        start=tiny_engine.schedule.sampling_start(),
+        seed=0,
+    )
+    np.testing.assert_array_equal(default.array, explicit.array)
+    assert not np.array_equal(default.array, pure_noise_start.array)
+
+
 def test_the_shipped_base_model_cards_hold_their_training_datas_typical_hu():
     for version in ("0.3", "0.4"):
         card = ModelCard.from_dict(json.loads((MODELS / f"meddiff-fm-1mm-{version}.json").read_text()))
         abdomen = card.typical_hu("abdomen")
         assert 20.0 < abdomen[label_of("liver")] < 70.0 and abdomen[BODY_LABEL] < 0.0
         assert set(card.anatomy_hu) == {"abdomen", "chest", "head_neck"}
+
+
+def test_the_automatic_start_is_the_anatomy_when_the_card_has_typical_hu_else_noise(tiny_engine):
+    anatomy = _block_anatomy((0.8, 0.8, 5.0), Volume(np.zeros((1, 1, 1))).direction)
+
+    def run(**keywords):
+        return synthesize(anatomy, "abdomen", tiny_engine, steps=2, seed=0, **keywords).array
+
+    np.testing.assert_array_equal(run(), run(start_from="noise"))
+    table = {5: 60.0, BODY_LABEL: -80.0}
+    np.testing.assert_array_equal(run(label_hu=table), run(start_from="anatomy", label_hu=table))
+    tiny_engine.model.card = ModelCard(
+        name="tiny", version="0", task="base", config={}, anatomy_hu={"abdomen": {"5": 60.0, "118": -80.0}}
+    )
+    np.testing.assert_array_equal(run(), run(start_from="anatomy"))
+    assert not np.array_equal(run(), run(start_from="noise"))

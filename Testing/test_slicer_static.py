@@ -280,6 +280,10 @@ def test_the_panel_offers_every_synthesis_start_and_reads_the_chosen_one():
     assert panel_settings(state, TASKS["synthesize"])["start_from"] == "anatomy"
     assert (
         panel_settings(SimpleNamespace(**{**vars(state), "startFrom": "Noise"}), TASKS["synthesize"])["start_from"]
+        == "noise"
+    )
+    assert (
+        panel_settings(SimpleNamespace(**{**vars(state), "startFrom": "Automatic"}), TASKS["synthesize"])["start_from"]
         is None
     )  # the default: left to the task
 

@@ -13,7 +13,7 @@ REGION_LABELS = {"Auto": None, "Head & neck": "head_neck", "Chest": "chest", "Ab
 DEVICE_LABELS = {"Auto": "auto", "GPU (CUDA)": "cuda", "Apple GPU (MPS)": "mps", "CPU": "cpu"}
 
 SAMPLER_LABELS = {"DDIM": "ddim", "DDPM": "ddpm", "DPM-Solver++": "dpm++2m"}
-START_LABELS = {"Noise": "noise", "Anatomy (typical HU)": "anatomy"}
+START_LABELS = {"Automatic": "auto", "Noise": "noise", "Anatomy (typical HU)": "anatomy"}
 
 REGION_KEYS = ("head_neck", "chest", "abdomen")
 

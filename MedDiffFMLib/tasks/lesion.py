@@ -53,7 +53,7 @@ def generate_lesion(
     seed: int | None = 0,
     progress: ProgressCallback = no_progress,
     cancel: CancelToken | None = None,
-    start_from: str = "noise",
+    start_from: str = "auto",
     start: int | None = None,
     scope: str = "volume",
     lesion_steps: int = DEFAULT_STEPS,

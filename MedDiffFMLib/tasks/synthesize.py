@@ -21,6 +21,12 @@ from .engine import Engine
 
 AIR_HU = -1000.0
 
+PAINTED_START_SIGMA = 1.65
+"""Default noise level (``sigma_bar``, in the [-1, 1] image scale) that a painted-anatomy start is
+noised to: t = 649 of the cosine schedule. Chosen on a slab of the training abdomen CT with
+``meddiff-fm-1mm-large@0.1`` (Docs/METHOD.md 1.1): from pure noise, or from the pure-noise start,
+no label value makes bone; from t = 649 the vertebrae come out as bone."""
+
 
 def synthesize(
     anatomy: Volume,
@@ -35,7 +41,7 @@ def synthesize(
     control: np.ndarray | None = None,
     task: str = "synthesize",
     body: np.ndarray | None = None,
-    start_from: str = "noise",
+    start_from: str = "auto",
     label_hu: Mapping[int, float] | None = None,
     start: int | None = None,
 ) -> Volume:
@@ -54,13 +60,16 @@ def synthesize(
             TotalSegmentator output, whose label 0 means both air and unlabelled tissue). Without
             one, the body is derived from the labelled structures
             (:func:`~MedDiffFMLib.anatomy.derived_body`).
-        start_from: ``noise`` (pure noise, the method's default) or ``anatomy``: sampling starts from
-            the anatomy painted with typical HU (:func:`painted`) noised to ``start`` (Docs/METHOD.md
-            1.1).
+        start_from: ``noise`` (pure noise, the method's start), ``anatomy``: sampling starts from the
+            anatomy painted with typical HU (:func:`painted`) noised to ``start`` (Docs/METHOD.md 1.1),
+            or ``auto``: the anatomy when ``label_hu`` is given or the model card has the region's
+            typical HU, else noise. The painted start is what makes bone (vertebrae, ribs) with
+            ``meddiff-fm-1mm-large@0.1``; from noise no label value does.
         label_hu: the typical HU of label values for ``start_from="anatomy"``; None: the model
             card's (``anatomy_hu``: the medians in its labelled training data).
-        start: the timestep sampling starts at (default: the schedule's pure-noise start, t = 978 of
-            the cosine schedule); another needs ``start_from="anatomy"``.
+        start: the timestep sampling starts at; needs ``start_from="anatomy"``. Default: the
+            schedule's pure-noise start from noise, :data:`PAINTED_START_SIGMA`'s timestep (649 of the
+            cosine schedule) from the anatomy.
 
     Every step evaluates all overlapping windows and averages their noise estimates, so any size
     works without seams. Voxels labelled 0 (outside the body) are air: windows made only of them
@@ -68,6 +77,8 @@ def synthesize(
     """
     check_region(region)
     label_hu = _start_values(engine, region, start_from, label_hu, start)
+    if label_hu is not None and start is None:
+        start = engine.schedule.timestep_for_sigma(PAINTED_START_SIGMA)
     labels = np.asarray(anatomy.array)
     if labels.min() < 0 or labels.max() >= NUM_ANATOMY_VALUES or not np.issubdtype(labels.dtype, np.integer):
         raise InputError(
@@ -136,6 +147,8 @@ def _start_values(
     """The typical HU to paint the start with, or None for a pure-noise start; checks the combination."""
     if start_from not in START_FROM:
         raise InputError(f"start_from must be one of {', '.join(START_FROM)}, got '{start_from}'.")
+    if start_from == "auto":
+        start_from = "anatomy" if label_hu is not None or engine.typical_hu(region) else "noise"
     if start_from == "noise":
         if label_hu is not None or start is not None:
             raise InputError("Typical HU values and a start timestep need start_from 'anatomy' (--start-from anatomy).")
