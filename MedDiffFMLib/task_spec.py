@@ -28,7 +28,8 @@ SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m")
 START_FROM = ("auto", "noise", "anatomy")
 """Where synthesis starts: pure noise (the method's), the anatomy painted with the model card's
 typical HU and noised to the start timestep (Docs/METHOD.md 1.1), or ``auto`` (the default): the
-anatomy where the card has the region's typical HU, else noise."""
+anatomy where the card has the typical HU of a structure other than the body in the region, else
+noise."""
 LESION_SCOPES = ("volume", "lesion")
 """What the lesion ControlNet generates in lesion generation: the whole volume (the synthesis is
 conditioned on the mask, the paper's method) or only the lesion (the CT is synthesised without it,
@@ -336,7 +337,8 @@ _START_FROM = Setting(
     "start_from",
     "auto",
     "where sampling starts: noise (the method's) or anatomy (the label map painted with the model card's typical "
-    "HU of each structure, noised to --start); auto (default): anatomy where the card has the region's typical HU",
+    "HU of each structure, noised to --start); auto (default): anatomy where the card has the region's "
+    "typical HU of a structure other than the body",
     kind="str",
     choices=START_FROM,
     panel="start_from",

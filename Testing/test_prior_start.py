@@ -146,7 +146,15 @@ def test_the_automatic_start_is_the_anatomy_when_the_card_has_typical_hu_else_no
     table = {5: 60.0, BODY_LABEL: -80.0}
     np.testing.assert_array_equal(run(label_hu=table), run(start_from="anatomy", label_hu=table))
     tiny_engine.model.card = ModelCard(
-        name="tiny", version="0", task="base", config={}, anatomy_hu={"abdomen": {"5": 60.0, "118": -80.0}}
+        name="tiny",
+        version="0",
+        task="base",
+        config={},
+        anatomy_hu={"abdomen": {"5": 60.0, "118": -80.0}, "chest": {"118": -56.0}},
     )
     np.testing.assert_array_equal(run(), run(start_from="anatomy"))
     assert not np.array_equal(run(), run(start_from="noise"))
+    chest = synthesize(anatomy, "chest", tiny_engine, steps=2, seed=0).array  # the body's value alone: noise
+    np.testing.assert_array_equal(
+        chest, synthesize(anatomy, "chest", tiny_engine, steps=2, seed=0, start_from="noise").array
+    )

@@ -62,9 +62,10 @@ def synthesize(
             (:func:`~MedDiffFMLib.anatomy.derived_body`).
         start_from: ``noise`` (pure noise, the method's start), ``anatomy``: sampling starts from the
             anatomy painted with typical HU (:func:`painted`) noised to ``start`` (Docs/METHOD.md 1.1),
-            or ``auto``: the anatomy when ``label_hu`` is given or the model card has the region's
-            typical HU, else noise. The painted start is what makes bone (vertebrae, ribs) with
-            ``meddiff-fm-1mm-large@0.1``; from noise no label value does.
+            or ``auto``: the anatomy when ``label_hu`` is given or the model card has the typical HU
+            of a structure other than the body in this region, else noise (a painting with the
+            body's value alone says no more than the body mask). The painted start is what makes
+            bone (vertebrae, ribs) with ``meddiff-fm-1mm-large@0.1``; from noise no label value does.
         label_hu: the typical HU of label values for ``start_from="anatomy"``; None: the model
             card's (``anatomy_hu``: the medians in its labelled training data).
         start: the timestep sampling starts at; needs ``start_from="anatomy"``. Default: the
@@ -148,7 +149,8 @@ def _start_values(
     if start_from not in START_FROM:
         raise InputError(f"start_from must be one of {', '.join(START_FROM)}, got '{start_from}'.")
     if start_from == "auto":
-        start_from = "anatomy" if label_hu is not None or engine.typical_hu(region) else "noise"
+        structures = set(engine.typical_hu(region)) - {0, BODY_LABEL}
+        start_from = "anatomy" if label_hu is not None or structures else "noise"
     if start_from == "noise":
         if label_hu is not None or start is not None:
             raise InputError("Typical HU values and a start timestep need start_from 'anatomy' (--start-from anatomy).")
