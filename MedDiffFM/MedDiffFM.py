@@ -109,6 +109,7 @@ class MedDiffFMParameterNode:
     sampler: Annotated[str, Choice(list(SAMPLER_LABELS)), Default("DDIM")]
     eta: Annotated[float, WithinRange(0.0, 1.0), Default(1.0)]
     startFrom: Annotated[str, Choice(list(START_LABELS)), Default("Automatic")]
+    typicalHu: str
     sigmaAuto: Annotated[bool, Default(True)]
     sigma: Annotated[float, WithinRange(0.0001, 2.0), Default(0.03)]
     lam: Annotated[float, WithinRange(0.0, 1000.0), Default(0.0)]

@@ -102,7 +102,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 def _setting_type(setting: Setting):
     if setting.auto:
         return _float_or_auto
-    return {"int": int, "float": float, "str": str, "names": str}[setting.kind]
+    return {"int": int, "float": float, "str": str, "names": str, "table": str}[setting.kind]
 
 
 def add_task_parser(commands, spec: TaskSpec) -> argparse.ArgumentParser:
@@ -126,7 +126,7 @@ def add_task_parser(commands, spec: TaskSpec) -> argparse.ArgumentParser:
             dest=setting.name,
             metavar=setting.cli_flag[2:].upper().replace("-", "_"),
             type=_setting_type(setting),
-            action="append" if setting.kind == "names" else "store",
+            action="append" if setting.kind in ("names", "table") else "store",
             choices=setting.choices or None,
             required=setting.required,
             default=None,  # the task's default (TaskSpec.resolve): --preview can tell it from a given value

@@ -15,6 +15,7 @@ the tasks before PyTorch is installed. A new task is a new module under ``tasks/
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,7 @@ PREVIEW_OVERLAP = 0.25
 """Window overlap of the fast preview: half the windows of the default 0.5, no visible seams
 (benchmarks/README.md #5)."""
 
-KINDS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "names": list}
+KINDS: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool, "names": list, "table": dict}
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,9 @@ class Setting:
         name: the keyword (``sigma_n``); also the job file's key.
         default: value when not given; None means "automatic" or "the task decides" (see ``help``).
         help: one line for ``--help``, tooltips and documentation, with the unit.
-        kind: ``int``, ``float``, ``str``, ``bool`` or ``names`` (a list of strings, repeatable flag).
+        kind: ``int``, ``float``, ``str``, ``bool``, ``names`` (a list of strings, repeatable flag) or
+            ``table`` (``{name: number}``, given as ``NAME=NUMBER`` items: a repeatable flag, or one
+            string with items separated by commas).
         flag: the command-line flag when it is not ``--`` + the name with dashes.
         choices: the allowed values of a ``str`` setting.
         minimum, maximum: the allowed range of a number (inclusive).
@@ -82,6 +85,8 @@ class Setting:
         try:
             if self.kind == "names":
                 value = [value] if isinstance(value, str) else [str(item) for item in value]
+            elif self.kind == "table":
+                value = _table(value)
             elif self.kind == "bool":
                 if not isinstance(value, bool):
                     raise TypeError(value)
@@ -92,10 +97,17 @@ class Setting:
             else:
                 value = KINDS[self.kind](value)
         except (TypeError, ValueError, OverflowError):
+            if self.kind == "table":
+                raise InputError(f"{self.cli_flag} takes NAME=NUMBER items (e.g. liver=100), got {value!r}.") from None
             allowed = f"{self.kind} or 'auto'" if self.auto else self.kind
             raise InputError(f"{self.cli_flag} must be a {allowed}, got {value!r}.") from None
         if self.choices and value not in self.choices:
             raise InputError(f"{self.cli_flag} must be one of {', '.join(self.choices)}, got '{value}'.")
+        for number in value.values() if self.kind == "table" else (value,):
+            self._check_range(number)
+        return value
+
+    def _check_range(self, value: float) -> None:
         low = self.minimum is not None and value < self.minimum
         if low or (self.maximum is not None and value > self.maximum):
             if self.maximum is None:
@@ -105,7 +117,27 @@ class Setting:
             else:
                 allowed = f"within [{self.minimum:g}, {self.maximum:g}]"
             raise InputError(f"{self.cli_flag} must be {allowed}, got {value}.")
-        return value
+
+
+def _table(value: Any) -> dict[str, float]:
+    """``{name: number}`` from a mapping, a ``NAME=NUMBER`` string (items separated by commas) or a
+    list of such strings; raises ValueError or TypeError when it is none of these."""
+    if isinstance(value, Mapping):
+        items = [(str(name), number) for name, number in value.items()]
+    else:
+        texts = [value] if isinstance(value, str) else list(value)
+        items = []
+        for text in texts:
+            for item in str(text).split(","):
+                if item.strip():
+                    name, separator, number = item.partition("=")
+                    if not separator:
+                        raise ValueError(item)
+                    items.append((name, number))
+    table = {name.strip(): float(number) for name, number in items}
+    if not table or "" in table or not all(math.isfinite(number) for number in table.values()):
+        raise ValueError(value)
+    return table
 
 
 @dataclass(frozen=True)
@@ -353,6 +385,19 @@ _START = Setting(
     maximum=999,
 )
 
+_TYPICAL_HU = Setting(
+    "label_hu",
+    None,
+    "typical HU of structures for the painted start, NAME=HU items (TotalSegmentator v2 names or label values, "
+    "repeatable or comma-separated, e.g. liver=100,aorta=160): they replace the model card's values (native CT) "
+    "of those structures, e.g. for a contrast phase; with --start-from auto they select the painted start",
+    kind="table",
+    flag="--typical-hu",
+    minimum=-1024.0,
+    maximum=3071.0,
+    panel="typicalHu",
+)
+
 
 def _margin(prefix: str, panel: str = "margin") -> Setting:
     return Setting(
@@ -394,6 +439,7 @@ register(
             _eta("DDIM stochasticity (0 deterministic, default 1)"),
             _START_FROM,
             _START,
+            _TYPICAL_HU,
         ),
         region_required=True,
         grid_from_volume=True,
@@ -554,6 +600,7 @@ register(
             _eta("DDIM stochasticity (default 1)"),
             _START_FROM,
             _START,
+            _TYPICAL_HU,
             Setting(
                 "scope",
                 "volume",

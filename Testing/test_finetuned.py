@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from MedDiffFMLib import cli
 from MedDiffFMLib import preprocessing as pp
+from MedDiffFMLib.anatomy import label_of
 from MedDiffFMLib.diffusion.operators import ZSlabAverage
 from MedDiffFMLib.diffusion.repaint import repaint_schedule
 from MedDiffFMLib.errors import InputError, MaskError, WeightsError
@@ -448,3 +449,22 @@ def test_controlnet_fine_tuning_runs_resumes_and_exports(tmp_path):
         ]
     )
     assert wrong.returncode == 2 and "make_pairs" in wrong.stderr
+
+
+def test_typical_hu_alone_select_the_painted_start_and_reach_lesion_generation(lesion_engine, small_seg):
+    lesion = _lesion(small_seg, (slice(4, 10), slice(10, 25), slice(15, 30)))
+    keywords = dict(steps=2, seed=1, start=1)
+    asked = generate_lesion(small_seg, lesion, "abdomen", lesion_engine, label_hu={"liver": 150.0}, **keywords)
+    direct = synthesize(
+        small_seg,
+        "abdomen",
+        lesion_engine,
+        control=lesion.array.astype(np.float32),
+        task="generate-lesion",
+        start_from="anatomy",
+        label_hu={5: 150.0},
+        **keywords,
+    )
+    np.testing.assert_array_equal(asked.array, direct.array)
+    liver = small_seg.array == label_of("liver")
+    assert abs(float(np.median(asked.array[liver & (lesion.array == 0)])) - 150.0) < 15.0

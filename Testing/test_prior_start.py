@@ -158,3 +158,28 @@ def test_the_automatic_start_is_the_anatomy_when_the_card_has_typical_hu_else_no
     np.testing.assert_array_equal(
         chest, synthesize(anatomy, "chest", tiny_engine, steps=2, seed=0, start_from="noise").array
     )
+
+
+def test_typical_hu_by_name_replace_the_card_s_values_of_those_structures_only(tiny_engine):
+    """A user's table (a contrast phase, say) by TotalSegmentator name or label value updates the card's:
+    the structures it names take its values, the others keep the card's; on an oblique 5 mm grid."""
+    angle = np.deg2rad(20.0)
+    oblique = (np.cos(angle), 0.0, -np.sin(angle), 0.0, 1.0, 0.0, np.sin(angle), 0.0, np.cos(angle))
+    anatomy = _block_anatomy((0.7, 0.7, 5.0), oblique)
+    tiny_engine.model.card = ModelCard(
+        name="tiny", version="0", task="base", config={}, anatomy_hu={"abdomen": {"5": 60.0, "118": -80.0}}
+    )
+    inner = ndimage.binary_erosion(anatomy.array == label_of("liver"), iterations=2)
+    body = ndimage.binary_erosion(anatomy.array == BODY_LABEL, iterations=2)
+    for asked in ({"liver": 150.0}, {"5": 150.0}, {5: 150.0}):
+        result = synthesize(anatomy, "abdomen", tiny_engine, steps=1, start=1, seed=0, label_hu=asked)
+        assert abs(float(np.median(result.array[inner])) - 150.0) < 10.0, asked
+        assert abs(float(np.median(result.array[body])) + 80.0) < 10.0, asked  # the card's body
+        assert "Typical HU asked for: liver 150." in result.metadata["MedDiffFM_note"]
+        assert result.metadata["MedDiffFM_start"] == "painted anatomy, t = 1"
+    card = synthesize(anatomy, "abdomen", tiny_engine, steps=1, start=1, seed=0)
+    assert abs(float(np.median(card.array[inner])) - 60.0) < 10.0 and "asked" not in card.metadata["MedDiffFM_note"]
+    with pytest.raises(InputError, match="Unknown organ 'livr'"):
+        synthesize(anatomy, "abdomen", tiny_engine, steps=1, label_hu={"livr": 100.0})
+    with pytest.raises(InputError, match="label values are 1..119"):
+        synthesize(anatomy, "abdomen", tiny_engine, steps=1, label_hu={"0": 100.0})

@@ -173,6 +173,7 @@ def test_ui_is_valid_xml_with_declared_custom_widgets():
         "QCheckBox",
         "QProgressBar",
         "QPlainTextEdit",
+        "QLineEdit",
     }
     used = {element.get("class") for element in widgets.values()}
     assert used - qt_classes <= declared, "custom widget classes used without a <customwidget> declaration"
@@ -216,10 +217,10 @@ def test_task_rows_name_ui_widgets_and_cover_every_task():
         panel = {setting.panel for setting in spec.settings if setting.panel}
         assert panel <= set(TASK_ROWS) | {"steps"}, task
     # The rows each task showed before its rows were derived from its definition, plus draws, organ
-    # only and the synthesis start.
+    # only, the synthesis start and its typical HU.
     assert rows_of_task("denoise") == {"inputVolume", "volumes", "anatomy", "sigma", "lambda"}
-    assert rows_of_task("synthesize") == {"inputVolume", "anatomy", "sampler", "eta", "start_from"}
-    assert "start_from" in rows_of_task("generate_lesion")
+    assert rows_of_task("synthesize") == {"inputVolume", "anatomy", "sampler", "eta", "start_from", "typicalHu"}
+    assert {"start_from", "typicalHu"} <= rows_of_task("generate_lesion")
     assert rows_of_task("super_resolve") == {
         "inputVolume",
         "volumes",
@@ -248,7 +249,7 @@ def test_the_panel_s_defaults_give_each_task_its_library_defaults():
     """With the panel as it starts (no organ chosen), every task runs with the settings its definition has."""
     import types
 
-    state = types.SimpleNamespace(**_parameter_node_defaults(), organs=[])
+    state = types.SimpleNamespace(**_parameter_node_defaults(), organs=[], typicalHu="")
     for task, spec in TASKS.items():
         read = panel_settings(state, spec)
         resolved = spec.resolve(
@@ -276,7 +277,7 @@ def test_the_panel_offers_every_synthesis_start_and_reads_the_chosen_one():
     from MedDiffFMLib.task_spec import START_FROM
 
     assert sorted(START_LABELS.values()) == sorted(START_FROM)
-    state = SimpleNamespace(steps=0, sampler="DDIM", eta=1.0, startFrom="Anatomy (typical HU)")
+    state = SimpleNamespace(steps=0, sampler="DDIM", eta=1.0, startFrom="Anatomy (typical HU)", typicalHu=" ")
     assert panel_settings(state, TASKS["synthesize"])["start_from"] == "anatomy"
     assert (
         panel_settings(SimpleNamespace(**{**vars(state), "startFrom": "Noise"}), TASKS["synthesize"])["start_from"]
@@ -286,6 +287,10 @@ def test_the_panel_offers_every_synthesis_start_and_reads_the_chosen_one():
         panel_settings(SimpleNamespace(**{**vars(state), "startFrom": "Automatic"}), TASKS["synthesize"])["start_from"]
         is None
     )  # the default: left to the task
+    assert panel_settings(state, TASKS["synthesize"])["label_hu"] is None  # blank: the model's values
+    state.typicalHu = "liver=100, aorta = 160"
+    read = panel_settings(state, TASKS["generate_lesion"])["label_hu"]
+    assert TASKS["generate_lesion"].resolve({"label_hu": read})["label_hu"] == {"liver": 100.0, "aorta": 160.0}
 
 
 def test_parameter_names_in_the_ui_are_parameter_node_fields():
@@ -302,6 +307,7 @@ def test_parameter_names_in_the_ui_are_parameter_node_fields():
         "QSpinBox": "int",
         "QDoubleSpinBox": "float",
         "QCheckBox": "bool",
+        "QLineEdit": "str",
         "qMRMLNodeComboBox": "vtkMRML",
     }
     bound = {}

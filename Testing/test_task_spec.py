@@ -65,8 +65,8 @@ FLAGS_BEFORE_THE_SPECS = {
 FLAGS_ADDED_SINCE = {
     "detect-anomalies": {"--organ-only"},
     "super-resolve": {"--draws"},
-    "synthesize": {"--start-from", "--start"},
-    "generate-lesion": {"--start-from", "--start", "--scope", "--lesion-steps", "--margin"},
+    "synthesize": {"--start-from", "--start", "--typical-hu"},
+    "generate-lesion": {"--start-from", "--start", "--typical-hu", "--scope", "--lesion-steps", "--margin"},
 }
 
 
@@ -132,6 +132,27 @@ def test_settings_are_checked_against_their_definition():
         TASKS["synthesize"].resolve({"sampler": "euler"})
     with pytest.raises(InputError, match="needs the ct input"):
         denoise.check_inputs({"anatomy": object()})
+
+
+def test_a_table_setting_takes_name_number_items_from_every_front_end():
+    synthesize = TASKS["synthesize"]
+    expected = {"liver": 100.0, "aorta": 160.0, "5": -20.0}
+    given = (
+        ["liver=100", "aorta = 160,5=-20"],  # repeated flags, one with a comma
+        "liver=100, aorta=160, 5=-20,",  # the panel's line
+        {"liver": 100, "aorta": 160.0, 5: "-20"},  # Python and job files
+    )
+    for value in given:
+        assert synthesize.resolve({"label_hu": value})["label_hu"] == expected
+    args = cli.build_parser().parse_args(
+        ["synthesize", "a.nrrd", "o.nrrd", "--region", "abdomen", "--typical-hu", "liver=100", "--typical-hu", "5=7"]
+    )
+    assert synthesize.resolve({"label_hu": args.label_hu})["label_hu"] == {"liver": 100.0, "5": 7.0}
+    for wrong in ("liver", "liver=high", "=100", "liver=nan", ""):
+        with pytest.raises(InputError, match="--typical-hu takes NAME=NUMBER items"):
+            synthesize.resolve({"label_hu": wrong})
+    with pytest.raises(InputError, match=r"--typical-hu must be within \[-1024, 3071\], got 5000"):
+        synthesize.resolve({"label_hu": "liver=5000"})
 
 
 @pytest.fixture

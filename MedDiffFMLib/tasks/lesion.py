@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -55,14 +57,15 @@ def generate_lesion(
     cancel: CancelToken | None = None,
     start_from: str = "auto",
     start: int | None = None,
+    label_hu: Mapping[int | str, float] | None = None,
     scope: str = "volume",
     lesion_steps: int = DEFAULT_STEPS,
     margin_mm: float = DEFAULT_MARGIN_MM,
 ) -> Volume:
     """A synthetic CT (HU, on the anatomy's grid) with a lesion where ``lesion`` is set.
 
-    ``engine`` must hold the lesion ControlNet (``controlnet-lesion``); ``sampler`` to ``start`` as in
-    :func:`~.synthesize.synthesize` (the base model card's typical HU).
+    ``engine`` must hold the lesion ControlNet (``controlnet-lesion``); ``sampler`` to ``label_hu`` as
+    in :func:`~.synthesize.synthesize` (the base model card's typical HU).
 
     ``scope="volume"`` (default): the ControlNet conditions the whole synthesis on the mask (the
     paper's method). Only windows that overlap the lesion see it, so tissue a model window away is
@@ -77,7 +80,9 @@ def generate_lesion(
     if scope not in LESION_SCOPES:
         raise InputError(f"scope must be one of {', '.join(LESION_SCOPES)}, got '{scope}'.")
     mask = lesion_mask_on(lesion, anatomy)
-    synthesis = dict(sampler=sampler, steps=steps, eta=eta, seed=seed, cancel=cancel, start_from=start_from)
+    synthesis = dict(
+        sampler=sampler, steps=steps, eta=eta, seed=seed, cancel=cancel, start_from=start_from, label_hu=label_hu
+    )
     if scope == "volume":
         return synthesize(
             anatomy, region, engine, progress=progress, control=mask, task="generate-lesion", start=start, **synthesis

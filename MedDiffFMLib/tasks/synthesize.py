@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .. import preprocessing as pp
-from ..anatomy import BODY_LABEL, DERIVED_BODY_MARGIN_MM, NUM_ANATOMY_VALUES, derived_body
+from ..anatomy import BODY_LABEL, CLASS_NAMES, DERIVED_BODY_MARGIN_MM, NUM_ANATOMY_VALUES, derived_body, label_of
 from ..device import make_generator
 from ..diffusion.samplers import sample
 from ..diffusion.sliding_window import Conditions
@@ -42,7 +42,7 @@ def synthesize(
     task: str = "synthesize",
     body: np.ndarray | None = None,
     start_from: str = "auto",
-    label_hu: Mapping[int, float] | None = None,
+    label_hu: Mapping[int | str, float] | None = None,
     start: int | None = None,
 ) -> Volume:
     """Generate a CT in HU on the grid of ``anatomy``.
@@ -66,8 +66,9 @@ def synthesize(
             of a structure other than the body in this region, else noise (a painting with the
             body's value alone says no more than the body mask). The painted start is what makes
             bone (vertebrae, ribs) with ``meddiff-fm-1mm-large@0.1``; from noise no label value does.
-        label_hu: the typical HU of label values for ``start_from="anatomy"``; None: the model
-            card's (``anatomy_hu``: the medians in its labelled training data).
+        label_hu: typical HU (of label values or class names, ``{"liver": 100}``) for the painted
+            start; they replace the model card's values of those structures (``anatomy_hu``: the
+            medians in its labelled training data, native CT), e.g. to ask for a contrast phase.
         start: the timestep sampling starts at; needs ``start_from="anatomy"``. Default: the
             schedule's pure-noise start from noise, :data:`PAINTED_START_SIGMA`'s timestep (649 of the
             cosine schedule) from the anatomy.
@@ -77,6 +78,7 @@ def synthesize(
     are skipped, and they are -1000 HU in the result.
     """
     check_region(region)
+    asked = {} if label_hu is None else label_values(label_hu)
     label_hu = _start_values(engine, region, start_from, label_hu, start)
     if label_hu is not None and start is None:
         start = engine.schedule.timestep_for_sigma(PAINTED_START_SIGMA)
@@ -128,6 +130,9 @@ def synthesize(
     result = grid.hu(x0)
     result[labels == 0] = AIR_HU
     note = f"Voxels outside the body ({body_source}) are air ({AIR_HU:g} HU)."
+    if asked:
+        note += " Typical HU asked for: " + ", ".join(f"{CLASS_NAMES[value]} {hu:g}" for value, hu in asked.items())
+        note += "."
     return Volume.on_geometry(
         result,
         anatomy.geometry,
@@ -136,6 +141,7 @@ def synthesize(
         MedDiffFM_region=region,
         MedDiffFM_sampler=sampler,
         MedDiffFM_seed=str(seed),
+        MedDiffFM_start="noise" if prior is None else f"painted anatomy, t = {start}",
         MedDiffFM_note=note,
         MedDiffFM_skipped_windows=str(predictor.skipped_windows),
         MedDiffFM_network_evaluations=str(predictor.evaluations),
@@ -143,9 +149,10 @@ def synthesize(
 
 
 def _start_values(
-    engine: Engine, region: str, start_from: str, label_hu: Mapping[int, float] | None, start: int | None
-) -> Mapping[int, float] | None:
-    """The typical HU to paint the start with, or None for a pure-noise start; checks the combination."""
+    engine: Engine, region: str, start_from: str, label_hu: Mapping[int | str, float] | None, start: int | None
+) -> dict[int, float] | None:
+    """The typical HU to paint the start with (the card's, updated with ``label_hu``), or None for a
+    pure-noise start; checks the combination."""
     if start_from not in START_FROM:
         raise InputError(f"start_from must be one of {', '.join(START_FROM)}, got '{start_from}'.")
     if start_from == "auto":
@@ -155,15 +162,27 @@ def _start_values(
         if label_hu is not None or start is not None:
             raise InputError("Typical HU values and a start timestep need start_from 'anatomy' (--start-from anatomy).")
         return None
-    if label_hu is None:
-        label_hu = engine.typical_hu(region)
-        if not label_hu:
-            raise InputError(
-                f"The model '{engine.name}' has no typical HU of the {region} anatomy in its card (anatomy_hu), so "
-                "synthesis cannot start from the anatomy. Start from noise, pass label_hu, or write the table into "
-                "the card with 'python -m Training.anatomy_hu'."
-            )
-    return label_hu
+    table = engine.typical_hu(region)
+    if label_hu is None and not table:
+        raise InputError(
+            f"The model '{engine.name}' has no typical HU of the {region} anatomy in its card (anatomy_hu), so "
+            "synthesis cannot start from the anatomy. Start from noise, give the typical HU (label_hu, "
+            "--typical-hu), or write the table into the card with 'python -m Training.anatomy_hu'."
+        )
+    return {**table, **label_values(label_hu or {})}
+
+
+def label_values(label_hu: Mapping[int | str, float]) -> dict[int, float]:
+    """``label_hu`` with label values for keys: a key is a label value (int or digits) or a class name
+    (:data:`~MedDiffFMLib.anatomy.CLASS_NAMES`: TotalSegmentator v2, ``body``)."""
+    values = {}
+    for key, hu in label_hu.items():
+        text = str(key).strip()
+        value = int(text) if text.isdigit() else label_of(text)
+        if not 0 < value < NUM_ANATOMY_VALUES:
+            raise InputError(f"Typical HU for label value {value}: label values are 1..{NUM_ANATOMY_VALUES - 1}.")
+        values[value] = float(hu)
+    return values
 
 
 def painted(labels: np.ndarray, label_hu: Mapping[int, float], region: str) -> np.ndarray:
