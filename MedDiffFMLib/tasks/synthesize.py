@@ -78,8 +78,8 @@ def synthesize(
     are skipped, and they are -1000 HU in the result.
     """
     check_region(region)
-    asked = {} if label_hu is None else label_values(label_hu)
-    label_hu = _start_values(engine, region, start_from, label_hu, start)
+    asked = label_values(label_hu) if label_hu else None
+    label_hu = _start_values(engine, region, start_from, asked, start)
     if label_hu is not None and start is None:
         start = engine.schedule.timestep_for_sigma(PAINTED_START_SIGMA)
     labels = np.asarray(anatomy.array)
@@ -149,7 +149,7 @@ def synthesize(
 
 
 def _start_values(
-    engine: Engine, region: str, start_from: str, label_hu: Mapping[int | str, float] | None, start: int | None
+    engine: Engine, region: str, start_from: str, label_hu: dict[int, float] | None, start: int | None
 ) -> dict[int, float] | None:
     """The typical HU to paint the start with (the card's, updated with ``label_hu``), or None for a
     pure-noise start; checks the combination."""
@@ -169,7 +169,7 @@ def _start_values(
             "synthesis cannot start from the anatomy. Start from noise, give the typical HU (label_hu, "
             "--typical-hu), or write the table into the card with 'python -m Training.anatomy_hu'."
         )
-    return {**table, **label_values(label_hu or {})}
+    return {**table, **(label_hu or {})}
 
 
 def label_values(label_hu: Mapping[int | str, float]) -> dict[int, float]:
