@@ -22,6 +22,7 @@ import pytest
 import torch
 import vtk
 from conftest import crop, random_tiny_model, randomise_zero_parameters
+from scipy import ndimage
 
 slicer = pytest.importorskip("slicer", reason="needs the slicer-core package (pip install slicer-core)")
 
@@ -351,11 +352,19 @@ def test_detect_anomalies_creates_a_map_and_a_segmentation(scene, ct_node, anato
     assert display.GetColorNodeID() != "vtkMRMLColorTableNodeGrey" and display.GetLevel() == 0
 
 
-def test_synthesize_from_a_segmentation_on_the_ct_grid(scene, ct_node, anatomy_node, engine):
+def test_synthesize_from_a_segmentation_on_the_ct_grid(scene, ct_node, anatomy_node, engine, small_seg):
     synthetic = TaskLogic(scene).synthesize(anatomy_node, referenceVolumeNode=ct_node, steps=2, engine=engine)
     assert synthetic.GetName() == "CT synthetic CT"
     np.testing.assert_allclose(_ijk_to_ras(synthetic), _ijk_to_ras(ct_node), atol=0)
     assert synthetic.GetAttribute("MedDiffFM.region") == "abdomen"  # found from the anatomy
+    # The panel's "Typical HU" line: the painted start keeps the asked liver value at a late start.
+    asked = TaskLogic(scene).synthesize(
+        anatomy_node, referenceVolumeNode=ct_node, steps=1, start=1, label_hu="liver = 150,", engine=engine
+    )
+    liver = ndimage.binary_erosion(np.asarray(small_seg.array) == label_of("liver"), iterations=2)
+    assert abs(float(np.median(slicer.util.arrayFromVolume(asked)[liver])) - 150.0) < 15.0
+    with pytest.raises(InputError, match="Unknown organ 'livr'"):
+        TaskLogic(scene).synthesize(anatomy_node, label_hu="livr=150", engine=engine)
     with pytest.raises(InputError, match="anatomy segmentation"):
         TaskLogic(scene).synthesize(None, engine=engine)
 
