@@ -730,7 +730,7 @@ def bench_synthesis(engine: Engine, output: Path, quick: bool, starts: tuple[str
         mask = anatomy.array == value
         if value == 0 or mask.sum() < 2000:
             continue
-        real_median = float(np.median(real.array[mask]))
+        real_median = real_medians[int(value)]
         medians = [float(np.median(array[mask])) for array in synthetic.values()]
         painted = float(np.clip(trained[value], window.low, window.high)) if value in trained else math.nan
         organs.append((CLASS_NAMES[value], real_median, medians, painted))
@@ -786,14 +786,15 @@ def bench_synthesis(engine: Engine, output: Path, quick: bool, starts: tuple[str
                 "the labelled training data's limit",
             ]
         )
+    headers = [START_HEADERS.get(start, f"start from {start}") for start in starts]
     table(
         f"Synthesis from the held-out TotalSegmentator map ({engine.name}; body derived; DDIM eta 1, {steps} steps)",
-        ["measure", *(START_HEADERS.get(start, f"start from {start}") for start in starts), "target"],
+        ["measure", *headers, "target"],
         rows,
     )
     comparison_png(
         [real, *(real.with_array(array) for array in synthetic.values())],
-        ["real (held out)", *(f"synthesised, {START_HEADERS.get(start, f'start from {start}')}" for start in starts)],
+        ["real (held out)", *(f"synthesised, {header}" for header in headers)],
         WINDOW,
         output / "synthesis.png",
     )

@@ -131,8 +131,7 @@ def synthesize(
     result[labels == 0] = AIR_HU
     note = f"Voxels outside the body ({body_source}) are air ({AIR_HU:g} HU)."
     if asked:
-        note += " Typical HU asked for: " + ", ".join(f"{CLASS_NAMES[value]} {hu:g}" for value, hu in asked.items())
-        note += "."
+        note += f" Typical HU asked for: {', '.join(f'{CLASS_NAMES[value]} {hu:g}' for value, hu in asked.items())}."
     return Volume.on_geometry(
         result,
         anatomy.geometry,
