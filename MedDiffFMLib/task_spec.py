@@ -569,7 +569,7 @@ register(
                 panel="sigma",
             ),
             Setting("lam", 1.0, "DiffPIR lambda (default 1)", minimum=0.0, panel="lambda"),
-            Setting("zeta", 0.3, "fresh-noise share (default 0.3)", minimum=0.0, maximum=1.0),
+            Setting("zeta", 1.0, "fresh-noise share (default 1, tuned on training scans)", minimum=0.0, maximum=1.0),
             Setting(
                 "draws",
                 1,

@@ -1,4 +1,4 @@
-"""Choose super-resolution's sigma_n and draws on training data, never on the held-out scan.
+"""Choose super-resolution's sigma_n, zeta and draws on training data, never on the held-out scan.
 
     python benchmarks/tune_super_resolution.py --model models/meddiff-fm-1mm-0.4.safetensors \
         --ct /work/train/raw/totalsegmentator-2.18.0/tests/reference_files/aorta_report/example_ct.nii.gz
@@ -6,7 +6,7 @@
 Averages slabs of ``--factor`` slices of a CT the model and its SR ControlNet were trained on
 (default: the chest CTA, 1.5 mm slices, into 6 mm slabs; central 160 mm in-plane, slices
 ``--slices``) and prints PSNR and SSIM inside the body against the thin slices for a grid of
-sigma_n and draws, beside cubic interpolation made consistent with the slabs (the sampler's start).
+sigma_n, zeta and draws, beside cubic interpolation made consistent with the slabs (the sampler's start).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main() -> int:
     parser.add_argument("--region", default="chest")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sigmas", type=float, nargs="+", default=(0.15, 0.3, 0.5))
+    parser.add_argument("--zetas", type=float, nargs="+", default=(1.0,), help="fresh-noise shares")
     parser.add_argument("--draws", type=int, nargs="+", default=(1, 2))
     args = parser.parse_args()
     ct = read_volume(args.ct)
@@ -51,24 +52,25 @@ def main() -> int:
         return 1
     consistent = ZSlabAverage(args.factor).interpolate(torch.from_numpy(thick.array)).numpy()
     print(f"{thick.spacing[2]:g} mm slabs -> {thin.spacing[2]:g} mm, {thin.array.shape} voxels, {sr_engine.name}")
-    print("| sigma_n | draws | PSNR dB | SSIM |\n|---|---|---|---|")
+    print("| sigma_n | zeta | draws | PSNR dB | SSIM |\n|---|---|---|---|---|")
     print(
-        f"| consistent cubic (no model) | | {psnr(thin.array, consistent, WINDOW, body):.2f} | "
+        f"| consistent cubic (no model) | | | {psnr(thin.array, consistent, WINDOW, body):.2f} | "
         f"{ssim(thin.array, consistent, body):.3f} |"
     )
-    for sigma, draws in itertools.product(args.sigmas, args.draws):
+    for sigma, zeta, draws in itertools.product(args.sigmas, args.zetas, args.draws):
         result = super_resolve(
             thick,
             sr_engine,
             spacing=thin.spacing[2],
             steps=args.steps,
             sigma_n=sigma,
+            zeta=zeta,
             draws=draws,
             region=args.region,
             seed=0,
         ).array
         print(
-            f"| {sigma:g} | {draws} | {psnr(thin.array, result, WINDOW, body):.2f} | "
+            f"| {sigma:g} | {zeta:g} | {draws} | {psnr(thin.array, result, WINDOW, body):.2f} | "
             f"{ssim(thin.array, result, body):.3f} |",
             flush=True,
         )
