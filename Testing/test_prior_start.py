@@ -8,6 +8,7 @@ import torch
 from scipy import ndimage
 
 from MedDiffFMLib.anatomy import BODY_LABEL, label_of
+from MedDiffFMLib.diffusion.constraints import StructureMedians
 from MedDiffFMLib.diffusion.samplers import sample
 from MedDiffFMLib.diffusion.schedule import NoiseSchedule
 from MedDiffFMLib.errors import InputError
@@ -99,10 +100,8 @@ def test_the_start_comes_from_the_model_card_or_says_how_to_get_one(tiny_engine)
     controlled = Engine(ControlledNet(tiny_engine.model), device="cpu")
     assert controlled.typical_hu("abdomen") == {5: 60.0, 118: -80.0} and controlled.typical_hu("chest") == {}
     card_start = synthesize(anatomy, "abdomen", tiny_engine, steps=1, start_from="anatomy", start=1)
-    given = synthesize(
-        anatomy, "abdomen", tiny_engine, steps=1, start_from="anatomy", start=1, label_hu={5: 60.0, 118: -80.0}
-    )
-    np.testing.assert_array_equal(card_start.array, given.array)
+    inner = ndimage.binary_erosion(anatomy.array == 5, iterations=2)
+    assert abs(float(np.median(card_start.array[inner])) - 60.0) < 10.0
 
 
 def test_a_painted_start_without_a_timestep_starts_where_the_noise_is_the_default_sigma(tiny_engine):
@@ -183,3 +182,68 @@ def test_typical_hu_by_name_replace_the_card_s_values_of_those_structures_only(t
         synthesize(anatomy, "abdomen", tiny_engine, steps=1, label_hu={"livr": 100.0})
     with pytest.raises(InputError, match="label values are 1..119"):
         synthesize(anatomy, "abdomen", tiny_engine, steps=1, label_hu={"0": 100.0})
+
+
+def test_structure_medians_meet_each_target_under_clipping_and_touch_nothing_else():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (6, 7, 8), generator=generator)
+    x0 = torch.rand((6, 7, 8), generator=generator) * 1.2 - 0.6
+    lesion = torch.zeros_like(labels, dtype=torch.bool)
+    lesion[2:4, 2:4, 2:4] = True
+    held = StructureMedians(labels, {1: 0.1, 2: -0.9, 3: 1.5, 9: 0.0}, exclude=lesion)(x0)
+    one, two, three = ((labels == value) & ~lesion for value in (1, 2, 3))
+    assert abs(float(held[one].median()) - 0.1) < 1e-6
+    assert abs(float(held[two].median()) + 0.9) < 1e-6  # many voxels clipped at -1
+    assert float(held[three].median()) == 1.0  # a target past the window's top: at the top
+    assert float(held.min()) >= -1.0 and float(held.max()) <= 1.0
+    untouched = (labels == 0) | lesion
+    assert torch.equal(held[untouched], x0[untouched])
+    torch.testing.assert_close(held[one] - held[one].median(), x0[one] - x0[one].median())  # texture kept
+    with pytest.raises(InputError, match="differs"):
+        StructureMedians(labels, {1: 0.0})(x0[:3])
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m", "ddpm"])
+def test_every_sampler_returns_the_constrained_estimate(sampler):
+    labels = torch.zeros((8, 8, 8), dtype=torch.long)
+    labels[2:6, 2:6, 2:6] = 5
+    held = StructureMedians(labels, {5: 0.4})
+    schedule = NoiseSchedule()
+    result = sample(
+        lambda x, t: torch.zeros_like(x),
+        schedule,
+        (8, 8, 8),
+        torch.Generator().manual_seed(0),
+        torch.device("cpu"),
+        sampler=sampler,
+        steps=3,
+        start=20 if sampler == "ddpm" else None,
+        constraint=held,
+    )
+    assert abs(float(result[labels == 5].median()) - 0.4) < 1e-4
+
+
+def test_asked_typical_hu_are_held_through_sampling_not_only_painted_at_the_start(tiny_engine):
+    """The asked values hold the structures' medians at every step, so even a start from the default
+    timestep (649 of 1000, where an untrained network's output has no memory of the painting) ends
+    at them; the card's values only paint the start. Exact on the model's 3 mm grid (oblique); on a
+    0.7 x 0.7 x 5 mm grid the untrained network's coarse texture (std about 80 HU) is interpolated,
+    so there the values only have to move with the asked ones."""
+    angle = np.deg2rad(25.0)
+    oblique = (np.cos(angle), -np.sin(angle), 0.0, np.sin(angle), np.cos(angle), 0.0, 0.0, 0.0, 1.0)
+    tiny_engine.model.card = ModelCard(
+        name="tiny", version="0", task="base", config={}, anatomy_hu={"abdomen": {"5": 150.0, "118": -80.0}}
+    )
+    medians = {}
+    for spacing in ((3.0, 3.0, 3.0), (0.7, 0.7, 5.0)):
+        anatomy = _block_anatomy(spacing, oblique)
+        liver = anatomy.array == label_of("liver")
+        for hu in (150.0, 0.0):
+            asked = synthesize(anatomy, "abdomen", tiny_engine, steps=4, seed=0, label_hu={"liver": hu})
+            assert asked.geometry.same_grid(anatomy.geometry)
+            medians[spacing, hu] = float(np.median(asked.array[liver]))
+        if spacing == (3.0, 3.0, 3.0):
+            card = synthesize(anatomy, "abdomen", tiny_engine, steps=4, seed=0)  # 150 only painted
+            assert abs(float(np.median(card.array[liver])) - 150.0) > 20.0
+    assert abs(medians[(3.0, 3.0, 3.0), 150.0] - 150.0) < 1.0 and abs(medians[(3.0, 3.0, 3.0), 0.0]) < 1.0
+    assert medians[(0.7, 0.7, 5.0), 150.0] - medians[(0.7, 0.7, 5.0), 0.0] > 60.0

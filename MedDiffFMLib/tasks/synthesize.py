@@ -10,6 +10,7 @@ import torch
 from .. import preprocessing as pp
 from ..anatomy import BODY_LABEL, CLASS_NAMES, DERIVED_BODY_MARGIN_MM, NUM_ANATOMY_VALUES, derived_body, label_of
 from ..device import make_generator
+from ..diffusion.constraints import StructureMedians
 from ..diffusion.samplers import sample
 from ..diffusion.sliding_window import Conditions
 from ..errors import InputError
@@ -69,6 +70,10 @@ def synthesize(
         label_hu: typical HU (of label values or class names, ``{"liver": 100}``) for the painted
             start; they replace the model card's values of those structures (``anatomy_hu``: the
             medians in its labelled training data, native CT), e.g. to ask for a contrast phase.
+            Asked values are also held: at every step each named structure's median in the clean
+            estimate is set to its value (:class:`~MedDiffFMLib.diffusion.constraints.StructureMedians`;
+            a ``control`` mask's voxels, a lesion, are left out), so the result has them while the
+            model makes the texture; the card's values only paint the start.
         start: the timestep sampling starts at; needs ``start_from="anatomy"``. Default: the
             schedule's pure-noise start from noise, :data:`PAINTED_START_SIGMA`'s timestep (649 of the
             cosine schedule) from the anatomy.
@@ -112,6 +117,12 @@ def synthesize(
     known = (outside, torch.full(outside.shape, -1.0))
     predictor = engine.predictor(conditions, grid.working.shape, known=known)
     prior = None if label_hu is None else torch.from_numpy(painted(working_labels, label_hu, region))
+    held = None
+    if asked:
+        targets = {value: float(pp.hu_to_model(np.float32(hu), region)) for value, hu in asked.items()}
+        held = StructureMedians(
+            torch.from_numpy(working_labels), targets, None if condition is None else condition[0] > 0.5
+        )
     with torch.no_grad():
         x0 = sample(
             predictor,
@@ -126,12 +137,16 @@ def synthesize(
             cancel=cancel,
             prior=prior,
             start=start,
+            constraint=held,
         )
     result = grid.hu(x0)
     result[labels == 0] = AIR_HU
     note = f"Voxels outside the body ({body_source}) are air ({AIR_HU:g} HU)."
     if asked:
-        note += f" Typical HU asked for: {', '.join(f'{CLASS_NAMES[value]} {hu:g}' for value, hu in asked.items())}."
+        note += (
+            f" Typical HU asked for: {', '.join(f'{CLASS_NAMES[value]} {hu:g}' for value, hu in asked.items())}."
+            " Each structure's median was held at its value while sampling."
+        )
     return Volume.on_geometry(
         result,
         anatomy.geometry,
