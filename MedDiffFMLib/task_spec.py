@@ -390,8 +390,8 @@ _TYPICAL_HU = Setting(
     None,
     "typical HU of structures for the painted start, NAME=HU items (TotalSegmentator v2 names or label values, "
     "repeatable or comma-separated, e.g. liver=100,aorta=160): they replace the model card's values (native CT) "
-    "of those structures, e.g. for a contrast phase, and each structure's median is held at its value while "
-    "sampling; with --start-from auto they select the painted start",
+    "of those structures, e.g. for a contrast phase, and each structure is shifted to its value (its median) "
+    "after sampling; with --start-from auto they select the painted start",
     kind="table",
     flag="--typical-hu",
     minimum=-1024.0,

@@ -1,5 +1,6 @@
-"""Noise schedule, samplers, DiffPIR and whole-volume sliding-window noise estimation."""
+"""Noise schedule, samplers, DiffPIR, sampling constraints and whole-volume sliding-window noise estimation."""
 
+from .constraints import StructureMedians
 from .diffpir import diffpir, identity_data_step
 from .samplers import ddim_step, ddpm_step, sample
 from .schedule import NoiseSchedule
@@ -11,6 +12,7 @@ __all__ = [
     "ddim_step",
     "ddpm_step",
     "sample",
+    "StructureMedians",
     "NoiseSchedule",
     "Conditions",
     "WindowedNoisePredictor",

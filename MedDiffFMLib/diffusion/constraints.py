@@ -1,8 +1,8 @@
-"""Constraints applied to the clean estimate ``x0_hat`` at every sampling step.
+"""Constraints on a sampled image.
 
-:class:`StructureMedians` holds chosen structures of a label map at given median intensities:
-each structure is shifted by one value, so the texture inside it, and every other voxel, stay as
-the network made them.
+:class:`StructureMedians` sets chosen structures of a label map to given median intensities: each
+structure is shifted by one value, so the texture inside it, and every other voxel, stay as the
+network made them.
 """
 
 from __future__ import annotations

@@ -103,7 +103,6 @@ def sample(
     cancel: CancelToken | None = None,
     prior: torch.Tensor | None = None,
     start: int | None = None,
-    constraint: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Generate a sample of ``shape`` from pure noise; returns x_0 in [-1, 1].
 
@@ -120,10 +119,6 @@ def sample(
     (default: the pure-noise start) instead of from pure noise (Docs/METHOD.md 1.1): at t = 978 it
     sets only the windows' coarse intensities, which a noise-predicting network reads there but
     cannot make itself.
-
-    ``constraint`` maps every step's clean estimate ``x0_hat`` to the one the step uses (e.g.
-    :class:`~.constraints.StructureMedians`); the noise estimate is re-derived from it, so each
-    sampler moves towards the constrained image and the last step returns it.
     """
     if sampler not in SAMPLERS:
         raise InputError(f"Unknown sampler '{sampler}'. Choose one of: {', '.join(SAMPLERS)}.")
@@ -144,8 +139,6 @@ def sample(
         if cancel is not None:
             cancel.raise_if_cancelled()
         eps = predict(x, t)
-        if constraint is not None:
-            eps = schedule.predict_eps(x, t, constraint(schedule.predict_x0(x, t, eps)))
         t_prev = timesteps[index + 1] if index + 1 < len(timesteps) else -1
         if sampler == "dpm++2m":
             x0 = schedule.predict_x0(x, t, eps)

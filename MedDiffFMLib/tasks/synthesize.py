@@ -70,10 +70,10 @@ def synthesize(
         label_hu: typical HU (of label values or class names, ``{"liver": 100}``) for the painted
             start; they replace the model card's values of those structures (``anatomy_hu``: the
             medians in its labelled training data, native CT), e.g. to ask for a contrast phase.
-            Asked values are also held: at every step each named structure's median in the clean
-            estimate is set to its value (:class:`~MedDiffFMLib.diffusion.constraints.StructureMedians`;
-            a ``control`` mask's voxels, a lesion, are left out), so the result has them while the
-            model makes the texture; the card's values only paint the start.
+            Asked values are also kept: the sample's structures are then shifted so that each named
+            one's median is its value (:class:`~MedDiffFMLib.diffusion.constraints.StructureMedians`;
+            a ``control`` mask's voxels, a lesion, are left out), so the result has them with the
+            texture the model made (Docs/METHOD.md 1.1); the card's values only paint the start.
         start: the timestep sampling starts at; needs ``start_from="anatomy"``. Default: the
             schedule's pure-noise start from noise, :data:`PAINTED_START_SIGMA`'s timestep (649 of the
             cosine schedule) from the anatomy.
@@ -117,10 +117,10 @@ def synthesize(
     known = (outside, torch.full(outside.shape, -1.0))
     predictor = engine.predictor(conditions, grid.working.shape, known=known)
     prior = None if label_hu is None else torch.from_numpy(painted(working_labels, label_hu, region))
-    held = None
+    to_asked = None
     if asked:
         targets = {value: float(pp.hu_to_model(np.float32(hu), region)) for value, hu in asked.items()}
-        held = StructureMedians(
+        to_asked = StructureMedians(
             torch.from_numpy(working_labels), targets, None if condition is None else condition[0] > 0.5
         )
     with torch.no_grad():
@@ -137,15 +137,16 @@ def synthesize(
             cancel=cancel,
             prior=prior,
             start=start,
-            constraint=held,
         )
+    if to_asked is not None:
+        x0 = to_asked(x0)
     result = grid.hu(x0)
     result[labels == 0] = AIR_HU
     note = f"Voxels outside the body ({body_source}) are air ({AIR_HU:g} HU)."
     if asked:
         note += (
             f" Typical HU asked for: {', '.join(f'{CLASS_NAMES[value]} {hu:g}' for value, hu in asked.items())}."
-            " Each structure's median was held at its value while sampling."
+            " Each of those structures was shifted to that median after sampling."
         )
     return Volume.on_geometry(
         result,
