@@ -26,21 +26,13 @@ class StructureMedians:
         targets: ``{label value: median}`` in the model's [-1, 1] scale; values outside it are
             clipped (a structure cannot be brighter than the window's top). Label values absent
             from ``labels`` are ignored.
-        exclude: optional boolean mask of ``labels``' shape whose voxels belong to no structure
-            (e.g. a lesion drawn inside the liver keeps its own intensity and does not move the
-            liver's median).
     """
 
-    def __init__(self, labels: torch.Tensor, targets: Mapping[int, float], exclude: torch.Tensor | None = None) -> None:
-        if exclude is not None and tuple(exclude.shape) != tuple(labels.shape):
-            raise InputError(f"The excluded mask's shape {tuple(exclude.shape)} differs from {tuple(labels.shape)}.")
+    def __init__(self, labels: torch.Tensor, targets: Mapping[int, float]) -> None:
         self.shape = tuple(labels.shape)
         self.structures = []
         for value, median in sorted(targets.items()):
-            mask = labels == int(value)
-            if exclude is not None:
-                mask &= ~exclude.bool()
-            index = mask.flatten().nonzero().squeeze(1)
+            index = (labels == int(value)).flatten().nonzero().squeeze(1)
             if index.numel():
                 self.structures.append((index, min(max(float(median), -1.0), 1.0)))
 

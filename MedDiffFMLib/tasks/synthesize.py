@@ -72,8 +72,9 @@ def synthesize(
             medians in its labelled training data, native CT), e.g. to ask for a contrast phase.
             Asked values are also kept: the sample's structures are then shifted so that each named
             one's median is its value (:class:`~MedDiffFMLib.diffusion.constraints.StructureMedians`;
-            a ``control`` mask's voxels, a lesion, are left out), so the result has them with the
-            texture the model made (Docs/METHOD.md 1.1); the card's values only paint the start.
+            a lesion drawn inside a structure moves with it and keeps its contrast to it), so the
+            result has them with the texture the model made (Docs/METHOD.md 1.1); the card's values
+            only paint the start.
         start: the timestep sampling starts at; needs ``start_from="anatomy"``. Default: the
             schedule's pure-noise start from noise, :data:`PAINTED_START_SIGMA`'s timestep (649 of the
             cosine schedule) from the anatomy.
@@ -120,9 +121,7 @@ def synthesize(
     to_asked = None
     if asked:
         targets = {value: float(pp.hu_to_model(np.float32(hu), region)) for value, hu in asked.items()}
-        to_asked = StructureMedians(
-            torch.from_numpy(working_labels), targets, None if condition is None else condition[0] > 0.5
-        )
+        to_asked = StructureMedians(torch.from_numpy(working_labels), targets)
     with torch.no_grad():
         x0 = sample(
             predictor,
