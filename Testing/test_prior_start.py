@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 
 from MedDiffFMLib.anatomy import BODY_LABEL, label_of
-from MedDiffFMLib.diffusion.constraints import StructureMedians
+from MedDiffFMLib.diffusion.constraints import shift_to_medians
 from MedDiffFMLib.diffusion.samplers import sample
 from MedDiffFMLib.diffusion.schedule import NoiseSchedule
 from MedDiffFMLib.errors import InputError
@@ -184,11 +184,11 @@ def test_typical_hu_by_name_replace_the_card_s_values_of_those_structures_only(t
         synthesize(anatomy, "abdomen", tiny_engine, steps=1, label_hu={"0": 100.0})
 
 
-def test_structure_medians_meet_each_target_under_clipping_and_touch_nothing_else():
+def test_shift_to_medians_meets_each_target_under_clipping_and_touch_nothing_else():
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 4, (6, 7, 8), generator=generator)
     x0 = torch.rand((6, 7, 8), generator=generator) * 1.2 - 0.6
-    held = StructureMedians(labels, {1: 0.1, 2: -0.9, 3: 1.5, 9: 0.0})(x0)
+    held = shift_to_medians(x0, labels, {1: 0.1, 2: -0.9, 3: 1.5, 9: 0.0})
     one, two, three = (labels == value for value in (1, 2, 3))
     assert abs(float(held[one].median()) - 0.1) < 1e-6
     assert abs(float(held[two].median()) + 0.9) < 1e-6  # many voxels clipped at -1
@@ -197,7 +197,7 @@ def test_structure_medians_meet_each_target_under_clipping_and_touch_nothing_els
     assert torch.equal(held[labels == 0], x0[labels == 0])
     torch.testing.assert_close(held[one] - held[one].median(), x0[one] - x0[one].median())  # texture kept
     with pytest.raises(InputError, match="differs"):
-        StructureMedians(labels, {1: 0.0})(x0[:3])
+        shift_to_medians(x0[:3], labels, {1: 0.0})
 
 
 def test_asked_typical_hu_are_the_results_medians_not_only_painted_at_the_start(tiny_engine):

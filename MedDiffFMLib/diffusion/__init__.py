@@ -1,6 +1,6 @@
 """Noise schedule, samplers, DiffPIR, sampling constraints and whole-volume sliding-window noise estimation."""
 
-from .constraints import StructureMedians
+from .constraints import shift_to_medians
 from .diffpir import diffpir, identity_data_step
 from .samplers import ddim_step, ddpm_step, sample
 from .schedule import NoiseSchedule
@@ -12,7 +12,7 @@ __all__ = [
     "ddim_step",
     "ddpm_step",
     "sample",
-    "StructureMedians",
+    "shift_to_medians",
     "NoiseSchedule",
     "Conditions",
     "WindowedNoisePredictor",

@@ -10,7 +10,7 @@ import torch
 from .. import preprocessing as pp
 from ..anatomy import BODY_LABEL, CLASS_NAMES, DERIVED_BODY_MARGIN_MM, NUM_ANATOMY_VALUES, derived_body, label_of
 from ..device import make_generator
-from ..diffusion.constraints import StructureMedians
+from ..diffusion.constraints import shift_to_medians
 from ..diffusion.samplers import sample
 from ..diffusion.sliding_window import Conditions
 from ..errors import InputError
@@ -71,7 +71,7 @@ def synthesize(
             start; they replace the model card's values of those structures (``anatomy_hu``: the
             medians in its labelled training data, native CT), e.g. to ask for a contrast phase.
             Asked values are also kept: the sample's structures are then shifted so that each named
-            one's median is its value (:class:`~MedDiffFMLib.diffusion.constraints.StructureMedians`;
+            one's median is its value (:func:`~MedDiffFMLib.diffusion.constraints.shift_to_medians`;
             a lesion drawn inside a structure moves with it and keeps its contrast to it), so the
             result has them with the texture the model made (Docs/METHOD.md 1.1); the card's values
             only paint the start.
@@ -118,10 +118,6 @@ def synthesize(
     known = (outside, torch.full(outside.shape, -1.0))
     predictor = engine.predictor(conditions, grid.working.shape, known=known)
     prior = None if label_hu is None else torch.from_numpy(painted(working_labels, label_hu, region))
-    to_asked = None
-    if asked:
-        targets = {value: float(pp.hu_to_model(np.float32(hu), region)) for value, hu in asked.items()}
-        to_asked = StructureMedians(torch.from_numpy(working_labels), targets)
     with torch.no_grad():
         x0 = sample(
             predictor,
@@ -137,8 +133,9 @@ def synthesize(
             prior=prior,
             start=start,
         )
-    if to_asked is not None:
-        x0 = to_asked(x0)
+    if asked:
+        targets = {value: float(pp.hu_to_model(np.float32(hu), region)) for value, hu in asked.items()}
+        x0 = shift_to_medians(x0, torch.from_numpy(working_labels), targets)
     result = grid.hu(x0)
     result[labels == 0] = AIR_HU
     note = f"Voxels outside the body ({body_source}) are air ({AIR_HU:g} HU)."
