@@ -31,9 +31,10 @@ def shift_to_medians(image: torch.Tensor, labels: torch.Tensor, targets: Mapping
     """
     if tuple(labels.shape) != tuple(image.shape):
         raise InputError(f"The label map's shape {tuple(labels.shape)} differs from the image's {tuple(image.shape)}.")
+    labels = labels.to(image.device)
     shifted = image.clone()
     for value, median in targets.items():
-        inside = labels.to(image.device) == int(value)
+        inside = labels == int(value)
         if inside.any():
             values = image[inside]
             shifted[inside] = (values + (min(max(float(median), -1.0), 1.0) - values.median())).clamp(-1.0, 1.0)
