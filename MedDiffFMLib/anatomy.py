@@ -17,149 +17,18 @@ import numpy as np
 from scipy import ndimage
 from skimage.morphology import convex_hull_image
 
+# The names of the label values, re-exported: they are part of this scheme.
+from .class_names import CLASS_NAMES as CLASS_NAMES
+from .class_names import TOTALSEGMENTATOR_CLASSES as TOTALSEGMENTATOR_CLASSES
+from .class_names import label_of as label_of
 from .errors import InputError, MaskError
-
-TOTALSEGMENTATOR_CLASSES: tuple[str, ...] = (
-    "spleen",
-    "kidney_right",
-    "kidney_left",
-    "gallbladder",
-    "liver",
-    "stomach",
-    "pancreas",
-    "adrenal_gland_right",
-    "adrenal_gland_left",
-    "lung_upper_lobe_left",
-    "lung_lower_lobe_left",
-    "lung_upper_lobe_right",
-    "lung_middle_lobe_right",
-    "lung_lower_lobe_right",
-    "esophagus",
-    "trachea",
-    "thyroid_gland",
-    "small_bowel",
-    "duodenum",
-    "colon",
-    "urinary_bladder",
-    "prostate",
-    "kidney_cyst_left",
-    "kidney_cyst_right",
-    "sacrum",
-    "vertebrae_S1",
-    "vertebrae_L5",
-    "vertebrae_L4",
-    "vertebrae_L3",
-    "vertebrae_L2",
-    "vertebrae_L1",
-    "vertebrae_T12",
-    "vertebrae_T11",
-    "vertebrae_T10",
-    "vertebrae_T9",
-    "vertebrae_T8",
-    "vertebrae_T7",
-    "vertebrae_T6",
-    "vertebrae_T5",
-    "vertebrae_T4",
-    "vertebrae_T3",
-    "vertebrae_T2",
-    "vertebrae_T1",
-    "vertebrae_C7",
-    "vertebrae_C6",
-    "vertebrae_C5",
-    "vertebrae_C4",
-    "vertebrae_C3",
-    "vertebrae_C2",
-    "vertebrae_C1",
-    "heart",
-    "aorta",
-    "pulmonary_vein",
-    "brachiocephalic_trunk",
-    "subclavian_artery_right",
-    "subclavian_artery_left",
-    "common_carotid_artery_right",
-    "common_carotid_artery_left",
-    "brachiocephalic_vein_left",
-    "brachiocephalic_vein_right",
-    "atrial_appendage_left",
-    "superior_vena_cava",
-    "inferior_vena_cava",
-    "portal_vein_and_splenic_vein",
-    "iliac_artery_left",
-    "iliac_artery_right",
-    "iliac_vena_left",
-    "iliac_vena_right",
-    "humerus_left",
-    "humerus_right",
-    "scapula_left",
-    "scapula_right",
-    "clavicula_left",
-    "clavicula_right",
-    "femur_left",
-    "femur_right",
-    "hip_left",
-    "hip_right",
-    "spinal_cord",
-    "gluteus_maximus_left",
-    "gluteus_maximus_right",
-    "gluteus_medius_left",
-    "gluteus_medius_right",
-    "gluteus_minimus_left",
-    "gluteus_minimus_right",
-    "autochthon_left",
-    "autochthon_right",
-    "iliopsoas_left",
-    "iliopsoas_right",
-    "brain",
-    "skull",
-    "rib_left_1",
-    "rib_left_2",
-    "rib_left_3",
-    "rib_left_4",
-    "rib_left_5",
-    "rib_left_6",
-    "rib_left_7",
-    "rib_left_8",
-    "rib_left_9",
-    "rib_left_10",
-    "rib_left_11",
-    "rib_left_12",
-    "rib_right_1",
-    "rib_right_2",
-    "rib_right_3",
-    "rib_right_4",
-    "rib_right_5",
-    "rib_right_6",
-    "rib_right_7",
-    "rib_right_8",
-    "rib_right_9",
-    "rib_right_10",
-    "rib_right_11",
-    "rib_right_12",
-    "sternum",
-    "costal_cartilages",
-)
-"""TotalSegmentator v2 ``total`` class names; class ``i`` has label value ``i + 1``."""
 
 BODY_LABEL = 118
 UNKNOWN_LABEL = 119
 NUM_ANATOMY_VALUES = 120
 """Number of distinct label values the network embeds (0..119)."""
 
-CLASS_NAMES: tuple[str, ...] = ("outside_body", *TOTALSEGMENTATOR_CLASSES, "body")
-"""Name of every label value 0..118."""
-
 BODY_THRESHOLD_HU = -500.0
-
-
-def label_of(name: str) -> int:
-    """Label value of a class name, or an :class:`InputError` that lists the valid names."""
-    try:
-        return CLASS_NAMES.index(name)
-    except ValueError:
-        raise InputError(
-            f"Unknown organ '{name}'. Valid names are the TotalSegmentator v2 classes: "
-            + ", ".join(TOTALSEGMENTATOR_CLASSES)
-        ) from None
 
 
 DERIVED_BODY_MARGIN_MM = 15.0

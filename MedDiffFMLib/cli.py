@@ -55,11 +55,13 @@ def _float_or_auto(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got '{text}'") from None
 
 
-def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+def _add_engine_options(parser: argparse.ArgumentParser, overlap: float = 0.5) -> None:
     group = parser.add_argument_group("model and compute")
     models = group.add_mutually_exclusive_group()
     models.add_argument(
-        "--model", help="installed model name[@version] or .safetensors path (default: newest installed)"
+        "--model",
+        help="installed model name[@version] or .safetensors path (default: the model the catalogue recommends "
+        "for this command, see 'meddiff-fm models list'; else the newest installed)",
     )
     models.add_argument(
         "--untrained",
@@ -67,10 +69,17 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
         choices=("tiny", "demo", "paper"),
         help="use a randomly initialised network (pipeline check only; output is meaningless)",
     )
-    group.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
-    group.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction (default 0.5)")
+    group.add_argument(
+        "--device", choices=DEVICE_CHOICES, default="auto", help="where the network runs (default auto: a GPU if any)"
+    )
+    group.add_argument("--overlap", type=float, default=overlap, help=f"window overlap fraction (default {overlap:g})")
     group.add_argument("--batch-size", type=int, default=4, help="windows per network call (default 4)")
-    group.add_argument("--blend", choices=BLEND_MODES, default="gaussian")
+    group.add_argument(
+        "--blend",
+        choices=BLEND_MODES,
+        default="gaussian",
+        help="how overlapping windows are weighted where they meet (default gaussian)",
+    )
     group.add_argument(
         "--precision",
         choices=tuple(PRECISIONS),
@@ -105,6 +114,14 @@ def _setting_type(setting: Setting):
     return {"int": int, "float": float, "str": str, "names": str, "table": str}[setting.kind]
 
 
+def _setting_help(setting: Setting) -> str:
+    """A setting's help, with its default where the help does not already say it."""
+    if "default" in setting.help or setting.default in (None, False):
+        return setting.help
+    default = f"{setting.default:g}" if isinstance(setting.default, float) else setting.default
+    return f"{setting.help} (default {default})"
+
+
 def add_task_parser(commands, spec: TaskSpec) -> argparse.ArgumentParser:
     """The subcommand of a task, generated from its :class:`~MedDiffFMLib.task_spec.TaskSpec`."""
     p = commands.add_parser(spec.command, help=spec.help)
@@ -124,13 +141,13 @@ def add_task_parser(commands, spec: TaskSpec) -> argparse.ArgumentParser:
         p.add_argument(
             setting.cli_flag,
             dest=setting.name,
-            metavar=setting.cli_flag[2:].upper().replace("-", "_"),
+            metavar=None if setting.choices else setting.cli_flag[2:].upper().replace("-", "_"),
             type=_setting_type(setting),
             action="append" if setting.kind in ("names", "table") else "store",
             choices=setting.choices or None,
             required=setting.required,
             default=None,  # the task's default (TaskSpec.resolve): --preview can tell it from a given value
-            help=setting.help,
+            help=_setting_help(setting),
         )
     if spec.role("ct") is not None:
         p.add_argument("--series-uid", help="DICOM series to read when the input folder holds several")
@@ -154,8 +171,9 @@ def add_task_parser(commands, spec: TaskSpec) -> argparse.ArgumentParser:
     if spec.controlnet_task:
         p.add_argument(
             "--controlnet",
-            help=f"installed {spec.controlnet_task} ControlNet name[@version] or .safetensors path (default: the "
-            "newest trained on the base model; without --model, the newest and its own base model)",
+            help=f"installed {spec.controlnet_task} ControlNet name[@version] or .safetensors path (default: with "
+            "--model, the newest trained on that model; without, the one the catalogue recommends for this command "
+            "and the base model it was trained on)",
         )
     _add_engine_options(p)
     p.set_defaults(spec=spec)
@@ -189,16 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     steps = TASKS["denoise"].setting("steps").default
     p.add_argument("--steps", type=int, default=steps, help=f"DiffPIR steps (default {steps}, as meddiff-fm denoise)")
     p.add_argument("--with-anatomy", action="store_true", help="condition on the sample's TotalSegmentator labels")
-    _add_engine_options(p)
-    p.set_defaults(overlap=0.25)
+    _add_engine_options(p, overlap=0.25)
 
     p = commands.add_parser("models", help="list, install and import model weights")
     actions = p.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="catalogue and installed models")
     install = actions.add_parser("install", help="download a catalogued model (SHA-256 verified)")
-    install.add_argument("name")
+    install.add_argument("name", help="catalogued model, NAME or NAME@VERSION (see 'meddiff-fm models list')")
     imported = actions.add_parser("import", help="install a local .safetensors file with its .json card (offline)")
-    imported.add_argument("file")
+    imported.add_argument("file", help=".safetensors file; its .json card must lie beside it")
     imported.add_argument("--sha256", help="expected SHA-256 of the file")
     imported.add_argument("--overwrite", action="store_true", help="replace an installed model of the same name")
     batch.add_parser(commands)

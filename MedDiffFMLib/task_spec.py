@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .class_names import canonical_name
 from .errors import InputError
 
 REGION_NAMES = ("head_neck", "chest", "abdomen")
@@ -59,6 +60,9 @@ class Setting:
         minimum, maximum: the allowed range of a number (inclusive).
         auto: the value may also be the string ``auto`` (estimated from the data).
         required: the command line requires it (the Slicer panel asks for it).
+        structures: the names (a ``names`` setting's items, a ``table``'s keys) are anatomy classes
+            (TotalSegmentator v2), checked and made canonical (``Liver`` -> ``liver``) before
+            anything is loaded; a table's key may also be a label value (digits).
         panel: the Slicer panel's row that edits it; empty: command line and Python only.
     """
 
@@ -72,6 +76,7 @@ class Setting:
     maximum: float | None = None
     auto: bool = False
     required: bool = False
+    structures: bool = False
     panel: str = ""
 
     @property
@@ -98,14 +103,25 @@ class Setting:
                 value = KINDS[self.kind](value)
         except (TypeError, ValueError, OverflowError):
             if self.kind == "table":
-                raise InputError(f"{self.cli_flag} takes NAME=NUMBER items (e.g. liver=100), got {value!r}.") from None
+                given = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
+                raise InputError(f"{self.cli_flag} takes NAME=NUMBER items (e.g. liver=100), got '{given}'.") from None
             allowed = f"{self.kind} or 'auto'" if self.auto else self.kind
             raise InputError(f"{self.cli_flag} must be a {allowed}, got {value!r}.") from None
         if self.choices and value not in self.choices:
             raise InputError(f"{self.cli_flag} must be one of {', '.join(self.choices)}, got '{value}'.")
+        if self.structures:
+            value = self._canonical(value)
         for number in value.values() if self.kind == "table" else (value,):
             self._check_range(number)
         return value
+
+    def _canonical(self, value: list[str] | dict[str, float]) -> list[str] | dict[str, float]:
+        try:
+            if self.kind == "table":
+                return {name if name.isdigit() else canonical_name(name): number for name, number in value.items()}
+            return [canonical_name(name) for name in value]
+        except InputError as error:
+            raise InputError(f"{self.cli_flag}: {error}") from None
 
     def _check_range(self, value: float) -> None:
         low = self.minimum is not None and value < self.minimum
@@ -394,6 +410,7 @@ _TYPICAL_HU = Setting(
     "after sampling; with --start-from auto they select the painted start",
     kind="table",
     flag="--typical-hu",
+    structures=True,
     minimum=-1024.0,
     maximum=3071.0,
     panel="typicalHu",
@@ -461,7 +478,8 @@ register(
             Setting(
                 "sigma_n",
                 "auto",
-                "noise std in the model's [-1, 1] scale, or 'auto' (default)",
+                "noise std in the model's [-1, 1] scale (1 = half the region's HU window), or 'auto' (default: "
+                "estimated from the scan)",
                 flag="--sigma",
                 minimum=1e-4,
                 maximum=2.0,
@@ -506,9 +524,10 @@ register(
             Setting(
                 "organs",
                 None,
-                "organ name, e.g. liver (repeatable)",
+                "organ name, a TotalSegmentator v2 class, e.g. liver (repeatable)",
                 kind="names",
                 flag="--organ",
+                structures=True,
                 required=True,
                 panel="organs",
             ),
@@ -563,7 +582,8 @@ register(
             Setting(
                 "sigma_n",
                 0.3,
-                "DiffPIR noise level of the start (default 0.3, tuned on training scans; the paper: 1)",
+                "DiffPIR noise level of the start, in the model's [-1, 1] scale (1 = half the region's HU window; "
+                "default 0.3, tuned on training scans; the paper: 1)",
                 flag="--sigma",
                 minimum=1e-4,
                 maximum=2.0,

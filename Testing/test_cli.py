@@ -106,7 +106,7 @@ def test_errors_exit_with_code_2_and_a_message(tmp_path, small_files, saved_mode
         )
         == 2
     )
-    assert "Unknown organ 'livr'" in capsys.readouterr().err
+    assert "Unknown structure 'livr'" in capsys.readouterr().err
     assert cli.main(["denoise", ct, str(tmp_path / "o.nrrd")]) == 2
     assert "No installed model" in capsys.readouterr().err
 

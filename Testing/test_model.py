@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import randomise_zero_parameters
 from monai.networks.schedulers import DDPMScheduler
+from monai.networks.utils import copy_model_state
 
 from MedDiffFMLib.diffusion.samplers import ddim_step, ddpm_step
 from MedDiffFMLib.diffusion.schedule import NoiseSchedule
@@ -68,6 +71,23 @@ def test_controlnet_at_initialisation_equals_the_base_model():
     assert torch.equal(expected, actual)
     assert all(not p.requires_grad for p in controlled.base.parameters())
     assert any(p.requires_grad for p in controlled.controlnet.parameters())
+
+
+def test_controlnet_copies_the_encoder_without_logging_to_stdout():
+    """``--progress-format json`` promises only JSON lines on stdout, where MONAI's logger writes."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    monai_logger = logging.getLogger(copy_model_state.__module__)
+    monai_logger.addHandler(handler)
+    try:
+        base = MedDiffFMNet(preset("tiny"))
+        controlled = ControlledNet(base)
+    finally:
+        monai_logger.removeHandler(handler)
+    assert records == []
+    assert monai_logger.level == logging.INFO  # MONAI's own setting, restored
+    torch.testing.assert_close(controlled.controlnet.conv_in.conv.weight, base.unet.conv_in.conv.weight)
 
 
 def test_controlnet_responds_to_its_condition_once_trained():

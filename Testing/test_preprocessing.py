@@ -73,7 +73,7 @@ def test_named_label_conversion_and_unknown_names():
     labels = np.array([[[0, 1, 2]]])
     converted = anatomy.from_named_labels(labels, {1: "liver", 2: "spleen"})
     assert converted.tolist() == [[[0, 5, 1]]]
-    with pytest.raises(InputError, match="Valid names"):
+    with pytest.raises(InputError, match="Did you mean 'liver'"):
         anatomy.from_named_labels(labels, {1: "livr"})
 
 
@@ -81,8 +81,11 @@ def test_organ_mask_errors():
     labels = np.zeros((2, 2, 2), dtype=np.uint8)
     with pytest.raises(MaskError, match="contains no voxel of liver"):
         anatomy.organ_mask(labels, ["liver"])
-    with pytest.raises(InputError, match="Unknown organ"):
+    with pytest.raises(InputError, match="Unknown structure 'lever'. Did you mean 'liver'"):
         anatomy.organ_mask(labels, ["lever"])
+    with pytest.raises(InputError, match="Names are the TotalSegmentator v2 classes: spleen, kidney_right"):
+        anatomy.label_of("xyz")
+    assert anatomy.label_of(" Portal vein-and splenic_VEIN ") == anatomy.label_of("portal_vein_and_splenic_vein")
 
 
 def test_intensities_beyond_the_last_voxel_centre_take_the_nearest_voxel():

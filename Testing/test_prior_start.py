@@ -178,7 +178,7 @@ def test_typical_hu_by_name_replace_the_card_s_values_of_those_structures_only(t
         assert result.metadata["MedDiffFM_start"] == "painted anatomy, t = 1"
     card = synthesize(anatomy, "abdomen", tiny_engine, steps=1, start=1, seed=0)
     assert abs(float(np.median(card.array[inner])) - 60.0) < 10.0 and "asked" not in card.metadata["MedDiffFM_note"]
-    with pytest.raises(InputError, match="Unknown organ 'livr'"):
+    with pytest.raises(InputError, match="Unknown structure 'livr'"):
         synthesize(anatomy, "abdomen", tiny_engine, steps=1, label_hu={"livr": 100.0})
     with pytest.raises(InputError, match="label values are 1..119"):
         synthesize(anatomy, "abdomen", tiny_engine, steps=1, label_hu={"0": 100.0})

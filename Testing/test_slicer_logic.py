@@ -363,7 +363,7 @@ def test_synthesize_from_a_segmentation_on_the_ct_grid(scene, ct_node, anatomy_n
     )
     liver = ndimage.binary_erosion(np.asarray(small_seg.array) == label_of("liver"), iterations=2)
     assert abs(float(np.median(slicer.util.arrayFromVolume(asked)[liver])) - 150.0) < 15.0
-    with pytest.raises(InputError, match="Unknown organ 'livr'"):
+    with pytest.raises(InputError, match="Unknown structure 'livr'. Did you mean 'liver'"):
         TaskLogic(scene).synthesize(anatomy_node, label_hu="livr=150", engine=engine)
     with pytest.raises(InputError, match="anatomy segmentation"):
         TaskLogic(scene).synthesize(None, engine=engine)

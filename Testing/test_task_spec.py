@@ -94,9 +94,9 @@ def test_the_command_line_has_the_flags_it_had_with_their_defaults():
         parser = commands[spec.command]
         positional = ["input" if r.name == "ct" else r.name for r in spec.inputs if r.positional] + ["output"]
         required = [
-            flag for role in spec.inputs if not role.positional and role.required for flag in (role.cli_flag, "x")
+            flag for role in spec.inputs if not role.positional and role.required for flag in (role.cli_flag, "liver")
         ]
-        required += [flag for s in spec.settings if s.required for flag in (s.cli_flag, "x")]
+        required += [flag for s in spec.settings if s.required for flag in (s.cli_flag, "liver")]
         required += ["--region", "chest"] if spec.region_required else []
         args = parser.parse_args([*(f"{name}.nrrd" for name in positional), *required])
         resolved = spec.resolve({setting.name: getattr(args, setting.name) for setting in spec.settings})
@@ -153,6 +153,27 @@ def test_a_table_setting_takes_name_number_items_from_every_front_end():
             synthesize.resolve({"label_hu": wrong})
     with pytest.raises(InputError, match=r"--typical-hu must be within \[-1024, 3071\], got 5000"):
         synthesize.resolve({"label_hu": "liver=5000"})
+
+
+def test_structure_names_are_made_canonical_and_wrong_ones_refused_before_a_model_loads(tmp_path, files):
+    anomaly, synthesize = TASKS["detect_anomalies"], TASKS["synthesize"]
+    assert anomaly.resolve({"organs": ["Liver", "portal vein and splenic vein"]})["organs"] == [
+        "liver",
+        "portal_vein_and_splenic_vein",
+    ]
+    assert synthesize.resolve({"label_hu": "Liver=100,5=7"})["label_hu"] == {"liver": 100.0, "5": 7.0}
+    with pytest.raises(InputError, match="--typical-hu: Unknown structure 'livr'. Did you mean 'liver'"):
+        synthesize.resolve({"label_hu": "livr=100"})
+
+    def no_model(options):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    ct, seg, _ = files
+    outputs = {"map": str(tmp_path / "m.nrrd"), "mask": str(tmp_path / "mask.nrrd")}
+    job = Job("detect_anomalies", {"ct": ct, "anatomy": seg}, outputs, {"organs": ["livr"]})
+    with pytest.raises(InputError, match="--organ: Unknown structure 'livr'. Did you mean 'liver'"):
+        run_job(job, no_model)
+    assert not (tmp_path / "m.nrrd").exists()
 
 
 @pytest.fixture

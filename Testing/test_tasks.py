@@ -220,7 +220,7 @@ def test_anomaly_map_peaks_at_an_inserted_blob_with_a_healthy_oracle(small_ct, s
 def test_anomaly_detection_errors(small_ct, small_seg, tiny_engine):
     with pytest.raises(MaskError):
         detect_anomalies(small_ct, None, ["liver"], tiny_engine)
-    with pytest.raises(InputError, match="Unknown organ"):
+    with pytest.raises(InputError, match="Unknown structure"):
         detect_anomalies(small_ct, small_seg, ["livr"], tiny_engine)
     with pytest.raises(MaskError, match="no voxel of brain"):
         detect_anomalies(small_ct, small_seg, ["brain"], tiny_engine)

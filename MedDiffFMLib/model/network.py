@@ -16,6 +16,8 @@ and return the predicted noise ``(N, 1, D, H, W)``. D, H, W must be multiples of
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from monai.networks.nets import ControlNet, DiffusionModelUNet
 from monai.networks.utils import copy_model_state
@@ -90,7 +92,15 @@ class ControlledNet(nn.Module):
             conditioning_embedding_num_channels=(config.channels[0],),
             **_unet_arguments(config),
         )
-        copy_model_state(self.controlnet, self.base.unet.state_dict())
+        # MONAI logs the copy at INFO on its own stdout handler, which would break the JSON lines
+        # that `--progress-format json` promises on stdout.
+        monai_logger = logging.getLogger(copy_model_state.__module__)
+        level = monai_logger.level
+        monai_logger.setLevel(logging.WARNING)
+        try:
+            copy_model_state(self.controlnet, self.base.unet.state_dict())
+        finally:
+            monai_logger.setLevel(level)
 
     def forward(
         self,
