@@ -9,11 +9,14 @@ import pytest
 import torch
 from conftest import random_tiny_model
 
+from MedDiffFMLib import resources
 from MedDiffFMLib.anatomy import BODY_LABEL, UNKNOWN_LABEL
 from MedDiffFMLib.diffusion.sliding_window import Conditions
 from MedDiffFMLib.errors import InputError
+from MedDiffFMLib.model import weights
 from MedDiffFMLib.model.weights import ModelCard
 from MedDiffFMLib.tasks import Engine
+from MedDiffFMLib.tasks.engine import EngineOptions, build_engine
 
 SHAPE = (16, 24, 20)
 CLOSE = dict(rtol=1e-3, atol=1e-4)  # float32 summation order differs between layouts and kernels
@@ -184,3 +187,14 @@ def test_label_values_the_model_never_learned_reach_it_as_body_tissue(caplog):
     recorder.seen.clear()
     engine.predictor(Conditions(3, anatomy), tuple(anatomy.shape))(torch.zeros(anatomy.shape), 100)
     assert all(torch.equal(seen[0, 0, 0], anatomy[0, 0]) for seen in recorder.seen)
+
+
+def test_the_slow_grid_warning_offers_the_fast_preview_only_where_a_task_has_one(monkeypatch, caplog):
+    monkeypatch.setattr(weights, "BUNDLED_DIR", resources.shipped_models_dir())
+    with caplog.at_level(logging.WARNING):
+        build_engine(EngineOptions(task_key="denoise", device="cpu"))
+    assert "--preview" in caplog.text and "meddiff-fm-demo@0.1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        build_engine(EngineOptions(task_key="super_resolve", controlnet_task="controlnet-sr", device="cpu"))
+    assert "an hour or more" in caplog.text and "--preview" not in caplog.text

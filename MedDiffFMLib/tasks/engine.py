@@ -247,11 +247,14 @@ def build_engine(options: EngineOptions) -> Engine:
     )
     fine = engine.config.spacing_mm < COARSE_GRID_MM
     if fine and engine.device.type == "cpu" and options.task_key and not options.preview:
+        fast = weights.recommended(options.task_key, preview=True)
         logger.warning(
-            "%s works on a %g mm grid: on a CPU a whole CT takes an hour or more (a GPU: minutes). The fast "
-            "preview (--preview; the panel's 'Fast preview') uses the 3 mm model: minutes, less detail.",
+            "%s works on a %g mm grid: on a CPU a whole CT takes an hour or more (a GPU: minutes). %s",
             name,
             engine.config.spacing_mm,
+            f"The fast preview (--preview; the panel's 'Fast preview') uses {fast.identifier}: minutes, less detail."
+            if fast is not None and fast != weights.recommended(options.task_key)
+            else "Crop the CT to the region you need.",
         )
     return engine
 
