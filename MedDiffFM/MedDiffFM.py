@@ -113,7 +113,7 @@ class MedDiffFMParameterNode:
     sigmaAuto: Annotated[bool, Default(True)]
     sigma: Annotated[float, WithinRange(0.0001, 2.0), Default(0.03)]
     lam: Annotated[float, WithinRange(0.0, 1000.0), Default(0.0)]
-    t: Annotated[int, WithinRange(1, 999), Default(300)]
+    t: Annotated[int, WithinRange(1, 999), Default(600)]
     thresholdAuto: Annotated[bool, Default(True)]
     threshold: Annotated[float, WithinRange(0.0, 4000.0), Default(50.0)]
     jumpLength: Annotated[int, WithinRange(1, 100), Default(10)]

@@ -211,7 +211,7 @@ def add_parser(commands) -> None:
     p = commands.add_parser(
         "batch",
         help="run a task over a cohort (CSV manifest or folder): resumable, sharded, with a summary CSV",
-        description=__doc__.split("\n\n")[1],
+        description=__doc__.split("\n\n")[1].replace("``", "'"),
     )
     p.add_argument("manifest", nargs="?", help="CSV with columns task,input,output[,options]")
     p.add_argument("--folder", help="instead of a manifest: every volume file / DICOM folder in this folder")

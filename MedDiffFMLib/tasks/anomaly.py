@@ -1,6 +1,6 @@
 """Anomaly detection inside an organ (zero-shot, Docs/METHOD.md 1.5).
 
-The CT is noised to a fixed timestep (300 by default) and the network predicts the clean image in
+The CT is noised to a fixed timestep (600 by default) and the network predicts the clean image in
 one step: a healthy-looking reconstruction. The anomaly map is ``input - reconstruction`` in HU
 inside the organ (0 outside); the anomaly mask thresholds its absolute value. The default threshold
 is robust statistics of the map inside the organ: ``median(|map|) + 3 * 1.4826 * MAD(|map|)``.
@@ -8,7 +8,8 @@ is robust statistics of the map inside the organ: ``median(|map|) + 3 * 1.4826 *
 By default the CT around the organ stays in the model's input as context. ``organ_only`` does as
 the paper: every voxel outside the organ is set to -1 (the window floor) and kept there, so the
 model sees the organ alone (paper: t = 950). On a training abdomen CT with seeded liver lesions the
-context raised pixel AUROC from 0.50-0.58 (organ only, t = 300-600) to 0.70-0.72 (t = 150-600).
+context raised pixel AUROC from 0.50-0.58 (organ only, t = 300-600) to 0.70-0.72 (t = 150-600); the
+default t was chosen the same way (``benchmarks/tune_anomaly.py``, Docs/METHOD.md 1.5).
 
 A stack of 2D slices is treated as a pseudo-3D volume, as in the paper's BMAD evaluation.
 """
