@@ -135,17 +135,31 @@ TOTALSEGMENTATOR_CLASSES: tuple[str, ...] = (
 CLASS_NAMES: tuple[str, ...] = ("outside_body", *TOTALSEGMENTATOR_CLASSES, "body")
 """Name of every label value 0..118."""
 
-_BY_LOWER_CASE = {name.lower(): name for name in CLASS_NAMES}
+_BY_LOWER_CASE = {name.lower(): name for name in CLASS_NAMES[1:]}
+"""Class names (``body`` included, ``outside_body`` not: it is no structure) by their lower-case
+spelling (TotalSegmentator writes ``vertebrae_L1``, ``vertebrae_C1``)."""
+
+
+def class_name_for(text: str) -> str | None:
+    """The class name ``text`` stands for, or None: the names themselves in any case, with spaces or
+    hyphens for underscores (``"Portal vein and splenic vein"``), and "Right kidney" style names with
+    the side first (Slicer's segment names)."""
+    words = str(text).strip().lower().replace("-", " ").replace("_", " ").split()
+    if not words:
+        return None
+    candidates = ["_".join(words)]
+    if words[0] in ("left", "right"):
+        candidates.append("_".join([*words[1:], words[0]]))
+    return next((_BY_LOWER_CASE[c] for c in candidates if c in _BY_LOWER_CASE), None)
 
 
 def canonical_name(name: str) -> str:
-    """The class name ``name`` stands for, matched ignoring case, surrounding space and the choice of
-    space, dash or underscore between words (``"Portal vein and splenic vein"`` ->
-    ``"portal_vein_and_splenic_vein"``); an :class:`InputError` suggests the nearest names when none
-    matches."""
+    """The class name ``name`` stands for (:func:`class_name_for`); an :class:`InputError` suggests
+    the nearest names when there is none."""
+    found = class_name_for(name)
+    if found is not None:
+        return found
     key = "_".join(str(name).strip().lower().replace("-", " ").split())
-    if key in _BY_LOWER_CASE:
-        return _BY_LOWER_CASE[key]
     close = [_BY_LOWER_CASE[match] for match in difflib.get_close_matches(key, _BY_LOWER_CASE, n=3, cutoff=0.6)]
     if close:
         raise InputError(f"Unknown structure '{name}'. Did you mean {' or '.join(repr(c) for c in close)}?")

@@ -86,6 +86,7 @@ def test_organ_mask_errors():
     with pytest.raises(InputError, match="Names are the TotalSegmentator v2 classes: spleen, kidney_right"):
         anatomy.label_of("xyz")
     assert anatomy.label_of(" Portal vein-and splenic_VEIN ") == anatomy.label_of("portal_vein_and_splenic_vein")
+    assert anatomy.label_of("Right kidney") == anatomy.label_of("kidney_right")
 
 
 def test_intensities_beyond_the_last_voxel_centre_take_the_nearest_voxel():

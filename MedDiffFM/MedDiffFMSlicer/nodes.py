@@ -25,6 +25,7 @@ import slicer
 import vtk
 
 from MedDiffFMLib.anatomy import BODY_LABEL, CLASS_NAMES, TOTALSEGMENTATOR_CLASSES, body_mask
+from MedDiffFMLib.class_names import class_name_for
 from MedDiffFMLib.errors import InputError, MaskError
 from MedDiffFMLib.preprocessing import labels_on_grid
 from MedDiffFMLib.volume import Volume
@@ -213,28 +214,6 @@ def segmentation_from_masks(
 # --------------------------------------------------------------------------------------------------
 # Anatomy label maps
 # --------------------------------------------------------------------------------------------------
-
-
-def class_name_for(text: str) -> str | None:
-    """The TotalSegmentator v2 class (or ``body``) a segment ID or name stands for, or None.
-
-    Accepts the class names themselves in any case, with spaces or hyphens for underscores, and
-    "Right kidney" style names with the side first.
-    """
-    words = text.strip().lower().replace("-", " ").replace("_", " ").split()
-    if not words:
-        return None
-    candidates = ["_".join(words)]
-    if words[0] in ("left", "right"):
-        candidates.append("_".join([*words[1:], words[0]]))
-    for candidate in candidates:
-        if candidate in _CLASS_BY_LOWER:
-            return _CLASS_BY_LOWER[candidate]
-    return None
-
-
-_CLASS_BY_LOWER = {name.lower(): name for name in CLASS_NAMES[1:]}
-"""Class names by their lower-case spelling (TotalSegmentator writes ``vertebrae_L1``, ``vertebrae_C1``)."""
 
 
 def anatomy_segment_classes(segmentation_node) -> tuple[dict[str, str], list[str]]:
