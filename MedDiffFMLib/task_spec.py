@@ -103,7 +103,7 @@ class Setting:
                 value = KINDS[self.kind](value)
         except (TypeError, ValueError, OverflowError):
             if self.kind == "table":
-                given = ",".join(map(str, value)) if isinstance(value, list | tuple) else value
+                given = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
                 raise InputError(f"{self.cli_flag} takes NAME=NUMBER items (e.g. liver=100), got '{given}'.") from None
             allowed = f"{self.kind} or 'auto'" if self.auto else self.kind
             raise InputError(f"{self.cli_flag} must be a {allowed}, got {value!r}.") from None

@@ -195,14 +195,15 @@ def main() -> int:
 
 
 def exercise() -> None:
-    """With the real numpy stack present: file formats, corruption checks, resampling, windows, anatomy."""
+    """With the real numpy stack present: file formats, corruption checks, resampling, windows, anatomy, settings."""
     import tempfile
 
     import numpy as np
 
     from MedDiffFMLib import anatomy, metrics
     from MedDiffFMLib import preprocessing as pp
-    from MedDiffFMLib.errors import ReadError
+    from MedDiffFMLib.errors import InputError, ReadError
+    from MedDiffFMLib.task_spec import TASKS
     from MedDiffFMLib.volume import Volume, read_volume, write_volume
 
     hu = np.full((6, 40, 40), -1000, dtype=np.int16)
@@ -223,7 +224,15 @@ def exercise() -> None:
     scaled = pp.hu_to_model(working.array, "abdomen")
     assert np.allclose(pp.model_to_hu(scaled, "abdomen")[working.array == 40], 40, atol=0.01)
     labels = np.zeros(hu.shape, dtype=np.uint8)
-    labels[:, 12:28, 12:28] = anatomy.label_of("liver")
+    labels[:, 12:28, 12:28] = anatomy.label_of("Liver")
+    table = TASKS["synthesize"].setting("label_hu")
+    assert table.check(["Right kidney=150,5=90"]) == {"kidney_right": 150.0, "5": 90.0}
+    try:
+        table.check(["liver=high"])
+    except InputError as error:
+        assert "got 'liver=high'" in str(error)
+    else:
+        raise AssertionError("a table item without a number was accepted")
     assert anatomy.derived_body(labels, volume.spacing).sum() > (labels > 0).sum()
     assert anatomy.body_mask(hu).sum() == (hu > -500).sum()
     assert metrics.psnr(hu, hu + 1, pp.Window(40.0, 400.0)) > 40
