@@ -470,7 +470,7 @@ SR_DRAWS = 4
 ``--draws``; its default is 1): their mean approaches the posterior mean, which PSNR rewards."""
 
 
-def bench_super_resolution(engine: Engine, folder: Path, output: Path, quick: bool) -> None:
+def bench_super_resolution(engine: Engine, folder: Path, output: Path) -> None:
     """The held-out CT's central 160 x 160 mm: 6 mm slab averages back to its 2 mm slices."""
     ct, _ = held_out()
     factor = 3
@@ -501,7 +501,7 @@ def bench_super_resolution(engine: Engine, folder: Path, output: Path, quick: bo
     if sr_engine is None:
         rows.append([f"SR ControlNet for {engine.name}", why, ""])
     else:
-        steps = 20 if quick else 100
+        steps = TASKS["super_resolve"].setting("steps").default
         for draws in (1, SR_DRAWS):
             started = time.perf_counter()
             result = super_resolve(thick, sr_engine, spacing=thin.spacing[2], steps=steps, draws=draws, seed=0).array
@@ -834,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     benches = {
         "denoise": lambda: bench_denoise(engine, args.tuning_data, args.output, args.quick),
         "anomaly": lambda: bench_anomaly(engine, args.tuning_data, args.output, args.quick),
-        "super-resolution": lambda: bench_super_resolution(engine, weights.parent, args.output, args.quick),
+        "super-resolution": lambda: bench_super_resolution(engine, weights.parent, args.output),
         "synthesis": lambda: bench_synthesis(engine, args.output, args.quick, tuple(args.synthesis_starts)),
         "lesions": lambda: bench_lesions(engine, weights.parent, args.output, args.quick),
     }
