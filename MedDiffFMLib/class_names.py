@@ -140,11 +140,15 @@ _BY_LOWER_CASE = {name.lower(): name for name in CLASS_NAMES[1:]}
 spelling (TotalSegmentator writes ``vertebrae_L1``, ``vertebrae_C1``)."""
 
 
+def _words(text: str) -> list[str]:
+    return str(text).strip().lower().replace("-", " ").replace("_", " ").split()
+
+
 def class_name_for(text: str) -> str | None:
     """The class name ``text`` stands for, or None: the names themselves in any case, with spaces or
     hyphens for underscores (``"Portal vein and splenic vein"``), and "Right kidney" style names with
     the side first (Slicer's segment names)."""
-    words = str(text).strip().lower().replace("-", " ").replace("_", " ").split()
+    words = _words(text)
     if not words:
         return None
     candidates = ["_".join(words)]
@@ -159,7 +163,7 @@ def canonical_name(name: str) -> str:
     found = class_name_for(name)
     if found is not None:
         return found
-    key = "_".join(str(name).strip().lower().replace("-", " ").split())
+    key = "_".join(_words(name))
     close = [_BY_LOWER_CASE[match] for match in difflib.get_close_matches(key, _BY_LOWER_CASE, n=3, cutoff=0.6)]
     if close:
         raise InputError(f"Unknown structure '{name}'. Did you mean {' or '.join(repr(c) for c in close)}?")
