@@ -404,9 +404,10 @@ _START = Setting(
 _TYPICAL_HU = Setting(
     "label_hu",
     None,
-    "typical HU of structures for the painted start, NAME=HU items (TotalSegmentator v2 names or label values, "
-    "repeatable or comma-separated, e.g. liver=100,aorta=160): they replace the model card's values (native CT) "
-    "of those structures, e.g. for a contrast phase, and each structure is shifted to its value (its median) "
+    "typical HU of structures for the painted start, NAME=HU items (TotalSegmentator v2 names in any case, or "
+    "label values; repeatable or comma-separated, e.g. liver=100,aorta=160): they replace the model card's "
+    "values (native CT) of those structures, e.g. for a contrast phase, and each structure is shifted to its value "
+    "(its median) "
     "after sampling; with --start-from auto they select the painted start",
     kind="table",
     flag="--typical-hu",
