@@ -378,12 +378,32 @@ def aurocs(score: np.ndarray, lesions: np.ndarray, organ: np.ndarray) -> tuple[f
     return pixel, image
 
 
+def median_baseline(ct: Volume, organ: np.ndarray) -> np.ndarray:
+    """The baseline anomaly score: ``|HU - organ median|``, smoothed."""
+    hu = ct.array.astype(np.float32)
+    return smoothed(np.abs(hu - np.median(hu[organ])), ct.spacing)
+
+
+def seeded_training_slab(
+    ct: Volume, segmentation: Volume, first: int, seed: int, slices: int = 30
+) -> tuple[Volume, Volume, np.ndarray, np.ndarray]:
+    """``(seeded CT, labels, lesion mask, liver mask)``: slices ``first`` to ``first + slices`` of a
+    training CT with six lesions seeded in its liver (:func:`seed_lesions`), its labels on that slab."""
+    slab = crop_z(ct, slice(first, first + slices))
+    labels = pp.labels_on_grid(segmentation, slab.geometry)
+    liver = organ_mask(from_totalsegmentator(labels.array), ["liver"])
+    seeded, lesions = seed_lesions(slab, liver, 6, seed=seed)
+    return seeded, labels, lesions, liver
+
+
 def bench_anomaly(engine: Engine, tuning: Path, output: Path, quick: bool) -> None:
     reference = fetch_totalsegmentator(tuning)
-    train_ct = crop_z(read_volume(reference / "example_ct.nii.gz"), slice(48, 78))
-    train_labels = pp.labels_on_grid(read_volume(reference / "example_seg_fast_force_split.nii.gz"), train_ct.geometry)
-    train_liver = organ_mask(from_totalsegmentator(train_labels.array), ["liver"])
-    seeded, lesions = seed_lesions(train_ct, train_liver, 6, seed=11)
+    seeded, train_labels, lesions, train_liver = seeded_training_slab(
+        read_volume(reference / "example_ct.nii.gz"),
+        read_volume(reference / "example_seg_fast_force_split.nii.gz"),
+        first=48,
+        seed=11,
+    )
     scores = []
     for t, draws in [(t, d) for t in ((150, 300, 600, 950) if not quick else (300, 600)) for d in (2, 8)]:
         result = detect_anomalies(seeded, train_labels, ["liver"], engine, "abdomen", t=t, draws=draws, seed=0)
@@ -395,8 +415,7 @@ def bench_anomaly(engine: Engine, tuning: Path, output: Path, quick: bool) -> No
     ct, labels = held_out()
     liver = organ_mask(from_totalsegmentator(labels.array), ["liver"])
     seeded, lesions = seed_lesions(ct, liver, 6, seed=3)
-    hu = seeded.array.astype(np.float32)
-    baseline = smoothed(np.abs(hu - np.median(hu[liver])), ct.spacing)
+    baseline = median_baseline(seeded, liver)
     result = detect_anomalies(seeded, labels, ["liver"], engine, "abdomen", t=t, draws=draws, seed=0)
     model_map = smoothed(np.abs(result.anomaly_map.array), ct.spacing)
     paper = detect_anomalies(seeded, labels, ["liver"], engine, "abdomen", t=950, draws=draws, organ_only=True, seed=0)

@@ -20,15 +20,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality import aurocs, seed_lesions, smoothed  # noqa: E402
+from quality import aurocs, median_baseline, seeded_training_slab, smoothed  # noqa: E402
 
-from MedDiffFMLib import preprocessing as pp  # noqa: E402
-from MedDiffFMLib.anatomy import from_totalsegmentator, organ_mask  # noqa: E402
 from MedDiffFMLib.model import load_model  # noqa: E402
 from MedDiffFMLib.tasks import Engine, detect_anomalies  # noqa: E402
 from MedDiffFMLib.volume import read_volume  # noqa: E402
 from Training.demo_data import fetch_totalsegmentator  # noqa: E402
-from Training.prepare_data import crop_z  # noqa: E402
 
 SLAB_SLICES = 30
 """Slices (3 mm) of each case's slab."""
@@ -55,12 +52,8 @@ def main() -> int:
     cases = []
     print("| case | baseline |\n|---|---|")
     for first, seed in zip(args.cases[::2], args.cases[1::2]):
-        slab = crop_z(ct, slice(first, first + SLAB_SLICES))
-        labels = pp.labels_on_grid(seg, slab.geometry)
-        liver = organ_mask(from_totalsegmentator(labels.array), ["liver"])
-        seeded, lesions = seed_lesions(slab, liver, 6, seed=seed)
-        hu = seeded.array.astype(np.float32)
-        baseline = aurocs(smoothed(np.abs(hu - np.median(hu[liver])), slab.spacing), lesions, liver)[0]
+        seeded, labels, lesions, liver = seeded_training_slab(ct, seg, first, seed, SLAB_SLICES)
+        baseline = aurocs(median_baseline(seeded, liver), lesions, liver)[0]
         print(f"| slices {first}-{first + SLAB_SLICES - 1}, seed {seed} | {baseline:.3f} |")
         cases.append((seeded, labels, lesions, liver, baseline))
     print(f"| mean | {np.mean([case[-1] for case in cases]):.3f} |")
