@@ -74,7 +74,7 @@ from MedDiffFMLib.errors import MedDiffFMError  # noqa: E402
 from MedDiffFMLib.figures import comparison_png  # noqa: E402
 from MedDiffFMLib.lowdose import simulate  # noqa: E402
 from MedDiffFMLib.metrics import psnr, scaled_pair  # noqa: E402
-from MedDiffFMLib.model import load_controlled_model, load_model, resolve_weights  # noqa: E402
+from MedDiffFMLib.model import load_controlled_model, load_model, load_task_model, resolve_weights  # noqa: E402
 from MedDiffFMLib.task_spec import START_FROM, TASKS  # noqa: E402
 from MedDiffFMLib.tasks import (  # noqa: E402
     Engine,
@@ -489,8 +489,9 @@ SR_DRAWS = 4
 ``--draws``; its default is 1): their mean approaches the posterior mean, which PSNR rewards."""
 
 
-def bench_super_resolution(engine: Engine, folder: Path, output: Path) -> None:
-    """The held-out CT's central 160 x 160 mm: 6 mm slab averages back to its 2 mm slices."""
+def bench_super_resolution(sr_engine: Engine | None, why: str, output: Path) -> None:
+    """The held-out CT's central 160 x 160 mm: 6 mm slab averages back to its 2 mm slices, with the SR
+    ControlNet of ``sr_engine`` (None: the baselines only, and ``why`` in the table)."""
     ct, _ = held_out()
     factor = 3
     thin, thick = slab_pair(ct, factor)
@@ -516,9 +517,8 @@ def bench_super_resolution(engine: Engine, folder: Path, output: Path) -> None:
         ]
     )
     figures = [thin, Volume.on_geometry(array, thin.geometry)]
-    sr_engine, why = controlled_engine(engine, "controlnet-sr", folder)
     if sr_engine is None:
-        rows.append([f"SR ControlNet for {engine.name}", why, ""])
+        rows.append(["SR ControlNet", why, ""])
     else:
         steps = TASKS["super_resolve"].setting("steps").default
         for draws in (1, SR_DRAWS):
@@ -563,15 +563,15 @@ def synthesis_steps(quick: bool) -> int:
     return 20 if quick else 50
 
 
-def bench_lesions(engine: Engine, folder: Path, output: Path, quick: bool) -> None:
+def bench_lesions(lesion_engine: Engine | None, why: str, output: Path, quick: bool) -> None:
     """A 12 mm sphere in the held-out liver. Inpainting: it must not come out as air, the voxels
     around it must be kept, and its contrast to the liver should fall in the training lesions'
     range. Generation: the same mask in a CT synthesised from the held-out labels (a 96 mm cube
     around it), per scope; its contrast to the synthetic liver, against the same range, and the
-    liver away from it against the synthesis without the lesion (empty mask, same seed)."""
-    lesion_engine, why = controlled_engine(engine, "controlnet-lesion", folder)
+    liver away from it against the synthesis without the lesion (empty mask, same seed). Run with the
+    lesion ControlNet of ``lesion_engine`` (None: ``why`` is printed instead)."""
     if lesion_engine is None:
-        table("Lesion inpainting and generation", ["model", "result"], [[f"lesion ControlNet for {engine.name}", why]])
+        table("Lesion inpainting and generation", ["model", "result"], [["lesion ControlNet", why]])
         return
     ct, labels = held_out()
     liver = organ_mask(from_totalsegmentator(labels.array), ["liver"])
@@ -819,12 +819,46 @@ def bench_synthesis(engine: Engine, output: Path, quick: bool, starts: tuple[str
     )
 
 
+BENCH_TASKS = {
+    "denoise": ("denoise", None),
+    "anomaly": ("detect_anomalies", None),
+    "super-resolution": ("super_resolve", "controlnet-sr"),
+    "synthesis": ("synthesize", None),
+    "lesions": ("inpaint_lesion", "controlnet-lesion"),
+}
+"""Each benchmark's task (a :data:`~MedDiffFMLib.task_spec.TASKS` key, whose catalogue model it runs
+when no model is named) and the ControlNet it needs."""
+
+
+def engine_for(bench: str, model: str | None, precision: str) -> tuple[Engine | None, str]:
+    """The engine benchmark ``bench`` runs, or (None, why): with ``model`` None, the network the
+    command line runs for its task (the catalogue's pick, :func:`load_task_model`); else that base
+    model, with its newest ControlNet where the task needs one (:func:`controlled_engine`)."""
+    task_key, controlnet_task = BENCH_TASKS[bench]
+    options = {"device": "auto", "batch_size": 8, "overlap": 0.25, "precision": precision}
+    if model is None:
+        try:
+            network = load_task_model(task_key=task_key, controlnet_task=controlnet_task)
+        except MedDiffFMError as error:
+            if controlnet_task is None:
+                raise
+            return None, f"not run: {error}".split(". ")[0]
+        return Engine(network, **options), ""
+    weights = resolve_weights(model)
+    engine = Engine(load_model(weights), **options)
+    if controlnet_task is None:
+        return engine, ""
+    return controlled_engine(engine, controlnet_task, weights.parent)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="base model (path or catalogue name; default: newest installed or shipped)")
     parser.add_argument(
-        "--tasks", nargs="+", default=["denoise", "anomaly", "super-resolution", "synthesis", "lesions"]
+        "--model",
+        help="base model for every task (path or catalogue name; default: each task's catalogue model, "
+        "as the command line runs it)",
     )
+    parser.add_argument("--tasks", nargs="+", choices=list(BENCH_TASKS), default=list(BENCH_TASKS))
     parser.add_argument("--output", type=Path, default=Path("quality_output"))
     parser.add_argument(
         "--tuning-data",
@@ -844,24 +878,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
     args.tuning_data.mkdir(parents=True, exist_ok=True)
-    weights = resolve_weights(args.model)
-    engine = Engine(load_model(weights), device="auto", batch_size=8, overlap=0.25, precision=args.precision)
-    print(
-        f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{engine.device}, model {engine.name} ({engine.config.spacing_mm:g} mm), precision {args.precision}"
-    )
-    benches = {
-        "denoise": lambda: bench_denoise(engine, args.tuning_data, args.output, args.quick),
-        "anomaly": lambda: bench_anomaly(engine, args.tuning_data, args.output, args.quick),
-        "super-resolution": lambda: bench_super_resolution(engine, weights.parent, args.output),
-        "synthesis": lambda: bench_synthesis(engine, args.output, args.quick, tuple(args.synthesis_starts)),
-        "lesions": lambda: bench_lesions(engine, weights.parent, args.output, args.quick),
-    }
+    threads = torch.get_num_threads()
+    print(f"{platform.machine()}, torch {torch.__version__}, {threads} threads, precision {args.precision}")
     failed = []
     for task in args.tasks:
         started = time.perf_counter()
         try:
-            benches[task]()
+            engine, why = engine_for(task, args.model, args.precision)
+            if engine is not None:
+                print(f"\n{task}: {engine.name} ({engine.config.spacing_mm:g} mm) on {engine.device}", flush=True)
+            if task == "super-resolution":
+                bench_super_resolution(engine, why, args.output)
+            elif task == "lesions":
+                bench_lesions(engine, why, args.output, args.quick)
+            elif task == "denoise":
+                bench_denoise(engine, args.tuning_data, args.output, args.quick)
+            elif task == "anomaly":
+                bench_anomaly(engine, args.tuning_data, args.output, args.quick)
+            else:
+                bench_synthesis(engine, args.output, args.quick, tuple(args.synthesis_starts))
         except Exception:  # one task's failure must not hide the others' results
             traceback.print_exc()
             failed.append(task)
