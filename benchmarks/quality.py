@@ -154,12 +154,16 @@ def nl_means(volume: Volume, h_hu: float) -> np.ndarray:
     ).astype(np.float32)
 
 
-def anisotropic_diffusion(volume: Volume, iterations: int, conductance: float) -> np.ndarray:
-    """SimpleITK's curvature anisotropic diffusion (Slicer's filter) in physical units."""
+def anisotropic_diffusion(volume: Volume, time_mm2: float, conductance: float) -> np.ndarray:
+    """SimpleITK's curvature anisotropic diffusion (Slicer's filter) in physical units, run for the
+    diffusion time ``time_mm2`` (mm^2: the same smoothing on any grid, so a setting tuned on one scan
+    carries over to another) in equal steps of at most 0.05 mm^2, below ITK's stability limit for
+    this filter (0.5 / 2^3 = 0.0625) and 0.9 of that times the smallest spacing squared (mm^2)."""
+    limit = min(0.05, 0.9 * 0.0625 * min(volume.spacing) ** 2)
+    iterations = max(1, math.ceil(time_mm2 / limit - 1e-9))
     image = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
-    step = 0.9 * min(volume.spacing) / 2 ** (3 + 1)  # below ITK's stability limit
     result = sitk.CurvatureAnisotropicDiffusion(
-        image, timeStep=step, conductanceParameter=conductance, numberOfIterations=iterations
+        image, timeStep=time_mm2 / iterations, conductanceParameter=conductance, numberOfIterations=iterations
     )
     return sitk.GetArrayFromImage(result).astype(np.float32)
 
@@ -174,7 +178,10 @@ BASELINE_GRIDS = {
     "non-local means (scikit-image)": (nl_means, [dict(h_hu=h) for h in (20.0, 30.0, 40.0, 55.0, 70.0, 90.0)]),
     "curvature anisotropic diffusion (SimpleITK)": (
         anisotropic_diffusion,
-        [dict(iterations=i, conductance=c) for i, c in itertools.product((3, 5, 10, 20), (1.0, 2.0, 4.0, 8.0))],
+        [
+            dict(time_mm2=t, conductance=c)
+            for t, c in itertools.product((0.25, 0.5, 1.0, 2.0, 4.0), (0.5, 1.0, 2.0, 4.0))
+        ],
     ),
 }
 
