@@ -15,6 +15,7 @@ Headless use (Slicer's Python console, or ``Slicer --no-main-window --python-scr
 """
 
 import dataclasses
+import inspect
 import logging
 import os
 import shutil
@@ -104,7 +105,7 @@ class MedDiffFMParameterNode:
     lesionSegmentID: str
     organs: list[str]
     region: Annotated[str, Choice(list(REGION_LABELS)), Default("Auto")]
-    spacing: Annotated[float, WithinRange(0.25, 10.0), Default(1.0)]
+    spacing: Annotated[float, WithinRange(0.1, 10.0), Default(1.0)]
     steps: Annotated[int, WithinRange(0, 1000), Default(0)]
     sampler: Annotated[str, Choice(list(SAMPLER_LABELS)), Default("DDIM")]
     eta: Annotated[float, WithinRange(0.0, 1.0), Default(1.0)]
@@ -113,11 +114,11 @@ class MedDiffFMParameterNode:
     sigmaAuto: Annotated[bool, Default(True)]
     sigma: Annotated[float, WithinRange(0.0001, 2.0), Default(0.03)]
     lam: Annotated[float, WithinRange(0.0, 1000.0), Default(0.0)]
-    t: Annotated[int, WithinRange(1, 999), Default(600)]
+    t: Annotated[int, WithinRange(0, 999), Default(600)]
     thresholdAuto: Annotated[bool, Default(True)]
     threshold: Annotated[float, WithinRange(0.0, 4000.0), Default(50.0)]
-    jumpLength: Annotated[int, WithinRange(1, 100), Default(10)]
-    jumpCount: Annotated[int, WithinRange(1, 20), Default(1)]
+    jumpLength: Annotated[int, WithinRange(0, 100), Default(10)]
+    jumpCount: Annotated[int, WithinRange(0, 20), Default(1)]
     margin: Annotated[float, WithinRange(0.0, 30.0), Default(0.0)]
     draws: Annotated[int, WithinRange(1, 64), Default(1)]
     organOnly: Annotated[bool, Default(False)]
@@ -212,7 +213,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateEnabled)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self._queue = []
@@ -227,35 +228,52 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.initializeParameterNode()
 
     def initializeParameterNode(self) -> None:
+        isNew = slicer.mrmlScene.GetSingletonNode(self.logic.moduleName, "vtkMRMLScriptedModuleNode") is None
         parameterNode = self.logic.getParameterNode()
+        if isNew:  # a new scene starts from the last run's model and device; a loaded one keeps its own
+            parameterNode.model = slicer.util.settingsValue(f"{SETTINGS}/Model", "")
+            lastDevice = slicer.util.settingsValue(f"{SETTINGS}/Device", "Auto")
+            parameterNode.device = lastDevice if lastDevice in DEVICE_LABELS else "Auto"
         if not parameterNode.inputVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first and not first.IsA("vtkMRMLLabelMapVolumeNode"):
                 parameterNode.inputVolume = first
-        if not parameterNode.model:
-            parameterNode.model = slicer.util.settingsValue(f"{SETTINGS}/Model", "")
-        lastDevice = slicer.util.settingsValue(f"{SETTINGS}/Device", "Auto")
-        if parameterNode.device == "Auto" and lastDevice in DEVICE_LABELS:
-            parameterNode.device = lastDevice
         self.setParameterNode(parameterNode)
 
     def setParameterNode(self, parameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateEnabled)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = parameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateEnabled)
-            self._updatingGui = True
-            try:
-                self.ui.lesionSegmentSelector.setCurrentNode(self._parameterNode.lesionSegmentation)
-                if self._parameterNode.lesionSegmentID:
-                    self.ui.lesionSegmentSelector.setCurrentSegmentID(self._parameterNode.lesionSegmentID)
-                self.updateOrganChecks()
-            finally:
-                self._updatingGui = False
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
+            self.syncUnboundWidgets()
             self.updateTaskRows()
+
+    def onParameterNodeModified(self, *args) -> None:
+        """A scene loaded or a script set the parameters: show them in the widgets connectGui does not bind."""
+        if not self._updatingGui:
+            self.syncUnboundWidgets()
+        self.updateEnabled()
+
+    def syncUnboundWidgets(self) -> None:
+        """The lesion segment, organ checks and model choices from the parameter node (bound by hand)."""
+        p = self._parameterNode
+        self._updatingGui = True
+        try:
+            selector = self.ui.lesionSegmentSelector
+            if selector.currentNode() != p.lesionSegmentation:
+                selector.setCurrentNode(p.lesionSegmentation)
+            if p.lesionSegmentID and selector.currentSegmentID() != p.lesionSegmentID:
+                selector.setCurrentSegmentID(p.lesionSegmentID)
+            self.updateOrganChecks()
+            for combo, wanted in ((self.ui.modelComboBox, p.model), (self.ui.controlNetComboBox, p.controlNet)):
+                index = combo.findText(wanted) if wanted else -1
+                if index >= 0 and combo.currentIndex != index:
+                    combo.currentIndex = index
+        finally:
+            self._updatingGui = False
 
     # ----------------------------------------------------------------------------------------------
     # Showing what the task needs
@@ -281,6 +299,10 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.inputVolumeLabel.text = _("Output grid:") if spec.grid_from_volume else _("CT volume:")
         self.ui.anatomyLabel.text = _("Anatomy (optional):") if anatomy_use(spec) == "optional" else _("Anatomy:")
         self.ui.taskDescriptionLabel.text = spec.description
+        sigma = next((setting for setting in spec.settings if setting.panel == "sigma"), None)
+        p = self._parameterNode
+        if p is not None and p.sigmaAuto and sigma is not None and not isinstance(sigma.default, str):
+            p.sigma = sigma.default  # unticking "auto" starts from the value "auto" stands for
         self.refreshControlNets()
         self.updateEnabled()
 
@@ -323,12 +345,10 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.organs = [index.data() for index in self.ui.organsComboBox.checkedIndexes()]
 
     def updateOrganChecks(self) -> None:
-        """Fill the organ picker (needs MedDiffFMLib, so only once the dependencies are there)."""
+        """Fill the organ picker (the class names need only the standard library) and check the chosen ones."""
         combo = self.ui.organsComboBox
         if combo.count == 0:
-            if dependencies.missing_packages():
-                return
-            from MedDiffFMLib.anatomy import TOTALSEGMENTATOR_CLASSES
+            from MedDiffFMLib.class_names import TOTALSEGMENTATOR_CLASSES
 
             for name in TOTALSEGMENTATOR_CLASSES:
                 combo.addItem(name)
@@ -499,10 +519,17 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             totalSegmentator = TotalSegmentator.TotalSegmentatorLogic()
             totalSegmentator.logCallback = self.addLog
             totalSegmentator.setupPythonRequirements()
+            options = {"task": "total", "interactive": True}
+            if "fast" in inspect.signature(totalSegmentator.process).parameters:
+                options["fast"] = False  # older versions default to their 3 mm "fast" model
             segmentation = slicer.mrmlScene.AddNewNodeByClass(
                 "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(f"{volume.GetName()} anatomy")
             )
-            totalSegmentator.process(volume, segmentation, task="total", interactive=True)
+            try:
+                totalSegmentator.process(volume, segmentation, **options)
+            except Exception:
+                slicer.mrmlScene.RemoveNode(segmentation)  # no empty "anatomy" node left behind
+                raise
             self._parameterNode.anatomy = segmentation
             self.setStatus(_("Anatomy computed with TotalSegmentator."))
 
@@ -561,7 +588,7 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         extra = []
         if "volumes" in rows_of_task(parameters.task):
             extra = [node for node in self.ui.extraVolumesComboBox.checkedNodes() if node is not parameters.volume]
-        self._queue = [dataclasses.replace(parameters, volume=node) for node in extra]
+        self._queue = [dataclasses.replace(parameters, volume=node, anatomy=None) for node in extra]
         self._batch = {"count": 1 + len(extra), "failed": []}
         self._startRun(parameters)
 
@@ -675,9 +702,10 @@ class MedDiffFMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showResult(self, result, parameters) -> None:
         if "map" in result.outputs:
-            slicer.util.setSliceViewerLayers(
-                background=parameters.volume, foreground=result.outputs["map"], foregroundOpacity=0.5
-            )
+            # The map is 0 outside the organs, which its diverging colours show as an opaque white: over
+            # the CT it would veil every slice. The anomalies segmentation is shown; the map is one
+            # foreground choice away.
+            slicer.util.setSliceViewerLayers(background=parameters.volume, foreground=None)
             result.outputs["mask"].GetDisplayNode().SetVisibility(True)
         else:
             slicer.util.setSliceViewerLayers(background=result.outputs["volume"], foreground=None, fit=True)

@@ -913,7 +913,8 @@ def test_child_job_files_carry_the_panel_settings_to_the_library(
     assert set(read.inputs) == {role.name for role in spec.inputs if role.required or role.name == "anatomy"}
     assert read.outputs == {name: str(path) for name, path in outputs.items()}
     assert read.engine.model == "base@1" and read.engine.device == "cpu"
-    assert read.engine.controlnet == "cn@1" and read.engine.controlnet_task == spec.controlnet_task
+    assert read.engine.controlnet_task == spec.controlnet_task
+    assert read.engine.controlnet == ("cn@1" if spec.controlnet_task else None)  # only where the task has one
     resolved = spec.resolve(read.settings)
     assert resolved == spec.resolve(parameters.settings)
     assert resolved.get("steps", 3) == 3
@@ -984,6 +985,15 @@ def test_the_fast_preview_reaches_both_ways_of_running(scene, ct_node, tmp_path)
         job.cleanup()
     assert read.preview and read.engine.overlap == 0.25
     assert seen[0].task_key is None and (seen[1].task_key, seen[1].preview) == ("denoise", True)
+
+
+def test_a_controlnet_chosen_for_another_task_does_not_change_the_model_picked(scene, ct_node):
+    logic = TaskLogic(scene)
+    left_over = TaskParameters("denoise", volume=ct_node, controlnet="meddiff-fm-demo-sr@0.1", preview=True)
+    options = logic.engine_options(left_over)
+    assert options.controlnet is None and (options.task_key, options.preview) == ("denoise", True)
+    wanted = logic.engine_options(dataclasses.replace(left_over, task="super_resolve"))
+    assert wanted.controlnet == "meddiff-fm-demo-sr@0.1" and wanted.controlnet_task == "controlnet-sr"
 
 
 def test_compiling_the_network_reaches_both_ways_of_running(scene, ct_node, tmp_path):

@@ -231,6 +231,8 @@ def test_task_rows_name_ui_widgets_and_cover_every_task():
         "controlNet",
     }
     assert {"draws", "organOnly", "timestep", "threshold"} <= rows_of_task("detect_anomalies")
+    # Other volumes only where the first CT's anatomy or lesion would not be reused for them.
+    assert "volumes" not in rows_of_task("detect_anomalies") | rows_of_task("inpaint_lesion")
 
 
 def _parameter_node_defaults() -> dict:
@@ -265,6 +267,54 @@ def test_the_panel_s_defaults_give_each_task_its_library_defaults():
         and panel_settings(state, TASKS["denoise"])["sigma_n"] == 0.2
     )
     assert panel_settings(state, TASKS["detect_anomalies"])["threshold"] == 40.0
+
+
+PANEL_NUMBERS = {
+    "timestep": ("t", "timestepSpinBox"),
+    "spacing": ("spacing", "spacingSpinBox"),
+    "jumpLength": ("jumpLength", "jumpLengthSpinBox"),
+    "jumpCount": ("jumpCount", "jumpCountSpinBox"),
+    "margin": ("margin", "marginSpinBox"),
+    "draws": ("draws", "drawsSpinBox"),
+    "eta": ("eta", "etaSpinBox"),
+    "sigma": ("sigma", "sigmaSpinBox"),
+    "lambda": ("lam", "lambdaSpinBox"),
+    "threshold": ("threshold", "thresholdSpinBox"),
+}
+"""Panel rows of a number: the parameter node field and the spin box (``steps`` is left out: its 0
+means the task's default)."""
+
+
+def _parameter_node_ranges() -> dict[str, tuple[float, float]]:
+    ranges = {}
+    for node in widget_source().body:
+        if isinstance(node, ast.ClassDef) and node.name == "MedDiffFMParameterNode":
+            for statement in node.body:
+                if isinstance(statement, ast.AnnAssign):
+                    for call in ast.walk(statement.annotation):
+                        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "WithinRange":
+                            ranges[statement.target.id] = tuple(ast.literal_eval(a) for a in call.args)
+    return ranges
+
+
+def test_the_panel_allows_exactly_the_library_s_range_of_each_number():
+    """A limit the library does not have (jumps of 0, t = 0) would contradict the tooltips, which are
+    the library's help; a wider one would only fail after Apply."""
+    ranges, widgets = _parameter_node_ranges(), ui_widgets()
+    for spec in TASKS.values():
+        for setting in spec.settings:
+            if setting.panel not in PANEL_NUMBERS:
+                continue
+            field, widget = PANEL_NUMBERS[setting.panel]
+            spin = {
+                prop.get("name"): float(prop[0].text)
+                for prop in widgets[widget].findall("property")
+                if prop.get("name") in ("minimum", "maximum")
+            }
+            for bound, index, value in (("minimum", 0, setting.minimum), ("maximum", 1, setting.maximum)):
+                if value is not None:
+                    assert ranges[field][index] == value, (spec.key, setting.name, bound)
+                    assert spin[bound] == value, (widget, bound)
 
 
 def test_the_panel_offers_every_sampler_of_the_library():

@@ -270,11 +270,13 @@ class TaskLogic:
 
     @staticmethod
     def engine_options(parameters: TaskParameters) -> EngineOptions:
+        """The engine ``parameters`` run on. A ControlNet chosen for another task (the panel keeps the
+        hidden choice) is dropped, so that it cannot stop a task without one from picking its model."""
         return EngineOptions(
             model=parameters.model,
             untrained=parameters.untrained,
             controlnet_task=parameters.spec.controlnet_task,
-            controlnet=parameters.controlnet,
+            controlnet=parameters.controlnet if parameters.spec.controlnet_task else None,
             device=parameters.device,
             overlap=min(parameters.overlap, PREVIEW_OVERLAP) if parameters.preview else parameters.overlap,
             batch_size=parameters.batch_size,

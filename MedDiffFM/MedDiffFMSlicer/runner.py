@@ -206,7 +206,7 @@ _HINTS = (
     (
         ("no module named",),
         "A Python package is missing in Slicer's Python. Press Apply again to install the dependencies, "
-        "or reinstall them from the MedDiffFM panel (Model > Install dependencies).",
+        "or reinstall them from the MedDiffFM panel (Model > Python packages > Install).",
     ),
     (
         ("download of", "urlopen error", "name or service not known", "timed out"),

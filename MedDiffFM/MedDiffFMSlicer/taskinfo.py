@@ -48,8 +48,8 @@ def rows_of_task(task: str) -> set[str]:
     spec = TASKS[task]
     rows = {"inputVolume"}
     rows |= {role.name for role in spec.inputs if role.name in ("anatomy", "lesion")}
-    if spec.role("ct") is not None:
-        rows.add("volumes")
+    if spec.role("ct") is not None and anatomy_use(spec) != "required" and spec.role("lesion") is None:
+        rows.add("volumes")  # not where the anatomy or lesion drawn on the first CT would be reused
     rows |= {setting.panel for setting in spec.settings if setting.panel in TASK_ROWS}
     if spec.controlnet_task:
         rows.add("controlNet")
