@@ -918,6 +918,10 @@ class MedDiffFMTest(ScriptedLoadableModuleTest):
             for row, names in TASK_ROWS.items():
                 shown = not getattr(widget.ui, names[1]).isHidden()
                 self.assertEqual(shown, row in rows_of_task(task), (task, row))
+        # A loaded scene or a script sets the parameters: the widgets bound by hand follow them.
+        widget._parameterNode.organs = ["liver", "spleen"]
+        checked = sorted(index.data() for index in widget.ui.organsComboBox.checkedIndexes())
+        self.assertEqual(checked, ["liver", "spleen"])
         missing = dependencies.missing_packages()
         self.assertEqual(widget.ui.installDependenciesButton.enabled, bool(missing))
         for package in missing:
