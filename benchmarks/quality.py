@@ -39,7 +39,10 @@ on the CTA's upper-abdominal slices.
    liver (whole, and around it), and how much the lesion changes the liver more than 10 mm away
    from it (against the same model's synthesis without the lesion, same seed).
 
-Prints one Markdown table per task and writes a PNG per task into ``--output``.
+Without ``--model`` each task runs the model the command line runs for it (the catalogue's
+``default_for``, with its ControlNet), so that one run gives the figures a user gets; ``--model``
+runs one base model for every task (with its newest ControlNets). Prints one Markdown table per task
+and writes a PNG per task into ``--output``.
 """
 
 from __future__ import annotations
