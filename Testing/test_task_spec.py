@@ -287,7 +287,8 @@ def test_a_new_task_is_its_definition_and_its_run_function(tmp_path, files, new_
     from MedDiffFMSlicer.taskinfo import rows_of_task
 
     spec = new_task
-    assert rows_of_task(spec.key) == {"inputVolume", "volumes", "anatomy", "organs"}
+    # No other volumes: its required anatomy belongs to the one CT.
+    assert rows_of_task(spec.key) == {"inputVolume", "anatomy", "organs"}
     ct, seg, model = files
     out = tmp_path / "denoised.nrrd"
     arguments = ["denoise-then-detect", ct, str(out), "--anatomy", seg, "--organ", "liver", "--model", model]
