@@ -890,6 +890,13 @@ def main(argv: list[str] | None = None) -> int:
     args.tuning_data.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     print(f"{platform.machine()}, torch {torch.__version__}, {threads} threads, precision {args.precision}")
+    benches = {
+        "denoise": lambda engine, _: bench_denoise(engine, args.tuning_data, args.output, args.quick),
+        "anomaly": lambda engine, _: bench_anomaly(engine, args.tuning_data, args.output, args.quick),
+        "super-resolution": lambda engine, why: bench_super_resolution(engine, why, args.output),
+        "synthesis": lambda engine, _: bench_synthesis(engine, args.output, args.quick, tuple(args.synthesis_starts)),
+        "lesions": lambda engine, why: bench_lesions(engine, why, args.output, args.quick),
+    }
     failed = []
     for task in args.tasks:
         started = time.perf_counter()
@@ -897,16 +904,7 @@ def main(argv: list[str] | None = None) -> int:
             engine, why = engine_for(task, args.model, args.precision)
             if engine is not None:
                 print(f"\n{task}: {engine.name} ({engine.config.spacing_mm:g} mm) on {engine.device}", flush=True)
-            if task == "super-resolution":
-                bench_super_resolution(engine, why, args.output)
-            elif task == "lesions":
-                bench_lesions(engine, why, args.output, args.quick)
-            elif task == "denoise":
-                bench_denoise(engine, args.tuning_data, args.output, args.quick)
-            elif task == "anomaly":
-                bench_anomaly(engine, args.tuning_data, args.output, args.quick)
-            else:
-                bench_synthesis(engine, args.output, args.quick, tuple(args.synthesis_starts))
+            benches[task](engine, why)
         except Exception:  # one task's failure must not hide the others' results
             traceback.print_exc()
             failed.append(task)
