@@ -235,16 +235,21 @@ def test_task_rows_name_ui_widgets_and_cover_every_task():
     assert "volumes" not in rows_of_task("detect_anomalies") | rows_of_task("inpaint_lesion")
 
 
-def _parameter_node_defaults() -> dict:
-    defaults = {}
+def _parameter_node_annotations(name: str) -> dict[str, tuple]:
+    """The arguments of the ``name`` annotation (``Default``, ``WithinRange``) of each parameter node field."""
+    found = {}
     for node in widget_source().body:
         if isinstance(node, ast.ClassDef) and node.name == "MedDiffFMParameterNode":
             for statement in node.body:
                 if isinstance(statement, ast.AnnAssign):
                     for call in ast.walk(statement.annotation):
-                        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "Default":
-                            defaults[statement.target.id] = ast.literal_eval(call.args[0])
-    return defaults
+                        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == name:
+                            found[statement.target.id] = tuple(ast.literal_eval(a) for a in call.args)
+    return found
+
+
+def _parameter_node_defaults() -> dict:
+    return {field: arguments[0] for field, arguments in _parameter_node_annotations("Default").items()}
 
 
 def test_the_panel_s_defaults_give_each_task_its_library_defaults():
@@ -285,22 +290,10 @@ PANEL_NUMBERS = {
 means the task's default)."""
 
 
-def _parameter_node_ranges() -> dict[str, tuple[float, float]]:
-    ranges = {}
-    for node in widget_source().body:
-        if isinstance(node, ast.ClassDef) and node.name == "MedDiffFMParameterNode":
-            for statement in node.body:
-                if isinstance(statement, ast.AnnAssign):
-                    for call in ast.walk(statement.annotation):
-                        if isinstance(call, ast.Call) and getattr(call.func, "id", "") == "WithinRange":
-                            ranges[statement.target.id] = tuple(ast.literal_eval(a) for a in call.args)
-    return ranges
-
-
 def test_the_panel_allows_exactly_the_library_s_range_of_each_number():
     """A limit the library does not have (jumps of 0, t = 0) would contradict the tooltips, which are
     the library's help; a wider one would only fail after Apply."""
-    ranges, widgets = _parameter_node_ranges(), ui_widgets()
+    ranges, widgets = _parameter_node_annotations("WithinRange"), ui_widgets()
     for spec in TASKS.values():
         for setting in spec.settings:
             if setting.panel not in PANEL_NUMBERS:
